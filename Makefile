@@ -1,0 +1,40 @@
+# lesionflow: two commands do everything.
+#   make run   install, pull the data, run the retraining pipeline on the default data
+#   make test  install, pull the data, run the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+# Keep every tool offline, quiet and inside the project (see docs/architecture.md).
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export BENTOML_DO_NOT_TRACK := true
+export PREFECT_HOME ?= $(CURDIR)/.lesionflow/prefect
+export BENTOML_HOME ?= $(CURDIR)/.lesionflow/bentoml
+# DVC stage commands call `python`: make it the project's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: run test install data
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+# Pull the DVC-tracked data when it is not in the workspace yet.
+data: install
+	@if [ ! -f data/HAM10000_metadata.csv ] || [ ! -d data/images ]; then \
+		echo "Pulling data/ with DVC from the default remote"; $(VENV)/bin/dvc pull; \
+	fi
+
+run: data
+	$(VENV)/bin/dvc repro
+
+test: data
+	$(PY) -m pytest
