@@ -82,7 +82,8 @@ def assign_groups(groups: np.ndarray, strata: np.ndarray, fractions: tuple[float
 
 def make_split(meta: pd.DataFrame, index: pd.DataFrame, p: params.SplitParams) -> pd.DataFrame:
     """The metadata with a ``split`` column, sorted by ``image_id``."""
-    df = meta.copy()
+    # a canonical row order, so that the result does not depend on how the CSV was sorted
+    df = meta.sort_values("image_id", kind="stable").reset_index(drop=True) if "image_id" in meta.columns else meta.copy()
     for col in ("image_id", p.group_column, p.stratify_column):
         if col not in df.columns:
             raise ValueError(f"metadata has no column {col!r} (columns: {list(df.columns)})")

@@ -47,12 +47,12 @@ def copy_sample(dest: Path, per_class: int, seed: int = 0, whole_lesions: bool =
     _require_real_data()
     meta = pd.read_csv(METADATA_CSV)
     lesions = meta.drop_duplicates("lesion_id")
-    picked = (
-        lesions.groupby("dx", group_keys=False)
-        .apply(lambda g: g.sample(min(per_class, len(g)), random_state=seed))
-        ["lesion_id"]
-    )
-    rows = meta[meta["lesion_id"].isin(set(picked))] if whole_lesions else meta[meta["lesion_id"].isin(set(picked))].drop_duplicates("lesion_id")
+    picked = pd.concat(
+        g.sample(min(per_class, len(g)), random_state=seed) for _, g in lesions.groupby("dx", sort=True)
+    )["lesion_id"]
+    rows = meta[meta["lesion_id"].isin(set(picked))]
+    if not whole_lesions:
+        rows = rows.drop_duplicates("lesion_id")
     rows = rows.sort_values("image_id").reset_index(drop=True)
     out = dest / "data"
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -66,3 +66,60 @@ def copy_sample(dest: Path, per_class: int, seed: int = 0, whole_lesions: bool =
 def tiny_data(tmp_path_factory) -> Path:
     """A tiny real sample: 6 lesions per diagnosis with all their images (about 60 images)."""
     return copy_sample(tmp_path_factory.mktemp("tiny"), per_class=6)
+
+
+def project_env(root: Path) -> dict[str, str]:
+    """Environment for running the pipeline's CLIs (dvc, python -m pipeline.*) in a temporary
+    project: the project's interpreter first on PATH, tools kept offline and out of $HOME."""
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"),
+        PREFECT_HOME=str(root / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        BENTOML_HOME=str(root / ".bentoml"),
+        BENTOML_DO_NOT_TRACK="true",
+        GIT_AUTHOR_NAME="lesionflow-tests", GIT_AUTHOR_EMAIL="tests@lesionflow.invalid",
+        GIT_COMMITTER_NAME="lesionflow-tests", GIT_COMMITTER_EMAIL="tests@lesionflow.invalid",
+    )
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def make_project(root: Path, data_dir: Path, params_overrides: dict | None = None) -> Path:
+    """A throw-away lesionflow workspace at ``root``: the project's code, params and pipeline,
+    ``data_dir`` copied to ``root/data`` and tracked by DVC (own cache), all committed to git."""
+    import subprocess
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "flows"):
+        shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", "bentofile.yaml"):
+        if (PROJECT_ROOT / name).exists():
+            shutil.copyfile(PROJECT_ROOT / name, root / name)
+    if params_overrides:
+        data = yaml.safe_load((root / "params.yaml").read_text())
+        for dotted, value in params_overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    shutil.copytree(data_dir, root / "data")
+    (root / ".gitignore").write_text("/artifacts/\n/reports/\n/.dvc-site-cache/\n/.prefect/\n/.bentoml/\n__pycache__/\n")
+    env = project_env(root)
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q", "-b", "main")
+    run("dvc", "init", "-q")
+    run("dvc", "config", "core.analytics", "false")
+    run("dvc", "add", "-q", "data")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "test workspace")
+    return root

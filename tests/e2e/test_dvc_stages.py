@@ -1,0 +1,40 @@
+"""`dvc repro` runs validate and split on a tiny real sample; `dvc status` is clean afterwards;
+a contract violation stops the pipeline at validate."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pandas as pd
+
+from tests.conftest import make_project, project_env
+
+
+def dvc(root, *args, check=True):
+    return subprocess.run(["dvc", *args], cwd=root, env=project_env(root), capture_output=True, text=True, check=check)
+
+
+def test_repro_validate_and_split_then_nothing_to_do(tiny_data, tmp_path):
+    root = make_project(tmp_path / "ws", tiny_data)
+    out = dvc(root, "repro", "split")
+    assert "Running stage 'validate'" in out.stdout and "Running stage 'split'" in out.stdout
+    splits = [pd.read_csv(root / "artifacts/splits" / f"{s}.csv") for s in ("train", "val", "test")]
+    assert sum(map(len, splits)) == len(pd.read_csv(root / "data/HAM10000_metadata.csv"))
+    status = dvc(root, "status", "split")
+    assert "up to date" in status.stdout, status.stdout
+    again = dvc(root, "repro", "split")
+    assert "Running stage" not in again.stdout
+    metrics = dvc(root, "metrics", "show")
+    assert "reports/split/summary.json" in metrics.stdout and "reports/validation/summary.json" in metrics.stdout
+
+
+def test_contract_violation_stops_at_validate(tiny_data, tmp_path):
+    root = make_project(tmp_path / "ws", tiny_data)
+    meta = root / "data/HAM10000_metadata.csv"
+    df = pd.read_csv(meta)
+    df.loc[0, "dx"] = "melanoma"
+    df.to_csv(meta, index=False)
+    out = dvc(root, "repro", "split", check=False)
+    assert out.returncode != 0
+    assert "dx is one of" in out.stderr + out.stdout and "'melanoma'" in out.stderr + out.stdout
+    assert not (root / "artifacts/splits").exists(), "split must not run on data that violates the contract"
