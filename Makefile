@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 # Pull the DVC-tracked data when it is not in the workspace yet.
 data: install
 	@if [ ! -f data/HAM10000_metadata.csv ] || [ ! -d data/images ]; then \
-		echo "Pulling data/ with DVC from the default remote"; $(VENV)/bin/dvc pull; \
+		echo "Pulling data/ with DVC from the default remote"; $(VENV)/bin/dvc pull data.dvc; \
 	fi
 
 run: data
