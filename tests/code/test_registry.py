@@ -1,0 +1,156 @@
+"""pipeline.registry on a temporary BENTOML_HOME: package -> champion -> export -> describe round
+trip with the lineage an auditor needs; refusals (failed gate, evaluated another model, missing
+files); describe() of unknown tags; an offline `bentoml build` whose Bento pins the champion and
+holds its Dockerfile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from pipeline import inference, lineage, registry
+from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(h))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    monkeypatch.delenv("LESIONFLOW_MODEL_TAG", raising=False)
+    return h
+
+
+def _evaluated(tmp_path, name: str, seed: int = 0, **kw):
+    model = write_model_dir(tmp_path / name / "model", seed=seed)
+    ev, rep = tmp_path / name / "evaluate", tmp_path / name / "reports"
+    files = write_evaluation(model, ev, rep, **kw)
+    return model, ev, rep, files
+
+
+def test_round_trip_package_champion_export_describe(home, tmp_path):
+    assert registry.champion() is None
+    model, ev, rep, files = _evaluated(tmp_path, "a", threshold=0.27)
+    tag = registry.package(model, ev, rep, project_root=PROJECT_ROOT)
+    assert tag.startswith(f"{registry.MODEL_NAME}:")
+    assert str(home) in registry.champion()["path"]
+
+    champ = registry.champion()
+    assert champ["tag"] == tag
+    data_md5 = lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"]
+    assert champ["labels"]["data_md5"] == data_md5
+    assert champ["labels"]["model_md5"] == files["model_md5"]
+
+    dest = tmp_path / "champion"
+    assert registry.export_champion(dest) == tag
+    for name in ("model.pt", "config.json"):
+        assert lineage.file_md5(dest / name) == lineage.file_md5(model / name)
+    assert json.loads((dest / "operating_point.json").read_text())["threshold"] == 0.27
+    assert inference.load_model(dest, device="cpu").classes == inference.load_model(model, device="cpu").classes
+
+    d = registry.describe(tag)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    assert d["tag"] == tag and d["bento_tag"] is None
+    assert d["data_md5"] == data_md5
+    assert d["git_commit"] == commit
+    assert d["threshold"] == 0.27
+    assert d["model_md5"] == files["model_md5"]
+    assert d["metrics"] == files["metrics"]
+    assert d["gates"]["passed"] is True
+    assert d["params"] == yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())
+    assert set(d["dvc_lock"]) == set(lock["stages"])
+    for stage, entry in lock["stages"].items():
+        for dep in entry.get("deps") or []:
+            assert d["dvc_lock"][stage]["deps"][dep["path"]] == dep.get("md5")
+    assert d["restore"][0] == f"git checkout {commit}"
+    assert any(c.startswith("dvc checkout") for c in d["restore"])
+    assert any("dvc pull" in c for c in d["restore"])
+    # the record travels with the model files too
+    record = json.loads((registry.Path(d["path"]) / registry.RECORD_FILE).read_text())
+    assert record["data"]["md5"] == data_md5 and record["tag"] == tag
+
+
+def test_newest_model_is_champion_and_failures_never_replace_it(home, tmp_path):
+    m1, e1, r1, _ = _evaluated(tmp_path, "one", seed=1)
+    t1 = registry.package(m1, e1, r1, project_root=PROJECT_ROOT)
+    m2, e2, r2, _ = _evaluated(tmp_path, "two", seed=2)
+    t2 = registry.package(m2, e2, r2, project_root=PROJECT_ROOT)
+    assert t2 != t1 and registry.champion()["tag"] == t2
+
+    m3, e3, r3, _ = _evaluated(tmp_path, "failed", seed=3, passed=False)
+    with pytest.raises(registry.RegistryError, match="failed its gates.*binary.roc_auc"):
+        registry.package(m3, e3, r3, project_root=PROJECT_ROOT)
+    assert registry.champion()["tag"] == t2
+
+    # evaluated one model, packaging another: refused
+    m4, e4, r4, _ = _evaluated(tmp_path, "mismatch", seed=4)
+    write_model_dir(m4, seed=5)  # retrained after evaluation
+    with pytest.raises(registry.RegistryError, match="evaluated model md5"):
+        registry.package(m4, e4, r4, project_root=PROJECT_ROOT)
+    (r1 / "gates.json").unlink()
+    with pytest.raises(registry.RegistryError, match="gates.json: gate verdict not found"):
+        registry.package(m1, e1, r1, project_root=PROJECT_ROOT)
+    assert registry.champion()["tag"] == t2
+    assert len(registry._models()) == 2
+
+
+def test_export_without_champion_removes_destination(home, tmp_path):
+    dest = tmp_path / "champion"
+    dest.mkdir()
+    (dest / "model.pt").write_bytes(b"stale")
+    assert registry.export_champion(dest) is None
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("tag", ["lesionflow-classifier:doesnotexist", "nosuchbento:v1", "nosuchbento", "Not A Tag!"])
+def test_describe_unknown_tag_fails_clearly(home, tmp_path, tag):
+    m, e, r, _ = _evaluated(tmp_path, "a")
+    known = registry.package(m, e, r, project_root=PROJECT_ROOT)
+    with pytest.raises(registry.RegistryError) as err:
+        registry.describe(tag)
+    msg = str(err.value)
+    assert repr(tag) in msg
+    assert known in msg  # tells what is known instead
+
+
+def test_build_bento_offline_pins_champion_with_dockerfile(home, tmp_path):
+    with pytest.raises(registry.RegistryError, match="no champion"):
+        registry.build_bento(PROJECT_ROOT)
+    m, e, r, files = _evaluated(tmp_path, "a")
+    tag = registry.package(m, e, r, project_root=PROJECT_ROOT)
+    bento = registry.build_bento(PROJECT_ROOT)
+    assert bento.startswith(f"{registry.BENTO_NAME}:")
+    dockerfile = registry.bento_dockerfile(bento)
+    assert dockerfile.exists() and "requirements.txt" in dockerfile.read_text()
+    manifest = yaml.safe_load((dockerfile.parents[2] / "bento.yaml").read_text())
+    assert manifest["args"]["model_tag"] == tag
+    assert [m["tag"] for s in manifest["services"] for m in s["models"]] == [tag]
+    assert (dockerfile.parents[2] / "src" / "pipeline" / "service.py").exists()
+    d = registry.describe(bento)
+    assert d["bento_tag"] == bento and d["tag"] == tag
+    assert d["data_md5"] == lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"]
+    assert d["model_md5"] == files["model_md5"]
+
+
+def test_package_outside_a_repo_with_null_values(home, tmp_path, monkeypatch):
+    """A project root without git or data.dvc, and a dvc.lock entry without md5 (null): packaged,
+    and describe() says so instead of failing."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python -m pipeline.train\n"
+                                   "    deps:\n    - path: artifacts/splits\n      md5:\n")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.delenv("LESIONFLOW_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("LESIONFLOW_DATA_MD5", raising=False)
+    m, e, r, _ = _evaluated(tmp_path, "a")
+    tag = registry.package(m, e, r, project_root=root)
+    d = registry.describe(tag)
+    assert d["dvc_lock"] == {"train": {"cmd": "python -m pipeline.train", "deps": {"artifacts/splits": None},
+                                       "outs": {}}}
+    assert d["git_commit"] == "unknown" and d["data_md5"] == "unknown"
+    assert any("no git commit" in n for n in d["notes"])

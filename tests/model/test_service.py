@@ -1,0 +1,278 @@
+"""The BentoML service through HTTP: a real `bentoml serve` on 127.0.0.1 (started once for the
+module) serving a tiny untrained model packaged with pipeline.registry into a temporary
+BENTOML_HOME. Valid images (JPEG/PNG, any size, multipart or raw body) get probabilities that
+sum to one at every level and match pipeline.inference's; every kind of bad input gets its 4xx
+JSON error naming the field; the service keeps answering afterwards."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import images, inference, lineage, registry
+from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
+
+IMAGES_DIR = PROJECT_ROOT / "data" / "images"
+MAX_BYTES = 1_000_000  # the server's LESIONFLOW_MAX_IMAGE_BYTES in this module
+THRESHOLD = 0.3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _real_images(n: int) -> list[Path]:
+    found = sorted(IMAGES_DIR.glob("ISIC_*.jpg"))[:n]
+    if len(found) < n:
+        pytest.fail(f"real data missing under {IMAGES_DIR}: run `make test` (it pulls data with DVC)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, packaged tag, model dir) of a running `bentoml serve` of pipeline.service."""
+    tmp = tmp_path_factory.mktemp("service")
+    home = tmp / "bentoml"
+    model_dir = write_model_dir(tmp / "model", backbone="small_cnn", input_size=(48, 64), metadata_fusion=True)
+    write_evaluation(model_dir, tmp / "evaluate", tmp / "reports", threshold=THRESHOLD)
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    try:
+        tag = registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=PROJECT_ROOT)
+    finally:
+        if old is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = old
+    port = _free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+           "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES), "LESIONFLOW_TORCH_THREADS": "1"}
+    env.pop("LESIONFLOW_MODEL_TAG", None)
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "pipeline.service:LesionflowService",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 90 s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield base, tag, model_dir
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c
+
+
+def _check_probabilities(body: dict) -> None:
+    for key in ("dx_probabilities", "risk_probabilities", "binary_probabilities"):
+        probs = body[key]
+        assert all(0.0 <= v <= 1.0 for v in probs.values()), (key, probs)
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6), (key, probs)
+    assert set(body["dx_probabilities"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+    assert body["p_malignant"] == pytest.approx(body["binary_probabilities"]["malignant"])
+    assert body["risk_class"] == max(body["risk_probabilities"], key=body["risk_probabilities"].get)
+    assert body["refer"] is (body["p_malignant"] >= body["threshold"])
+    assert body["decision"].startswith("refer") if body["refer"] else "no referral" in body["decision"]
+    assert "not for clinical use" in body["disclaimer"]
+
+
+def test_classify_multipart_matches_pipeline_inference(server, client):
+    base, tag, model_dir = server
+    path = _real_images(1)[0]
+    r = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                    data={"age": "45", "sex": "female", "localization": "back"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    _check_probabilities(body)
+    assert body["model_tag"] == tag
+    assert body["data_version"] == lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"]
+    assert body["threshold"] == pytest.approx(THRESHOLD)
+    assert body["metadata"] == {"age": 45.0, "sex": "female", "localization": "back"}
+    # the same preprocessing + model as pipeline.inference (imported, not copied)
+    import pandas as pd
+
+    local = inference.load_model(model_dir, device="cpu").predict(
+        [images.decode_rgb(path)], metadata=pd.DataFrame([{"age": 45.0, "sex": "female", "localization": "back"}]))
+    np.testing.assert_allclose(list(body["dx_probabilities"].values()), local["dx_probs"][0], atol=1e-5)
+    assert body["p_malignant"] == pytest.approx(float(local["p_malignant"][0]), abs=1e-5)
+
+
+def test_classify_raw_body_png_any_size(client):
+    path = _real_images(2)[1]
+    big = Image.open(path).convert("RGB").resize((600, 450))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    r = client.post("/classify?sex=male&age=60", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    _check_probabilities(r.json())
+    assert r.json()["metadata"]["sex"] == "male"
+    jpeg = client.post("/classify", content=path.read_bytes(), headers={"Content-Type": "application/octet-stream"})
+    assert jpeg.status_code == 200, jpeg.text
+    _check_probabilities(jpeg.json())
+
+
+def test_batch_endpoint_and_concurrent_requests(client):
+    paths = _real_images(3)
+    r = client.post("/classify_batch", files=[("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
+                    data={"age": ["30", "50", "70"]})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3
+    for res, age in zip(results, (30.0, 50.0, 70.0)):
+        _check_probabilities(res)
+        assert res["metadata"]["age"] == age
+
+    def one(p: Path) -> dict:
+        resp = client.post("/classify", content=p.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    before = client.get("/model").json()["batching"]
+    with ThreadPoolExecutor(12) as pool:
+        out = list(pool.map(one, paths * 4))
+    for i, res in enumerate(out):  # batched with other requests, yet the same answer per image
+        assert res["dx_probabilities"] == pytest.approx(out[i % 3]["dx_probabilities"], abs=1e-5)
+    after = client.get("/model").json()["batching"]
+    assert after["images"] - before["images"] == 12  # every image went through the batcher once
+    assert 1 <= after["batches"] - before["batches"] <= 12
+    assert after["largest_batch"] <= after["max_batch_size"]
+
+
+def test_batchable_infer_api(server, client):
+    """BentoML's batchable /infer: preprocessed tensors in, probabilities out; a bad item gets
+    its own error without failing the others."""
+    import base64
+
+    _, _, model_dir = server
+    pred = inference.load_model(model_dir, device="cpu")
+    path = _real_images(1)[0]
+    u8 = pred.resize([images.decode_rgb(path)])[0].numpy()
+    good = {"pixels": base64.b64encode(u8.tobytes()).decode(), "age": 50}
+    r = client.post("/infer", json={"items": [good, {"pixels": "AAAA"}, {**good, "sex": "robot"}]})
+    assert r.status_code == 200, r.text
+    ok, short, bad_sex = r.json()
+    assert sum(ok["dx"]) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(ok["dx"], pred.predict([images.decode_rgb(path)],
+                               metadata={"age": [50.0], "sex": [None], "localization": [None]})["dx_probs"][0], atol=1e-5)
+    assert "expected" in short["error"] and "sex" in bad_sex["error"]
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (never decoded: refused first)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def _bad_requests() -> list:
+    jpeg = _real_images(1)[0].read_bytes()
+    raw = {"Content-Type": "image/jpeg"}
+    return [
+        # id, (path, kwargs), status, field, words in the message
+        ("empty-body", ("/classify", {"content": b"", "headers": raw}), 400, "image", "empty"),
+        ("empty-file", ("/classify", {"files": {"image": ("a.jpg", b"", "image/jpeg")}}), 400, "image", "empty"),
+        ("not-an-image", ("/classify", {"content": b"hello, this is text" * 10, "headers": raw}), 400, "image",
+         "not an image"),
+        ("truncated", ("/classify", {"files": {"image": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}), 400,
+         "image", "truncated"),
+        ("gif", ("/classify", {"content": _gif(), "headers": {"Content-Type": "image/png"}}), 415, "image",
+         "unsupported format"),
+        ("too-many-bytes", ("/classify", {"content": os.urandom(MAX_BYTES + 10), "headers": raw}), 413, "image",
+         "exceeds the limit"),
+        ("too-many-bytes-multipart", ("/classify", {"files": {"image": ("b.jpg", os.urandom(MAX_BYTES + 10),
+                                                                        "image/jpeg")}}), 413, "image", "exceeds"),
+        ("decompression-bomb", ("/classify", {"content": _png_bomb(30000, 30000), "headers": raw}), 413, "image",
+         "decompression bomb"),
+        ("age-not-a-number", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"age": "abc"}}),
+         422, "age", "number"),
+        ("age-out-of-range", ("/classify?age=150", {"content": jpeg, "headers": raw}), 422, "age", "between"),
+        ("sex-not-in-vocabulary", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")},
+                                                 "data": {"sex": "robot"}}), 422, "sex", "accepted"),
+        ("localization-unknown", ("/classify?localization=elbow", {"content": jpeg, "headers": raw}), 422,
+         "localization", "accepted"),
+        ("unknown-field", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"colour": "red"}}),
+         422, "colour", "unknown field"),
+        ("no-image-field", ("/classify", {"files": {"photo_wrong": ("a.jpg", jpeg, "image/jpeg")}}), 422, "photo_wrong",
+         "unknown field"),
+        ("only-metadata", ("/classify", {"files": {"age": (None, "40")}}), 400, "image", "missing"),
+        ("json-body", ("/classify", {"json": {"image": "x"}}), 415, "image", "Content-Type"),
+        ("batch-bad-item", ("/classify_batch", {"files": [("image", ("a.jpg", jpeg, "image/jpeg")),
+                                                          ("image", ("b.jpg", b"nope", "image/jpeg"))]}), 400,
+         "image[1]", "not an image"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_requests(), ids=lambda c: c[0])
+def test_bad_input_gets_4xx_json_naming_the_problem(client, case):
+    _, (path, kwargs), status, field, words = case
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field
+    assert field in body["error"] and words.lower() in body["error"].lower(), body
+
+
+def test_service_still_answers_after_bad_input(client):
+    for _ in range(2):  # bad inputs interleaved with good ones
+        assert client.post("/classify", content=b"garbage", headers={"Content-Type": "image/jpeg"}).status_code == 400
+        path = _real_images(1)[0]
+        r = client.post("/classify", content=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        _check_probabilities(r.json())
+    assert client.get("/readyz").status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["ready"] is True
+
+
+def test_model_info(server, client):
+    _, tag, _ = server
+    info = client.get("/model").json()
+    assert info["model_tag"] == tag
+    assert info["threshold"] == pytest.approx(THRESHOLD)
+    assert info["classes"]["dx"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert info["uses_metadata"] is True
+    assert info["limits"]["max_image_bytes"] == MAX_BYTES

@@ -1,0 +1,71 @@
+"""Units of pipeline.service without a server: request-field validation and the adaptive batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from pipeline import service
+
+VOCAB = service.vocabulary({"architecture": {"metadata": None}})
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({}, {"age": None, "sex": None, "localization": None}),
+    ({"age": "45", "sex": " Female ", "localization": "Upper Extremity"},
+     {"age": 45.0, "sex": "female", "localization": "upper extremity"}),
+    ({"age": 0, "sex": "unknown", "localization": ""}, {"age": 0.0, "sex": None, "localization": None}),
+])
+def test_validate_metadata_accepts(raw, expected):
+    assert service.validate_metadata(raw, VOCAB) == expected
+
+
+@pytest.mark.parametrize("raw, field, status", [
+    ({"age": "abc"}, "age", 422), ({"age": "nan"}, "age", 422), ({"age": -1}, "age", 422),
+    ({"age": 121}, "age", 422), ({"age": True}, "age", 422), ({"sex": "robot"}, "sex", 422),
+    ({"sex": 3}, "sex", 422), ({"localization": "elbow"}, "localization", 422),
+])
+def test_validate_metadata_refuses_naming_the_field(raw, field, status):
+    with pytest.raises(service.ApiError) as err:
+        service.validate_metadata(raw, VOCAB, "[2]")
+    assert err.value.field == f"{field}[2]" and err.value.status == status
+    assert f"field '{field}[2]'" in err.value.response().body.decode()
+
+
+def test_vocabulary_follows_the_models_metadata_encoder():
+    v = service.vocabulary({"architecture": {"metadata": {"sexes": ["f", "m"], "localizations": ["arm"],
+                                                           "age_scale": 100}}})
+    assert v == {"sex": ("f", "m", "unknown"), "localization": ("arm", "unknown")}
+
+
+def test_batcher_batches_while_busy_and_isolates_failures():
+    calls: list[list[int]] = []
+    gate = threading.Event()
+
+    def fn(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(5)  # the model is busy with the first request while the others queue up
+        if any(i < 0 for i in items):
+            raise RuntimeError("boom")
+        return [i * 10 for i in items]
+
+    async def main():
+        b = service.Batcher(fn, max_batch=4)
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 8)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        out = await asyncio.gather(first, *rest)
+        bad = await asyncio.gather(b.submit(-1), return_exceptions=True)
+        ok = await b.submit(9)
+        return b, out, bad, ok
+
+    b, out, bad, ok = asyncio.run(main())
+    assert out == [10, 20, 30, 40, 50, 60, 70]
+    assert calls[:3] == [[1], [2, 3, 4, 5], [6, 7]]  # queued requests batched, at most 4 at a time
+    assert isinstance(bad[0], RuntimeError) and ok == 90  # a failed batch does not stop the batcher
+    assert b.stats()["largest_batch"] == 4 and b.stats()["images"] == 9
