@@ -1,0 +1,237 @@
+"""The retraining flow end to end (``lesionflow run`` in a subprocess, ephemeral Prefect) on a tiny
+real sample in a throw-away workspace (its own git repo, DVC cache, Prefect and BentoML homes).
+
+The runs share one Prefect server (started once; ``make run`` uses an ephemeral one) and one
+workspace; the scenarios build on each other, in this order (each test runs the
+steps it needs, so any one of them can also be run alone):
+
+1. first run: every stage runs, the model passes the (trivial) gates and is packaged; ``trace``
+   of the model and of the Bento gives back the data md5 of the sample and the commit;
+2. second run, nothing changed: DVC skips every stage; nothing is packaged again;
+3. a new candidate (another train seed) against an impossible gate: ``GateFailed`` naming the
+   metric, nothing packaged, the champion unchanged, the verdict judged against the champion;
+4. data that violates the contract: ``ValidationFailed`` at validate, nothing downstream runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import make_project, project_env
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ["validate", "split", "eda", "train", "evaluate"]
+# tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
+TINY = {
+    "train.backbone": "small_cnn", "train.pretrained": False, "train.epochs": 1, "train.input_size": [32, 40],
+    "train.warmup_epochs": 0.0, "train.batch_size": 16, "train.tta": False,
+    "evaluate.bootstrap": 0, "evaluate.gradcam_per_class": 0,
+    "evaluate.gates": {"absolute": {"dx.accuracy": 0.0}, "regression_margin": {"dx.accuracy": 1.0},
+                       "lower_is_better": []},
+    "eda.permutation_repeats": 1, "eda.grid_per_class": 1,
+}
+
+
+def lesionflow(root: Path, *args: str, api_url: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``lesionflow ARGS`` in the workspace (its own copy of the code), stdout and stderr together;
+    against the Prefect server at ``api_url`` (else an ephemeral one, as ``make run``)."""
+    env = project_env(root)
+    env["COLUMNS"] = "250"  # no wrapped lines in the logs and tables the tests read
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, timeout: float = 180.0):
+    """A Prefect server on 127.0.0.1 for the workspace (one start instead of an ephemeral server per
+    run); yields its API URL and stops it (SIGTERM) afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root.parent / "prefect-server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=root, env=project_env(root), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Prefect server did not start: {(root.parent / 'prefect-server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+class Workspace:
+    """The shared workspace and the result of each scenario step (run once, in order)."""
+
+    def __init__(self, root: Path, api_url: str):
+        self.root = root
+        self.api_url = api_url
+        self.steps: dict[str, dict] = {}
+
+    def champion(self) -> tuple[str | None, list[str]]:
+        """(champion tag, every model tag) of the workspace's BentoML store."""
+        from pipeline import registry
+
+        with mock.patch.dict(os.environ, {"BENTOML_HOME": str(self.root / ".bentoml")}):
+            champ = registry.champion()
+            return (champ["tag"] if champ else None), [str(m.tag) for m in registry._models()]
+
+    def _run(self, name: str) -> dict:
+        proc = lesionflow(self.root, "run", "--retries", "0", api_url=self.api_url)
+        last = json.loads((self.root / ".lesionflow/last_run.json").read_text())
+        champ, models = self.champion()
+        self.steps[name] = {"proc": proc, "out": proc.stdout, "last": last, "champion": champ, "models": models}
+        return self.steps[name]
+
+    def step(self, name: str) -> dict:
+        if name in self.steps:
+            return self.steps[name]
+        if name == "first":
+            return self._run("first")
+        if name == "second":
+            self.step("first")
+            return self._run("second")
+        if name == "impossible_gate":
+            self.step("second")
+            params = yaml.safe_load((self.root / "params.yaml").read_text())
+            params["train"]["seed"] = 7  # a new candidate
+            params["evaluate"]["gates"]["absolute"]["dx.accuracy"] = 1.01  # no model reaches it
+            (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            return self._run("impossible_gate")
+        if name == "bad_data":
+            self.step("impossible_gate")
+            self.splits_mtime = (self.root / "artifacts/splits/train.csv").stat().st_mtime_ns
+            meta = self.root / "data/HAM10000_metadata.csv"
+            df = pd.read_csv(meta)
+            df.loc[0, "dx"] = "melanoma"
+            df.to_csv(meta, index=False)
+            return self._run("bad_data")
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_data, tmp_path_factory) -> Iterator[Workspace]:
+    root = make_project(tmp_path_factory.mktemp("retrain") / "ws", tiny_data, TINY)
+    with prefect_server(root) as url:
+        yield Workspace(root, url)
+
+
+def api(ws: Workspace, path: str, body: dict) -> list | dict:
+    """POST to the workspace's Prefect server API."""
+    req = urllib.request.Request(f"{ws.api_url}/{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def flow_run_state(ws: Workspace, flow_run_id: str) -> tuple[str, str]:
+    """(state type, state name) of a flow run as the Prefect server recorded it."""
+    run = api(ws, "flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})[0]
+    return run["state"]["type"], run["state"]["name"]
+
+
+def _ran(last: dict) -> dict[str, bool]:
+    return {s["stage"]: s["ran"] for s in last["stages"]}
+
+
+def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
+    r = ws.step("first")
+    assert r["proc"].returncode == 0, r["out"][-4000:]
+    last = r["last"]
+    assert last["state"] == "Completed" and _ran(last) == {s: True for s in STAGES}, last
+    assert [s["stage"] for s in last["stages"]] == STAGES
+    assert "validate | Running stage 'validate'" in r["out"], "stage output is streamed into the Prefect log"
+    tag = last["packaged"]
+    assert tag and r["champion"] == tag and r["models"] == [tag]
+    assert last["bento"] and f"Champion: {tag}" in r["out"].replace("\n", " ")
+    data_md5 = yaml.safe_load((ws.root / "data.dvc").read_text())["outs"][0]["md5"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout.strip()
+    for traced in (tag, last["bento"]):
+        t = lesionflow(ws.root, "trace", traced, "--json", timeout=300)
+        assert t.returncode == 0, t.stdout
+        rec = json.loads(t.stdout[t.stdout.index("{"):])
+        assert rec["tag"] == tag and rec["data_md5"] == data_md5 and rec["git_commit"] == head
+        assert rec["gates"]["passed"] is True and rec["params"]["train"]["backbone"] == "small_cnn"
+        assert f"git checkout {head}" in rec["restore"]
+    assert flow_run_state(ws, last["flow_run_id"]) == ("COMPLETED", "Completed")
+    arts = api(ws, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["flow_run_id"]]}}})
+    by_key = {a["key"]: a for a in arts}
+    assert "| absolute | `dx.accuracy` |" in by_key["lesionflow-retrain"]["data"], "gate table published"
+    assert "dx.balanced_accuracy" in by_key["lesionflow-retrain"]["data"], "key metrics published"
+    link = by_key["lesionflow-report-model-card"]["data"]
+    assert (ws.root / "reports/evaluate/model_card.html").as_uri() in link, link
+    unknown = lesionflow(ws.root, "trace", "lesionflow-classifier:nosuchversion", timeout=300)
+    assert unknown.returncode == 2 and "unknown tag" in unknown.stdout
+
+
+def test_second_run_with_nothing_changed_skips_every_stage(ws):
+    first, r = ws.step("first"), ws.step("second")
+    assert r["proc"].returncode == 0, r["out"][-4000:]
+    assert _ran(r["last"]) == {s: False for s in STAGES}, r["last"]["stages"]
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in r["out"]
+    assert "Running stage" not in r["out"]
+    assert r["last"]["packaged"] is None and "already the champion" in r["last"]["message"]
+    assert r["champion"] == first["champion"] and r["models"] == first["models"]
+
+
+def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
+    before, r = ws.step("second"), ws.step("impossible_gate")
+    assert r["proc"].returncode == 1, r["out"][-4000:]
+    last = r["last"]
+    assert last["state"] == "GateFailed" and last["state_type"] == "FAILED"
+    assert "absolute:dx.accuracy" in last["message"] and "1.0100" in last["message"]
+    assert "GateFailed" in r["out"] and flow_run_state(ws, last["flow_run_id"]) == ("FAILED", "GateFailed")
+    assert _ran(last) == {"validate": False, "split": False, "eda": False, "train": True, "evaluate": True}
+    assert last["packaged"] is None and last["bento"] is None
+    assert r["champion"] == before["champion"] and r["models"] == before["models"]
+    verdict = json.loads((ws.root / "reports/evaluate/gates.json").read_text())
+    champion_md5 = json.loads((ws.root / "artifacts/champion/champion.json").read_text())["model_md5"]
+    assert verdict["passed"] is False and verdict["champion"]["md5"] == champion_md5
+    assert verdict["model_md5"] != champion_md5, "a new candidate was judged against the champion"
+
+
+def test_contract_violation_stops_the_flow_at_validate(ws):
+    before, r = ws.step("impossible_gate"), ws.step("bad_data")
+    assert r["proc"].returncode == 1, r["out"][-4000:]
+    last = r["last"]
+    assert last["state"] == "ValidationFailed", last
+    assert flow_run_state(ws, last["flow_run_id"]) == ("FAILED", "ValidationFailed")
+    assert "dx is one of" in last["message"] and "melanoma" in last["message"]
+    assert "reports/validation/report.md" in last["message"]
+    assert [s["stage"] for s in last["stages"]] == ["validate"]
+    assert (ws.root / "artifacts/splits/train.csv").stat().st_mtime_ns == ws.splits_mtime
+    assert r["champion"] == before["champion"] and r["models"] == before["models"]
