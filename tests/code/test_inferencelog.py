@@ -1,0 +1,156 @@
+"""The service's inference log: what the record function writes is read back by the monitor with no
+loss (row count and values), by time window, safely under concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import inferencelog, monitoring
+from pipeline.images import decode_rgb
+from tests.conftest import IMAGES_DIR
+
+T0 = datetime(2026, 3, 1, 23, 59, 58, tzinfo=timezone.utc)
+DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+def _service_response(rng: np.random.Generator) -> dict:
+    """A prediction as the service's ``finalise`` returns it."""
+    p = rng.dirichlet(np.ones(7))
+    return {"dx_probabilities": dict(zip(DX, p.tolist())), "p_malignant": float(p[0] + p[1] + p[4]),
+            "decision": "refer" if p[4] > 0.2 else "no_refer", "model_tag": "lesionflow:abc"}
+
+
+@pytest.fixture(scope="module")
+def real_images(real_metadata):
+    ids = real_metadata["image_id"].iloc[:4].tolist()
+    return [decode_rgb(IMAGES_DIR / f"{i}.jpg", i) for i in ids]
+
+
+def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
+    rng = np.random.default_rng(0)
+    projection = monitoring.projection_matrix(64, 8, seed=1)
+    written = []
+    for k in range(12):  # across midnight: two day files
+        rgb = real_images[k % len(real_images)]
+        pred = _service_response(rng)
+        emb = rng.standard_normal(64).astype(np.float32)
+        meta = {"age": [45.0, None][k % 2], "sex": ["male", "female", None][k % 3], "localization": "back"}
+        rec = inferencelog.record_for(rgb, meta, {**pred, "embedding": emb}, "lesionflow:abc",
+                                      projection=projection, timestamp=T0 + timedelta(seconds=k),
+                                      request_id=f"req-{k}")
+        inferencelog.append(rec, tmp_path)
+        written.append((rec, rgb, pred, emb, meta))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inference-2026-03-01.jsonl", "inference-2026-03-02.jsonl"]
+    df = inferencelog.read(tmp_path)
+    assert len(df) == 12 and df["request_id"].tolist() == [f"req-{k}" for k in range(12)]
+    for k, (rec, rgb, pred, emb, meta) in enumerate(written):
+        row = df.iloc[k]
+        stats = monitoring.image_statistics(rgb)
+        for name, value in stats.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert pd.isna(row[name]), name
+            elif isinstance(value, (bool, np.bool_)):
+                assert bool(row[name]) == bool(value), name
+            elif isinstance(value, str):
+                assert row[name] == value, name
+            else:
+                assert row[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+        for c, p in pred["dx_probabilities"].items():
+            assert row[f"prob_{c}"] == pytest.approx(p, rel=1e-12)
+        assert row["pred_class"] == max(pred["dx_probabilities"], key=pred["dx_probabilities"].get)
+        assert row["p_malignant"] == pytest.approx(pred["p_malignant"]) and row["decision"] == pred["decision"]
+        proj = emb @ projection
+        assert [row[f"emb_{i:02d}"] for i in range(8)] == pytest.approx(proj.tolist(), rel=1e-6)
+        assert (row["sex"] if isinstance(row["sex"], str) else None) == meta["sex"]
+        assert (None if pd.isna(row["age"]) else row["age"]) == meta["age"]
+        assert row["timestamp"] == pd.Timestamp(T0 + timedelta(seconds=k))
+        assert "image_b64" not in row  # never the image unless configured
+
+
+def test_read_by_time_window(tmp_path):
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        rec = inferencelog.make_record(stats={"brightness": 0.1 * k}, metadata=None, prediction=_service_response(rng),
+                                       model_tag="m", timestamp=T0 + timedelta(hours=k))
+        inferencelog.append(rec, tmp_path)
+    df = inferencelog.read(tmp_path, start=T0 + timedelta(hours=1), end=T0 + timedelta(hours=4))
+    assert df["brightness"].tolist() == pytest.approx([0.1, 0.2, 0.3])  # start inclusive, end exclusive
+    naive = (T0 + timedelta(hours=5)).replace(tzinfo=None)  # naive = UTC
+    assert len(inferencelog.read(tmp_path, start=naive)) == 1
+    assert len(inferencelog.read(tmp_path / "absent")) == 0
+
+
+def test_concurrent_appends_never_interleave_and_torn_lines_are_skipped(tmp_path):
+    rng = np.random.default_rng(2)
+    big_stats = {f"s{i}": float(i) for i in range(400)}  # ~8 kB lines: larger than a pipe buffer
+
+    def writer(w: int) -> None:
+        for k in range(25):
+            rec = inferencelog.make_record(stats=big_stats, metadata=None, prediction=_service_response(rng),
+                                           model_tag=f"w{w}", request_id=f"{w}-{k}", timestamp=T0)
+            inferencelog.append(rec, tmp_path)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    path = inferencelog.log_file(tmp_path, T0)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 100 and all(json.loads(line)["stats"]["s399"] == 399.0 for line in lines)
+    with open(path, "a") as fh:  # a crash in the middle of a write
+        fh.write('{"timestamp": "2026-03-01T23:59:58Z", "stats": {"s0": 1')
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        df = inferencelog.read(tmp_path)
+    assert len(df) == 100 and df["request_id"].is_unique
+    assert df.attrs["skipped"] == [f"{path}:101"]
+
+
+def test_images_only_when_configured_and_logger_never_raises(tmp_path, real_images):
+    rng = np.random.default_rng(3)
+    off = inferencelog.InferenceLog(tmp_path / "a")
+    on = inferencelog.InferenceLog(tmp_path / "b", store_images=True)
+    for log in (off, on):
+        rec = log.record(stats=log.stats(real_images[0]), metadata={"age": 50}, prediction=_service_response(rng),
+                         model_tag="m", image_bytes=b"\xff\xd8jpeg")
+        log.write(rec)
+    assert "image_b64" not in inferencelog.read(tmp_path / "a").columns
+    assert inferencelog.read(tmp_path / "b")["image_b64"].tolist() == ["/9hqcGVn"]
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert inferencelog.InferenceLog(blocked).write(rec) is None  # warns, does not raise
+
+
+def test_bad_record_is_named():
+    with pytest.raises(inferencelog.InferenceLogError, match="timestamp"):
+        inferencelog.append({"stats": {}}, "/tmp/never")
+    with pytest.raises(inferencelog.InferenceLogError, match="no class probabilities"):
+        inferencelog.make_record(stats={}, metadata=None, prediction={"p_malignant": 0.3}, model_tag="m")
+
+
+def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
+    """The service's hook: InferenceLog.log(rgb, metadata, response + embedding, tag) -> one record
+    with the projected embedding when the model's reference profile is present."""
+    from pipeline.fsutil import write_json
+
+    ref = tmp_path / "model" / "reference"
+    ref.mkdir(parents=True)
+    np.save(ref / "projection.npy", monitoring.projection_matrix(16, 4, seed=0))
+    write_json(ref / "profile.json", {"feature_config": monitoring.feature_config_to_dict(monitoring.imagestats.DEFAULT_CONFIG)})
+    log = inferencelog.InferenceLog(tmp_path / "log", reference_dir=ref)
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal(16).astype(np.float32)
+    path = log.log(real_images[1], {"age": 30, "sex": "female", "localization": "face"},
+                   {**_service_response(rng), "embedding": emb}, "lesionflow:xyz", source="image")
+    df = inferencelog.read(tmp_path / "log")
+    assert path is not None and len(df) == 1 and df["source"][0] == "image"
+    assert [df[f"emb_{i:02d}"][0] for i in range(4)] == pytest.approx((emb @ np.load(ref / "projection.npy")).tolist())
+    assert df["brightness"][0] == pytest.approx(monitoring.image_statistics(real_images[1])["brightness"])
+    assert log.log(np.zeros((2, 2), np.uint8), None, {}, "m") is None  # a bad input is a warning, not an error
