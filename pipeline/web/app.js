@@ -1,0 +1,259 @@
+// lesionflow web page: plain JavaScript against the service's own endpoints
+// (GET /model, POST /classify, POST /gradcam), the same ones an API client uses.
+"use strict";
+
+const DX_NAMES = {
+  akiec: "Actinic keratosis / intraepithelial carcinoma",
+  bcc: "Basal cell carcinoma",
+  bkl: "Benign keratosis",
+  df: "Dermatofibroma",
+  mel: "Melanoma",
+  nv: "Melanocytic nevus",
+  vasc: "Vascular lesion",
+};
+const RISK_NAMES = { benign: "benign", benign_at_risk: "benign-at-risk", malignant: "malignant" };
+
+const $ = (id) => document.getElementById(id);
+const pct = (p) => (100 * p).toFixed(1) + "%";
+const riskName = (c) => RISK_NAMES[c] || String(c).replace(/_/g, "-");
+
+let chosen = null; // the File to send
+let previewUrl = null;
+let overlayUrl = null;
+
+function fillSelect(select, values) {
+  for (const v of values || []) {
+    if (v === "unknown") continue; // "not given" already means unknown
+    const opt = document.createElement("option");
+    opt.value = v;
+    opt.textContent = v;
+    select.appendChild(opt);
+  }
+}
+
+async function loadModelInfo() {
+  try {
+    const r = await fetch("/model");
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    const info = await r.json();
+    $("model-tag").textContent = info.model_tag;
+    $("data-version").textContent = info.data_version;
+    $("model-threshold").textContent = pct(info.threshold) + " malignancy probability";
+    if (info.disclaimer) $("disclaimer").textContent = info.disclaimer;
+    const fields = info.metadata_fields || {};
+    fillSelect($("sex"), fields.sex);
+    fillSelect($("localization"), fields.localization);
+  } catch (e) {
+    $("model-tag").textContent = "unavailable (" + e.message + ")";
+    $("data-version").textContent = "unavailable";
+    $("model-threshold").textContent = "unavailable";
+  }
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = "";
+  const strong = document.createElement("strong");
+  strong.textContent = "The image was not analysed. ";
+  box.appendChild(strong);
+  box.appendChild(document.createTextNode(message));
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function choose(file) {
+  if (!file) return;
+  chosen = file;
+  const kb = Math.max(1, Math.round(file.size / 1024));
+  $("file-name").textContent = "Selected: " + file.name + " (" + kb.toLocaleString() + " KB)";
+  $("submit").disabled = false;
+  clearError();
+}
+
+function setBusy(busy) {
+  $("submit").disabled = busy || !chosen;
+  $("form").setAttribute("aria-busy", busy ? "true" : "false");
+  $("status").textContent = busy ? "Analysing the image…" : "";
+  $("status").classList.toggle("busy", busy);
+}
+
+function formData() {
+  const fd = new FormData();
+  fd.append("image", chosen, chosen.name);
+  for (const k of ["age", "sex", "localization"]) {
+    const v = $(k).value.trim();
+    if (v !== "") fd.append(k, v);
+  }
+  return fd;
+}
+
+async function errorText(r) {
+  // the service's own JSON error ({"error": ..., "field": ..., "status": ...}), else the raw text
+  const text = await r.text();
+  try {
+    const body = JSON.parse(text);
+    if (body && body.error) return body.error;
+  } catch (_) { /* not JSON */ }
+  return "HTTP " + r.status + (text ? ": " + text.slice(0, 300) : "");
+}
+
+function renderBars(probs) {
+  const list = $("dx-bars");
+  list.textContent = "";
+  if (!probs) {
+    const li = document.createElement("li");
+    li.textContent = "This model does not predict the seven diagnoses.";
+    list.appendChild(li);
+    return;
+  }
+  const top = Object.keys(probs).reduce((a, b) => (probs[a] >= probs[b] ? a : b));
+  for (const [code, p] of Object.entries(probs)) {
+    const li = document.createElement("li");
+    li.className = "bar-row" + (code === top ? " is-top" : "");
+    li.dataset.dx = code;
+    const name = document.createElement("span");
+    name.className = "bar-name";
+    name.textContent = (DX_NAMES[code] || code) + " ";
+    const abbr = document.createElement("span");
+    abbr.className = "bar-code";
+    abbr.textContent = "(" + code + ")";
+    name.appendChild(abbr);
+    const track = document.createElement("span");
+    track.className = "bar-track";
+    track.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.className = "bar-fill";
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.appendChild(fill);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = pct(p);
+    li.append(name, track, value);
+    list.appendChild(li);
+  }
+}
+
+function renderResult(res) {
+  const risk = res.risk_class;
+  const riskBox = $("risk");
+  riskBox.className = "risk risk-" + (risk || "none");
+  if (risk) {
+    $("risk-class").textContent = riskName(risk);
+    $("risk-prob").textContent = "probability " + pct(res.risk_probabilities[risk]);
+  } else {
+    $("risk-class").textContent = "n/a";
+    $("risk-prob").textContent = "this model does not predict risk classes";
+  }
+
+  const p = res.p_malignant, t = res.threshold;
+  $("gauge-fill").style.width = (100 * p).toFixed(1) + "%";
+  $("gauge-threshold").style.left = (100 * t).toFixed(1) + "%";
+  $("gauge-threshold-label").textContent = "threshold " + pct(t);
+  $("gauge").setAttribute("aria-label",
+    "malignancy probability " + pct(p) + " against the operating threshold " + pct(t));
+  $("p-mal").textContent = "Malignancy probability: " + pct(p) + ".";
+  $("thr").textContent = "Operating threshold: " + pct(t) + (res.refer ? " (at or above it)." : " (below it).");
+  const decision = $("decision");
+  decision.className = "decision " + (res.refer ? "refer" : "no-refer");
+  $("decision-text").textContent = res.refer
+    ? "Decision: refer. " + res.decision.replace(/^refer:\s*/, "").replace(/^./, (c) => c.toUpperCase()) + "."
+    : "Decision: " + res.decision + ".";
+
+  renderBars(res.dx_probabilities);
+  $("model-tag").textContent = res.model_tag;
+  $("data-version").textContent = res.data_version;
+  if (res.disclaimer) $("disclaimer").textContent = res.disclaimer;
+}
+
+async function loadOverlay(request) {
+  const img = $("overlay"), status = $("overlay-status");
+  try {
+    const r = await request;
+    if (!r.ok) throw new Error(await errorText(r));
+    const blob = await r.blob();
+    if (overlayUrl) URL.revokeObjectURL(overlayUrl);
+    overlayUrl = URL.createObjectURL(blob);
+    img.src = overlayUrl;
+    img.hidden = false;
+    status.hidden = true;
+    const cls = r.headers.get("X-Gradcam-Class");
+    if (cls) {
+      $("overlay-caption").textContent =
+        "Grad-CAM for \u201c" + (DX_NAMES[cls] || riskName(cls)) + "\u201d: where the model looked (red = most influential)";
+    }
+  } catch (e) {
+    status.textContent = "Overlay unavailable: " + e.message;
+  }
+}
+
+async function analyse(ev) {
+  ev.preventDefault();
+  if (!chosen) {
+    showError("Choose an image first.");
+    return;
+  }
+  clearError();
+  setBusy(true);
+  $("result").hidden = true;
+  $("overlay").hidden = true;
+  $("overlay").removeAttribute("src");
+  $("overlay-status").hidden = false;
+  $("overlay-status").textContent = "computing…";
+  try {
+    const classify = fetch("/classify", { method: "POST", body: formData() });
+    const r = await classify;
+    if (!r.ok) {
+      showError(await errorText(r));
+      return;
+    }
+    const res = await r.json();
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(chosen);
+    $("preview").src = previewUrl;
+    renderResult(res);
+    $("result").hidden = false;
+    $("status").textContent = "Computing the Grad-CAM overlay…";
+    await loadOverlay(fetch("/gradcam", { method: "POST", body: formData() }));
+    $("result-title").focus({ preventScroll: true });
+  } catch (e) {
+    showError("The service could not be reached (" + e.message + ").");
+  } finally {
+    setBusy(false);
+  }
+}
+
+function setupDropZone() {
+  const drop = $("drop"), input = $("image");
+  drop.addEventListener("click", () => input.click());
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      input.click();
+    }
+  });
+  input.addEventListener("change", () => choose(input.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    drop.addEventListener(type, (e) => {
+      e.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    drop.addEventListener(type, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer && e.dataTransfer.files.length) choose(e.dataTransfer.files[0]);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("result-title").tabIndex = -1;
+  setupDropZone();
+  $("form").addEventListener("submit", analyse);
+  loadModelInfo();
+});
