@@ -17,7 +17,7 @@ export BENTOML_HOME ?= $(CURDIR)/.lesionflow/bentoml
 # DVC stage commands call `python`: make it the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test install data
+.PHONY: run test install data browser
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The browser tests drive Debian's Chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || { \
+		echo "Installing Debian's chromium for the browser tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
+
 # Pull the DVC-tracked data when it is not in the workspace yet.
 data: install
 	@if [ ! -f data/HAM10000_metadata.csv ] || [ ! -d data/images ]; then \
@@ -34,7 +41,7 @@ data: install
 	fi
 
 run: data
-	$(VENV)/bin/dvc repro
+	$(VENV)/bin/lesionflow run
 
-test: data
+test: data browser
 	$(PY) -m pytest
