@@ -35,7 +35,7 @@ from tests.conftest import make_project, project_env
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["validate", "split", "eda", "train", "evaluate"]
+STAGES = ["validate", "split", "eda", "train", "reference", "evaluate"]
 # tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
 TINY = {
     "train.backbone": "small_cnn", "train.pretrained": False, "train.epochs": 1, "train.input_size": [32, 40],
@@ -215,7 +215,7 @@ def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
     assert last["state"] == "GateFailed" and last["state_type"] == "FAILED"
     assert "absolute:dx.accuracy" in last["message"] and "1.0100" in last["message"]
     assert "GateFailed" in r["out"] and flow_run_state(ws, last["flow_run_id"]) == ("FAILED", "GateFailed")
-    assert _ran(last) == {"validate": False, "split": False, "eda": False, "train": True, "evaluate": True}
+    assert _ran(last) == {"validate": False, "split": False, "eda": False, "train": True, "reference": True, "evaluate": True}
     assert last["packaged"] is None and last["bento"] is None
     assert r["champion"] == before["champion"] and r["models"] == before["models"]
     verdict = json.loads((ws.root / "reports/evaluate/gates.json").read_text())
