@@ -196,17 +196,36 @@ def main(argv=None) -> int:
     labels = Taxonomy.default().encode(frame["dx"])
     files = [a.images_dir / f"{i}.jpg" for i in frame["image_id"]]
     rows = []
+    out = {"benchmark": "train_throughput", "machine": machine(), "backbone": a.backbone,
+           "steps": a.steps, "warmup": a.warmup, "rows": rows, "complete": False,
+           "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
 
     def add(row, variant, size, ips, **extra):
         r = {"row": row, "variant": variant, "size": size, "images_per_s": round(ips, 1), **extra}
         rows.append(r)
         print(json.dumps(r), flush=True)
+        save()
 
     for s in a.sizes:
         h, w = (int(v) for v in s.split("x"))
         size = (h, w)
         common = dict(batch=a.batch, precision="bf16" if amp else "fp32", channels_last=cl)
         add("a", "model only, synthetic on device", s, row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup), **common)
+        t = time.perf_counter()
+        u8 = datapath.load_images(files, h, w, workers=0, progress=False)
+        decode_s = time.perf_counter() - t
+        add("b", "lesionflow: uint8 bank on device + batched device augmentation", s,
+            row_b(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, u8, labels),
+            one_off_decode_s=round(decode_s, 2), one_off_decode_images=len(files), **common)
+        del u8
+        for nw in a.workers:
+            add("c", f"baseline: PIL + torchvision transforms, DataLoader({nw} workers)", s,
+                row_c(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, files, labels, nw),
+                workers=nw, **common)
         variants = [v for v in a.a_variants.split(",") if v]
         if "batch256" in variants:
             add("a", "model only, batch 256", s, row_a(a.backbone, size, 256, device, amp, cl, max(4, a.steps // 2), a.warmup),
@@ -219,22 +238,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             ips = row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, "max-autotune-no-cudagraphs")
             add("a", "model only, torch.compile max-autotune", s, ips, compile_s=round(time.perf_counter() - t, 1), **common)
-        t = time.perf_counter()
-        u8 = datapath.load_images(files, h, w, workers=0, progress=False)
-        decode_s = time.perf_counter() - t
-        add("b", "lesionflow: uint8 bank on device + batched device augmentation", s,
-            row_b(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, u8, labels),
-            one_off_decode_s=round(decode_s, 2), one_off_decode_images=len(files), **common)
-        del u8
-        for nw in a.workers:
-            add("c", f"baseline: PIL + torchvision transforms, DataLoader({nw} workers)", s,
-                row_c(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, files, labels, nw),
-                workers=nw, **common)
-    out = {"benchmark": "train_throughput", "machine": machine(), "backbone": a.backbone,
-           "steps": a.steps, "warmup": a.warmup, "rows": rows,
-           "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2) + "\n")
+    out["complete"] = True
+    save()
     print(f"\n{out['machine']}\n| row | variant | size | batch | images/s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | {r['variant']} | {r['size']} | {r['batch']} | {r['images_per_s']:,.0f} |")
