@@ -12,7 +12,7 @@ features with the metadata and the split, and writes:
                                AUC and the ranking score (mean |AUC - 0.5| over the diagnoses)
     ``permutation_importance.csv``  of the baseline on the validation split
     ``baseline_model.json``    the fitted baseline as plain numbers (no pickle; see
-                               :func:`baseline_predict_proba` for the formula)
+                               :mod:`pipeline.linearmodel` for the format)
     ``lineage.json``           git commit, data md5, params, input file md5s, libraries
 ``reports/eda/`` (for people)
     ``summary.json``           DVC metrics: class distribution overall and per split, segmentation
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import imagestats, params as params_mod
+from pipeline import imagestats, linearmodel, params as params_mod
 from pipeline.fsutil import atomic_write_text, staged_dir, write_json
 from pipeline.images import ImageError
 from pipeline.lineage import lineage
@@ -55,7 +55,6 @@ REPORTS_DIR = Path("reports/eda")
 SPLITS = ("train", "val", "test")
 #: Acquisition properties left out of the baseline (they describe the camera, not the lesion).
 NOT_IN_BASELINE = ("width", "height", "aspect_ratio")
-BASELINE_FORMAT = "lesionflow.linear-softmax/v1"
 
 
 class EdaError(ValueError):
@@ -241,46 +240,7 @@ class Baseline:
     confusion: np.ndarray
 
     def to_json(self) -> dict[str, Any]:
-        imputer, scaler, clf = (self.model.named_steps[k] for k in ("impute", "scale", "clf"))
-        return {
-            "format": BASELINE_FORMAT,
-            "formula": (
-                "x = features (NaN -> impute[i]); z = (x - mean) / scale; "
-                "logits = z @ coef.T + intercept; probs = softmax(logits) over classes"
-            ),
-            "level": self.level,
-            "classes": self.classes,
-            "features": self.features,
-            "impute": [float(v) for v in imputer.statistics_],
-            "mean": [float(v) for v in scaler.mean_],
-            "scale": [float(v) for v in scaler.scale_],
-            "coef": [[float(v) for v in row] for row in clf.coef_],
-            "intercept": [float(v) for v in clf.intercept_],
-            "val_metrics": self.metrics,
-        }
-
-
-def baseline_predict_proba(model_json: dict[str, Any], features: pd.DataFrame) -> np.ndarray:
-    """Class probabilities of the saved baseline (``baseline_model.json``) with numpy only.
-
-    The reference implementation of :data:`BASELINE_FORMAT`, for whoever scores the baseline
-    later (the evaluate stage on the test split); no unpickling involved.
-    """
-    if model_json.get("format") != BASELINE_FORMAT:
-        raise ValueError(f"unsupported baseline format {model_json.get('format')!r} (expected {BASELINE_FORMAT})")
-    missing = [f for f in model_json["features"] if f not in features.columns]
-    if missing:
-        raise ValueError(f"features missing from the table: {', '.join(missing)}")
-    x = features[model_json["features"]].to_numpy(dtype=np.float64)
-    x = np.where(np.isnan(x), np.asarray(model_json["impute"]), x)
-    z = (x - np.asarray(model_json["mean"])) / np.asarray(model_json["scale"])
-    coef = np.asarray(model_json["coef"])
-    logits = z @ coef.T + np.asarray(model_json["intercept"])
-    if coef.shape[0] == 1:  # binary logistic regression: one row of coefficients
-        logits = np.hstack([-logits, logits]) / 2
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+        return linearmodel.to_json(self.model, self.features, self.classes, level=self.level, val_metrics=self.metrics)
 
 
 def fit_baseline(table: pd.DataFrame, features: list[str], taxonomy: Taxonomy, p: params_mod.EdaParams) -> Baseline:
@@ -714,7 +674,7 @@ def render_report(
         f"and scored on val ({m['n_val']} images), predicting the `{m['level']}` level: "
         f"**balanced accuracy {m['balanced_accuracy']:.3f}**, macro one-vs-rest AUC {m['macro_auc_ovr']:.3f}, "
         f"accuracy {m['accuracy']:.3f}. This is the bar the CNN must clear. The model is saved without "
-        "pickle as `artifacts/eda/baseline_model.json` (see `pipeline.eda.baseline_predict_proba`).",
+        "pickle as `artifacts/eda/baseline_model.json` (format: `pipeline/linearmodel.py`).",
         "",
         f"![confusion]({plots['confusion']})",
         "",

@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline import fsutil, gates, images, lineage, metrics, params
+from pipeline import fsutil, gates, images, lineage, linearmodel, metrics, params
 from pipeline.taxonomy import DIAGNOSIS_NAMES, LEVELS, Taxonomy
 
 SPLITS_DIR = Path("artifacts/splits")
@@ -285,30 +285,6 @@ def baseline_predictions(kind: str, train: pd.DataFrame, frame: pd.DataFrame, ta
     return Predictions(frame, probs, probs["binary"][:, tax.positive_index])
 
 
-EDA_FORMAT = "lesionflow.linear-softmax/v1"
-
-
-def linear_softmax_proba(model_json: Mapping[str, Any], features: pd.DataFrame) -> np.ndarray:
-    """Class probabilities of the EDA stage's ``baseline_model.json`` (format
-    ``lesionflow.linear-softmax/v1``, formula stored in the file: NaN -> impute, standardise,
-    logits = z @ coef.T + intercept, softmax). Plain numbers, no unpickling."""
-    if model_json.get("format") != EDA_FORMAT:
-        raise ValueError(f"unsupported baseline format {model_json.get('format')!r} (expected {EDA_FORMAT})")
-    missing = [c for c in model_json["features"] if c not in features.columns]
-    if missing:
-        raise ValueError(f"features missing from the EDA table: {', '.join(missing[:5])}")
-    x = features[model_json["features"]].to_numpy(dtype=np.float64)
-    x = np.where(np.isnan(x), np.asarray(model_json["impute"], dtype=np.float64), x)
-    z = (x - np.asarray(model_json["mean"])) / np.asarray(model_json["scale"])
-    coef = np.asarray(model_json["coef"], dtype=np.float64)
-    logits = z @ coef.T + np.asarray(model_json["intercept"], dtype=np.float64)
-    if coef.shape[0] == 1:  # binary logistic regression: one row of coefficients
-        logits = np.hstack([-logits, logits]) / 2
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def eda_baseline(eda_dir: Path, splits: Mapping[str, pd.DataFrame], tax: Taxonomy) -> tuple[dict[str, Predictions] | None, str]:
     """The EDA stage's feature-table classifier (``baseline_model.json`` applied to the image
     features of ``features.parquet``) on each split, or ``(None, reason)``."""
@@ -329,7 +305,7 @@ def eda_baseline(eda_dir: Path, splits: Mapping[str, pd.DataFrame], tax: Taxonom
             missing = set(frame["image_id"]) - set(table.index)
             if missing:
                 raise ValueError(f"{len(missing)} {name} images have no features, e.g. {sorted(missing)[0]}")
-            native = linear_softmax_proba(model_json, table.loc[frame["image_id"]].reset_index())
+            native = linearmodel.predict_proba(model_json, table.loc[frame["image_id"]].reset_index())
             probs = derive_levels(native, level, tax)
             out[name] = Predictions(frame, probs, probs["binary"][:, tax.positive_index])
         return out, f"logistic regression on {len(model_json['features'])} image features, level {level}"

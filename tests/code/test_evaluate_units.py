@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import evaluate
+from pipeline import evaluate, linearmodel
 from pipeline.taxonomy import Taxonomy
 
 TAX = Taxonomy.default()
@@ -31,13 +31,13 @@ def test_linear_softmax_matches_sklearn_logistic_regression(n_classes):
     pipe = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler()),
                      ("clf", LogisticRegression(max_iter=500))]).fit(x, y)
     imp, sc, clf = (pipe.named_steps[k] for k in ("impute", "scale", "clf"))
-    model = {"format": evaluate.EDA_FORMAT, "features": ["a", "b", "c", "d"], "impute": imp.statistics_.tolist(),
+    model = {"format": linearmodel.FORMAT, "features": ["a", "b", "c", "d"], "impute": imp.statistics_.tolist(),
              "mean": sc.mean_.tolist(), "scale": sc.scale_.tolist(), "coef": clf.coef_.tolist(),
              "intercept": clf.intercept_.tolist()}
-    got = evaluate.linear_softmax_proba(model, pd.DataFrame(x, columns=list("abcd")))
+    got = linearmodel.predict_proba(model, pd.DataFrame(x, columns=list("abcd")))
     assert got == pytest.approx(pipe.predict_proba(x), abs=1e-9)
     with pytest.raises(ValueError, match="features missing"):
-        evaluate.linear_softmax_proba(model, pd.DataFrame(x[:, :3], columns=list("abc")))
+        linearmodel.predict_proba(model, pd.DataFrame(x[:, :3], columns=list("abc")))
 
 
 def test_majority_baseline_predicts_the_training_prior():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import eda, imagestats, params
+from pipeline import eda, imagestats, linearmodel, params
 
 ROOT = Path(__file__).resolve().parents[2]
 PLOTS = [
@@ -132,12 +132,12 @@ def test_auc_by_rank_matches_sklearn():
 def test_saved_baseline_reproduces_the_fitted_model(stage):
     table = pd.read_parquet(stage["root"] / "artifacts" / "features.parquet")
     model_json = json.loads((stage["root"] / "artifacts" / "baseline_model.json").read_text())
-    assert model_json["format"] == eda.BASELINE_FORMAT
+    assert model_json["format"] == linearmodel.FORMAT
     table = table.assign(seg_ok=table["seg_ok"].astype(float))
     p = eda_params()
     base = eda.fit_baseline(table, model_json["features"], stage["taxonomy"], p)
     val = table[table["split"] == "val"]
-    ours = eda.baseline_predict_proba(model_json, val)
+    ours = linearmodel.predict_proba(model_json, val)
     ref = np.zeros_like(ours)
     ref[:, base.model.classes_] = base.model.predict_proba(val[model_json["features"]].astype(float))
     np.testing.assert_allclose(ours, ref, atol=1e-6)
