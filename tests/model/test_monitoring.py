@@ -112,6 +112,24 @@ def test_held_out_control_is_not_flagged_and_reports_render(setup):
     assert "no drift" in (out / "summary.md").read_text()
 
 
+def test_labelled_batch_missing_a_class_still_gives_a_verdict(setup):
+    """Evidently's per-class quality metric raises when a class has no labelled image in the
+    current batch; the check must still decide, keep the scores and say why the report is missing."""
+    rows = setup["cur_rows"]
+    rows = rows[rows["dx"] != "df"]
+    assert len(rows) >= setup["p"].min_batch_size
+    folder = mf.copy_images(rows, IMAGES_DIR, setup["root"] / "no_df")
+    csv = setup["root"] / "no_df.csv"
+    rows[["image_id", "age", "sex", "localization", "dx"]].to_csv(csv, index=False)
+    s = _check(setup, folder, metadata_csv=csv)
+    assert s["decision"] in (monitoring.NO_DRIFT, monitoring.DRIFT)
+    assert s["classification"]["current"]["n"] == len(rows)
+    if "report_error" in s["classification"]:
+        assert "df" in s["classification"]["report_error"]
+    else:
+        assert (Path(s["report_dir"]) / "classification.json").exists()
+
+
 @pytest.mark.parametrize("shift", list(mf.SHIFTS))
 def test_shifted_batch_is_flagged_with_plausible_features(setup, shift):
     folder = mf.shifted_copy(setup["cur_rows"], IMAGES_DIR, setup["root"] / shift, shift)
