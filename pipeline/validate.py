@@ -259,9 +259,10 @@ def check_files(df: pd.DataFrame, images_dir: Path, p: params.ValidateParams) ->
         f = on_disk.get(image_id)
         return f if f is not None and f.suffix.lower() in exts else None
 
-    missing = [i for i in ids if file_for(i) is None]
+    files = [(i, file_for(i)) for i in ids]
+    missing = [i for i, f in files if f is None]
     orphans = [f.name for stem, f in on_disk.items() if stem not in id_set]
-    present = [file_for(i) for i in ids if file_for(i) is not None]
+    present = [f for _, f in files if f is not None]
     index = inspect_files(present, p)
     index.insert(0, "image_id", [f.stem for f in present])
     bad = index[index["error"].notna()]
