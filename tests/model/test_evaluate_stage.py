@@ -9,29 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from pipeline import evaluate, inference, models
+from pipeline import evaluate, inference
 from pipeline.taxonomy import Taxonomy
+from tests.registry_fixtures import write_model_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save_model(out: Path, seed: int, fusion: bool) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    enc = models.MetadataEncoder() if fusion else None
-    model = models.build_model("small_cnn", 7, input_size=(32, 48), metadata=enc)
-    tax = Taxonomy.default()
-    cfg = {
-        "architecture": models.architecture("small_cnn", 7, (32, 48), 0.0, enc),
-        "taxonomy": tax.to_dict(), "target_level": "dx", "classes": list(tax.diagnoses),
-        "preprocessing": {"input_size": [32, 48], "mean": [0.5] * 3, "std": [0.25] * 3},
-    }
-    torch.save(model.state_dict(), out / inference.MODEL_FILE)
-    (out / inference.CONFIG_FILE).write_text(json.dumps(cfg))
-    return out
+    """An untrained small model in exactly the format pipeline.train writes."""
+    return write_model_dir(out, input_size=(32, 48), metadata_fusion=fusion, seed=seed)
 
 
 @pytest.fixture(scope="module")
