@@ -14,7 +14,7 @@ from pipeline import images
 from pipeline.inference import load_model
 
 MODEL_DIR = Path(os.environ["LESIONFLOW_BENCH_MODEL_DIR"])
-predictor = load_model(MODEL_DIR, device="cpu")
+predictor = load_model(MODEL_DIR, device="cpu", engine="torch")  # what a user would write: torch
 threshold = float(json.loads((MODEL_DIR / "operating_point.json").read_text())["threshold"])
 app = FastAPI()
 
