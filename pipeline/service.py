@@ -44,14 +44,23 @@ Limits: ``$LESIONFLOW_MAX_IMAGE_BYTES`` (default 20 MB), ``$LESIONFLOW_MAX_IMAGE
 (default :data:`pipeline.images.MAX_PIXELS`), ``$LESIONFLOW_MAX_BATCH_IMAGES`` (images per
 ``/classify_batch`` request, default 32), ``$LESIONFLOW_MAX_REQUEST_BYTES`` (body of a
 ``/classify_batch`` request, default 100 MB). Workers: ``$LESIONFLOW_WORKERS`` (default 1; the cores
-are split between them, or ``$LESIONFLOW_TORCH_THREADS`` torch threads each).
+are split between them, or ``$LESIONFLOW_TORCH_THREADS`` torch threads each). Inference engine:
+``$LESIONFLOW_ENGINE`` (``auto``, the default: ONNX Runtime on the CPU, checked against the torch
+model when the worker starts; ``torch``; ``onnx``; see :mod:`pipeline.inference`).
 Preprocessing and prediction are :mod:`pipeline.inference`'s (the code that was evaluated).
+
+Every prediction goes to the inference log for drift monitoring through
+:class:`pipeline.inferencelog.BackgroundLog` (``$LESIONFLOW_INFERENCE_LOG``; a background thread
+computes the image statistics, so answers never wait for it; at most
+``$LESIONFLOW_LOG_QUEUE_MB`` (default 64) of images wait, beyond that records are dropped and
+counted in ``/model``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import math
@@ -86,6 +95,10 @@ WORKERS = int(os.environ.get("LESIONFLOW_WORKERS", "1"))
 MULTIPART_SLACK = 64 * 1024  # multipart framing + metadata fields on top of the image bytes
 #: Largest request body of /classify_batch.
 MAX_REQUEST_BYTES = int(os.environ.get("LESIONFLOW_MAX_REQUEST_BYTES", str(100 * 1024 * 1024)))
+#: Inference engine (pipeline.inference.ENGINES).
+ENGINE = os.environ.get("LESIONFLOW_ENGINE", "auto")
+#: Images waiting for the inference log's background thread, at most (MB).
+LOG_QUEUE_MB = float(os.environ.get("LESIONFLOW_LOG_QUEUE_MB", "64"))
 RAW_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "image/jpg")
 METADATA_FIELDS = ("age", "sex", "localization")
 IMAGE_FIELDS = ("image", "file")
@@ -445,8 +458,10 @@ class LesionflowService:
             raise RuntimeError(f"{op_file}: missing: package the model with pipeline.registry.package")
         self.operating_point = json.loads(op_file.read_text())
         self.threshold = float(self.operating_point["threshold"])
-        self.predictor = load_model(self.path, device="cpu" if not torch.cuda.is_available() else None)
-        self.inference_log = inferencelog.InferenceLog.from_env(self.path)
+        self.predictor = load_model(self.path, device="cpu" if not torch.cuda.is_available() else None,
+                                    engine=ENGINE)
+        self.inference_log = inferencelog.BackgroundLog(inferencelog.InferenceLog.from_env(self.path),
+                                                        max_queue_bytes=int(LOG_QUEUE_MB * (1 << 20)))
         self.vocab = vocabulary(self.predictor.config)
         self.classes = {lvl: list(self.predictor.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")}
         h, w = self.predictor.input_size
@@ -454,14 +469,20 @@ class LesionflowService:
         self.batcher = Batcher(self.predict_items, MAX_BATCH_SIZE)
         # warm-up: the first forward pass allocates; readiness only after it
         self.predictor.predict(torch.zeros((1, 3, h, w), dtype=torch.uint8))
+        # the objects of startup (torch, pandas, BentoML, the model: about a million) never die:
+        # keep them out of the garbage collector's full passes, which otherwise stalled every
+        # answer in flight for ~180 ms every few seconds under load
+        gc.collect()
+        gc.freeze()
         self._ready = True
-        logger.info("lesionflow service: model %s (data %s), threshold %.4f", self.tag, self.data_version,
-                    self.threshold)
+        logger.info("lesionflow service: model %s (data %s), threshold %.4f, engine %s", self.tag,
+                    self.data_version, self.threshold, self.predictor.engine)
 
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "_ready", False))
 
     # -- preprocessing (request threads) ------------------------------------------------------
+
     def prepare(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[tuple[np.ndarray, dict], dict[str, Any]]:
         """Decode + resize one image (pipeline.images + pipeline.inference); raises ApiError.
         Returns the model input ``(uint8 (3, H, W) array, metadata)`` and the request info."""
@@ -547,9 +568,11 @@ class LesionflowService:
             "disclaimer": DISCLAIMER,
         }
         # drift monitoring: image statistics, metadata and prediction (never the image, unless
-        # LESIONFLOW_LOG_IMAGES=1) go to the inference log; logging never fails a request
-        self.inference_log.log(request_info["rgb"], result["metadata"], {**result, "embedding": pred.get("embedding")},
-                               self.tag, source=request_info.get("field"))
+        # LESIONFLOW_LOG_IMAGES=1) go to the inference log, written by a background thread;
+        # logging never fails or delays a request
+        self.inference_log.submit(request_info["rgb"], result["metadata"],
+                                  {**result, "embedding": pred.get("embedding")}, self.tag,
+                                  source=request_info.get("field"))
         return result
 
     # -- Grad-CAM overlay of one image (the web page's /gradcam) ---------------------------------
@@ -560,7 +583,6 @@ class LesionflowService:
         predicted native-level class (as :meth:`predict_items` predicts it), at the image's own size,
         and that class's name; raises ApiError for a bad image. Runs on a private copy of the model
         (Grad-CAM hooks must not see the batcher's forward passes), one image at a time."""
-        import copy
         import io
 
         import pandas as pd
@@ -572,7 +594,7 @@ class LesionflowService:
         frame = pd.DataFrame([{k: meta.get(k) for k in METADATA_FIELDS}])
         with self._explain_lock:
             if getattr(self, "_explainer", None) is None:
-                self._explainer = copy.deepcopy(self.predictor)
+                self._explainer = self.predictor.clone(engine="torch")
             pred = self._explainer.predict([rgb], metadata=frame)
             target = int(np.argmax(pred["native_probs"][0]))
             heat = explain.gradcam(self._explainer, rgb, target_class=target, metadata=frame)
@@ -590,10 +612,12 @@ class LesionflowService:
             "classes": self.classes,
             "input_size": list(self.predictor.input_size),
             "tta": self.predictor.default_tta,
+            "engine": self.predictor.engine,
             "metadata_fields": {"age": f"number of years, {AGE_RANGE[0]:g}-{AGE_RANGE[1]:g}",
                                 "sex": list(self.vocab["sex"]), "localization": list(self.vocab["localization"])},
             "uses_metadata": self.predictor.metadata_encoder is not None,
             "batching": self.batcher.stats(),
+            "inference_log": {"enabled": self.inference_log.enabled, **self.inference_log.counters()},
             "limits": {"max_image_bytes": MAX_IMAGE_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS,
                        "max_request_bytes": MAX_REQUEST_BYTES,
                        "max_batch_images": MAX_BATCH_IMAGES, "formats": list(images.FORMATS)},

@@ -154,3 +154,57 @@ def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
     assert [df[f"emb_{i:02d}"][0] for i in range(4)] == pytest.approx((emb @ np.load(ref / "projection.npy")).tolist())
     assert df["brightness"][0] == pytest.approx(monitoring.image_statistics(real_images[1])["brightness"])
     assert log.log(np.zeros((2, 2), np.uint8), None, {}, "m") is None  # a bad input is a warning, not an error
+
+
+def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images):
+    """The service's BackgroundLog: submit() returns at once; the records appear, in order, with
+    the time of the request (not of the write) and the statistics of each image."""
+    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
+    rng = np.random.default_rng(7)
+    t_before = datetime.now(timezone.utc)
+    for k, rgb in enumerate(real_images):
+        assert bg.submit(rgb, {"age": 30 + k, "sex": "male", "localization": "back"}, _service_response(rng),
+                         "lesionflow:abc", source=f"image{k}") is True
+    t_after = datetime.now(timezone.utc)
+    assert bg.flush(timeout=30)
+    assert bg.counters() == {"submitted": 4, "written": 4, "dropped": 0, "failed": 0, "queued": 0}
+    df = inferencelog.read(tmp_path / "log")
+    assert df["source"].tolist() == [f"image{k}" for k in range(4)]
+    assert df["age"].tolist() == [30.0, 31.0, 32.0, 33.0]
+    assert ((df["timestamp"] >= pd.Timestamp(t_before)) & (df["timestamp"] <= pd.Timestamp(t_after))).all()
+    for k, rgb in enumerate(real_images):
+        assert df["brightness"][k] == pytest.approx(monitoring.image_statistics(rgb)["brightness"])
+
+
+def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images, monkeypatch):
+    """A saturated service never waits for its log: beyond max_queue_bytes of waiting images a
+    record is dropped and counted; what was queued is still written."""
+    gate = threading.Event()
+    real_record_for = inferencelog.record_for
+
+    def slow_record_for(*args, **kwargs):
+        gate.wait(10)
+        return real_record_for(*args, **kwargs)
+
+    monkeypatch.setattr(inferencelog, "record_for", slow_record_for)
+    rgb = real_images[0]
+    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"), max_queue_bytes=2 * rgb.nbytes)
+    rng = np.random.default_rng(8)
+    accepted = [bg.submit(rgb, None, _service_response(rng), "m") for _ in range(5)]
+    assert accepted == [True, True, False, False, False]
+    assert bg.counters()["dropped"] == 3
+    gate.set()
+    assert bg.flush(timeout=30)
+    assert bg.counters() == {"submitted": 5, "written": 2, "dropped": 3, "failed": 0, "queued": 0}
+    assert len(inferencelog.read(tmp_path / "log")) == 2
+    assert bg.submit(rgb, None, _service_response(rng), "m") is True  # room again once drained
+
+
+def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images):
+    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
+    assert bg.submit(np.zeros((2, 2), np.uint8), None, {}, "m") is True  # accepted, fails in the thread
+    assert bg.submit(real_images[0], None, _service_response(np.random.default_rng(9)), "m") is True
+    assert bg.flush(timeout=30)
+    assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1
+    off = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "off", enabled=False))
+    assert off.submit(real_images[0], None, {}, "m") is False and not (tmp_path / "off").exists()

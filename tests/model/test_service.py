@@ -62,7 +62,8 @@ def server(tmp_path_factory):
             os.environ["BENTOML_HOME"] = old
     port = _free_port()
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES), "LESIONFLOW_TORCH_THREADS": "1"}
+           "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES), "LESIONFLOW_TORCH_THREADS": "1",
+           "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log")}
     env.pop("LESIONFLOW_MODEL_TAG", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
@@ -276,3 +277,35 @@ def test_model_info(server, client):
     assert info["classes"]["dx"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert info["uses_metadata"] is True
     assert info["limits"]["max_image_bytes"] == MAX_BYTES
+
+
+def test_answers_reach_the_inference_log_in_order(server, client):
+    """Every answered image becomes one inference-log record (written by the service's background
+    thread, with the EDA statistics of that image), none dropped at this pace; /model says which
+    engine predicts and counts the log's records."""
+    from pipeline import inferencelog, monitoring
+
+    _, tag, model_dir = server
+    log_dir = model_dir.parent / "inference-log"
+    before = client.get("/model").json()["inference_log"]
+    paths = _real_images(3)
+    for path in paths:
+        r = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    while True:
+        info = client.get("/model").json()
+        counts = info["inference_log"]
+        if counts["written"] >= before["written"] + 3 and counts["queued"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert info["engine"] in ("onnx", "torch") and info["engine"] == inference.load_model(model_dir).engine
+    assert counts["enabled"] is True and counts["dropped"] == 0 and counts["failed"] == 0
+    assert counts["written"] == counts["submitted"] >= before["written"] + 3
+    df = inferencelog.read(log_dir)
+    assert len(df) == counts["written"] and (df["model_tag"] == tag).all()
+    last = df.tail(3).reset_index(drop=True)
+    for i, path in enumerate(paths):
+        stats = monitoring.image_statistics(images.decode_rgb(path))
+        assert last["brightness"][i] == pytest.approx(stats["brightness"])
+        assert last["contrast_rms"][i] == pytest.approx(stats["contrast_rms"])
