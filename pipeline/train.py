@@ -11,7 +11,7 @@ A flat loop in the spirit of torchvision's ``references/classification``:
 2. decode every image once into a uint8 cache (:mod:`pipeline.datapath`), held in memory - on
    CUDA on the GPU itself - and augment whole batches on the device;
 3. class-weighted cross-entropy (or a weighted sampler) with label smoothing, AdamW with weight
-   decay, linear warm-up then cosine decay, bf16 autocast + channels_last on CUDA, optional
+   decay, linear warm-up then cosine decay, bf16 autocast on CUDA, channels_last, optional
    ``torch.compile``; DDP under ``torchrun`` (NCCL on GPUs, gloo on CPU), each rank training on a
    disjoint shard of every global batch;
 4. after each epoch, validation loss/accuracy/balanced accuracy/macro AUC/binary AUC; the best
@@ -290,7 +290,7 @@ def predict_bank(
         idx = torch.arange(s, min(s + batch, len(bank)))
         x, _, m = bank.batch(idx)
         x = aug(x.to(device, non_blocking=True), None)
-        if channels_last and device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         m = m.to(device) if m is not None else None
         views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
@@ -315,7 +315,7 @@ def train(
     if p.batch_size % dd.world:
         raise TrainError(f"train.batch_size ({p.batch_size}) must be a multiple of the number of processes ({dd.world})")
     amp = p.precision == "bf16" or (p.precision == "auto" and device.type == "cuda")
-    cl = p.channels_last and device.type == "cuda"
+    cl = p.channels_last  # faster on CUDA and on the CPU (2-core CPU: 1.45x images/s at 112x150)
     level = p.target_level
     classes = list(tax.classes(level))
     h, w = p.input_size
