@@ -160,13 +160,16 @@ async def load(url: str, blobs: list[bytes], clients: int, duration: float, warm
     }
 
 
-def bento_batch_size(base: str) -> dict | None:
+def bento_info(base: str) -> dict:
+    """The service's own counters after the load: adaptive batching, the inference engine, and the
+    inference log (records written vs dropped while saturated)."""
     import httpx
 
     try:
-        return httpx.get(f"{base}/model", timeout=10).json().get("batching")
+        info = httpx.get(f"{base}/model", timeout=10).json()
     except (httpx.HTTPError, ValueError):
-        return None
+        return {}
+    return {k: info.get(k) for k in ("batching", "engine", "inference_log")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, model_info = prepare_model(tmp, a.tta)
         tag = registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
         stored = Path(registry.champion()["path"])
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1",
+               # the inference log is on, as in production, but kept out of the project's own log
+               "LESIONFLOW_INFERENCE_LOG": os.environ.get("LESIONFLOW_INFERENCE_LOG", str(tmp / "inference-log"))}
         env.pop("LESIONFLOW_MODEL_TAG", None)
         for name in a.servers.split(","):
             port = free_port()
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["loadavg_1m_before"] = round(load_before[0], 2)
                 res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
                 if name.startswith("bento"):
-                    res["batching"] = bento_batch_size(base)
+                    res.update(bento_info(base))
             finally:
                 stop(proc)
             results[name] = res
