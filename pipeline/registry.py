@@ -152,6 +152,30 @@ def dvc_lock_hashes(lock_file: Path) -> dict[str, Any]:
     return out
 
 
+#: Tracked files a pipeline run rewrites itself: their changes do not make the code differ from the
+#: commit (dvc.lock's stage hashes are recorded in the package under ``dvc_lock``).
+RUN_RECORDS = ("dvc.lock",)
+
+
+def git_state(project_root: Path) -> dict[str, Any]:
+    """The commit the package's code comes from: ``commit``, ``dirty`` (tracked files other than
+    :data:`RUN_RECORDS` differ from it) and ``modified`` (those files), plus ``run_records_modified``
+    (e.g. dvc.lock rewritten by the run that trained the model and not yet committed)."""
+    git = dict(lineage.git_commit(project_root))
+    if git.get("dirty") is None:
+        return git
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return git
+    changed = sorted({line[3:].strip().split(" -> ")[-1] for line in out.splitlines() if line.strip()})
+    git["modified"] = [f for f in changed if f not in RUN_RECORDS]
+    git["run_records_modified"] = [f for f in changed if f in RUN_RECORDS]
+    git["dirty"] = bool(git["modified"])
+    return git
+
+
 def _read_params(project_root: Path) -> dict[str, Any]:
     from pipeline import params
 
@@ -200,7 +224,7 @@ def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_r
         raise RegistryError(f"{evaluate_dir / OPERATING_POINT_FILE}: threshold {threshold} outside [0, 1]")
 
     data = lineage.data_version(root / "data.dvc")
-    git = lineage.git_commit(root)
+    git = git_state(root)
     arch = config.get("architecture") or {}
     record = _plain({
         "model_md5": model_md5,
@@ -367,8 +391,14 @@ def describe(tag: str) -> dict[str, Any]:
     ]
     notes = []
     if dirty:
-        notes.append("the working tree had uncommitted changes when this model was packaged: "
-                     "the commit alone does not reproduce its code exactly")
+        modified = (md.get("git") or {}).get("modified") or []
+        notes.append("the working tree had uncommitted changes when this model was packaged"
+                     + (f" ({', '.join(modified[:5])}{' ...' if len(modified) > 5 else ''})" if modified else "")
+                     + ": the commit alone does not reproduce its code exactly")
+    if (md.get("git") or {}).get("run_records_modified"):
+        notes.append("dvc.lock had been rewritten by the run that produced this model and was not yet committed: "
+                     "the stage hashes of that run are in this package (dvc_lock); after `git checkout`, "
+                     "`dvc repro` rebuilds any stage output whose hashes differ")
     if commit == "unknown":
         notes.append("no git commit was recorded (packaged outside a git repository)")
     return {

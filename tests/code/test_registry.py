@@ -154,3 +154,24 @@ def test_package_outside_a_repo_with_null_values(home, tmp_path, monkeypatch):
                                        "outs": {}}}
     assert d["git_commit"] == "unknown" and d["data_md5"] == "unknown"
     assert any("no git commit" in n for n in d["notes"])
+
+
+def test_git_state_a_rewritten_dvc_lock_is_not_dirty_code(tmp_path):
+    """A run rewrites dvc.lock before packaging: the code still is the commit's (not dirty), and
+    the rewrite is recorded; any other modified tracked file makes the package dirty, named."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "train.py").write_text("x = 1\n")
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=repo, check=True)
+    assert registry.git_state(repo)["dirty"] is False
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    state = registry.git_state(repo)
+    assert state["dirty"] is False and state["run_records_modified"] == ["dvc.lock"] and state["modified"] == []
+    (repo / "train.py").write_text("x = 2\n")
+    state = registry.git_state(repo)
+    assert state["dirty"] is True and state["modified"] == ["train.py"]
+    assert len(state["commit"]) == 40
