@@ -41,6 +41,7 @@ data: install
 	fi
 
 run: data
+	@mkdir -p "$(PREFECT_HOME)" "$(BENTOML_HOME)"
 	$(VENV)/bin/lesionflow run
 
 test: data browser

@@ -142,3 +142,14 @@ def test_prefect_yaml_deploys_the_retraining_flow_with_valid_parameters_and_sche
         CronSchedule(cron=sched["cron"], timezone=sched["timezone"])  # raises on a bad cron or zone
     with pytest.raises(ValueError):
         CronSchedule(cron="61 * * * *")
+
+
+def test_importing_flows_creates_missing_prefect_and_bentoml_homes(tmp_path):
+    """A fresh clone has no .lesionflow/: Prefect would fail to create its home there ("unable to
+    open database file"); importing the flows package creates both homes first."""
+    from tests.conftest import PROJECT_ROOT
+
+    prefect_home, bentoml_home = tmp_path / "clone/.lesionflow/prefect", tmp_path / "clone/.lesionflow/bentoml"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "BENTOML_HOME": str(bentoml_home)}
+    subprocess.run([sys.executable, "-c", "import flows"], cwd=PROJECT_ROOT, env=env, check=True)
+    assert prefect_home.is_dir() and bentoml_home.is_dir()
