@@ -357,6 +357,22 @@ def predict(
 
 
 @app.command()
+def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
+    """The served process's environment: unless ``$LESIONFLOW_INFERENCE_LOG`` is set, the
+    inference log goes to the project's ``monitor.log_dir`` (params.yaml; default logs/inference)
+    as an absolute path: a Bento runs from its own folder in the BentoML store, where a relative
+    path would hide the log from the monitoring flow."""
+    env = dict(env)
+    if not env.get("LESIONFLOW_INFERENCE_LOG"):
+        log_dir = Path("logs/inference")
+        if (project_root / "params.yaml").exists():
+            from pipeline import params
+
+            log_dir = Path(params.load_section("monitor", project_root / "params.yaml").log_dir)
+        env["LESIONFLOW_INFERENCE_LOG"] = str(log_dir if log_dir.is_absolute() else (project_root / log_dir).resolve())
+    return env
+
+
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(3000, min=1, max=65535, help="Port."),
@@ -381,8 +397,10 @@ def serve(
         target = service
         env.setdefault("LESIONFLOW_MODEL_TAG", champ["tag"])
         err.print(f"[yellow]no Bento built yet: serving the project's service with champion {champ['tag']}[/]")
+    env = serve_env(env, Path.cwd())
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     out.print(f"$ {' '.join(cmd)}")
+    out.print(f"inference log (read by `lesionflow monitor` and flows/monitor.py): {env['LESIONFLOW_INFERENCE_LOG']}")
     out.print(f"{DISCLAIMER} Listening on http://{host}:{port} (Ctrl-C to stop).")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline import cli, registry
 from tests.conftest import project_env
-from tests.registry_fixtures import write_evaluation, write_model_dir
+from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
 DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
 THRESHOLD = 0.3
@@ -142,3 +142,19 @@ def test_status_shows_champion_and_last_run(workspace):
     assert res.exit_code == 0, res.output
     assert tag in res.output and "brave-otter" in res.output and "GateFailed" in res.output
     assert "Gate verdict" in res.output and "binary.roc_auc" in res.output
+
+
+def test_serve_sends_the_inference_log_to_the_projects_log_dir(tmp_path):
+    """A Bento runs from its own folder in the BentoML store: `lesionflow serve` must point the
+    inference log at the project's monitor.log_dir (absolute), where monitoring reads it, and keep
+    an operator's own $LESIONFLOW_INFERENCE_LOG."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
+    env = cli.serve_env({"PATH": "/usr/bin"}, project)
+    assert env["LESIONFLOW_INFERENCE_LOG"] == str((project / "logs/inference").resolve())
+    assert env["PATH"] == "/usr/bin"
+    own = cli.serve_env({"LESIONFLOW_INFERENCE_LOG": "/var/log/lesionflow"}, project)
+    assert own["LESIONFLOW_INFERENCE_LOG"] == "/var/log/lesionflow"
+    elsewhere = cli.serve_env({}, tmp_path / "elsewhere")  # no params.yaml: the default folder
+    assert elsewhere["LESIONFLOW_INFERENCE_LOG"] == str((tmp_path / "elsewhere/logs/inference").resolve())
