@@ -356,7 +356,6 @@ def predict(
 # serve
 
 
-@app.command()
 def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
     """The served process's environment: unless ``$LESIONFLOW_INFERENCE_LOG`` is set, the
     inference log goes to the project's ``monitor.log_dir`` (params.yaml; default logs/inference)
@@ -373,6 +372,7 @@ def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
     return env
 
 
+@app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(3000, min=1, max=65535, help="Port."),

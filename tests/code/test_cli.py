@@ -148,6 +148,7 @@ def test_serve_sends_the_inference_log_to_the_projects_log_dir(tmp_path):
     """A Bento runs from its own folder in the BentoML store: `lesionflow serve` must point the
     inference log at the project's monitor.log_dir (absolute), where monitoring reads it, and keep
     an operator's own $LESIONFLOW_INFERENCE_LOG."""
+    assert "--bento" in invoke("serve", "--help").output  # the command itself is there
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
