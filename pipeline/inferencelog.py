@@ -307,15 +307,16 @@ class InferenceLog:
 
     def log(self, rgb: np.ndarray, metadata: Mapping[str, Any] | None, prediction: Mapping[str, Any],
             model_tag: str, *, source: str | None = None, request_id: str | None = None,
-            image_bytes: bytes | None = None) -> Path | None:
+            image_bytes: bytes | None = None, timestamp: datetime | None = None) -> Path | None:
         """The service's one-line hook: :func:`record_for` with this log's projection and feature
-        configuration, then :meth:`write`. Never raises (a failure is a logged warning)."""
+        configuration, then :meth:`write`; ``timestamp``: when the prediction was made (default
+        now). Never raises (a failure is a logged warning and ``None``)."""
         if not self.enabled:
             return None
         try:
             rec = record_for(rgb, metadata, prediction, model_tag, projection=self.projection,
                              feature_config=self.feature_config, request_id=request_id, source=source,
-                             image_bytes=image_bytes if self.store_images else None)
+                             timestamp=timestamp, image_bytes=image_bytes if self.store_images else None)
         except Exception as exc:  # noqa: BLE001 - logging must never fail a prediction
             logger.warning("inference log: could not build the record: %s", exc)
             return None
@@ -383,14 +384,8 @@ class BackgroundLog:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
         while True:
             size, ts, rgb, metadata, prediction, tag, source, image_bytes = self._queue.get()
-            try:
-                rec = record_for(rgb, metadata, prediction, tag, projection=self.log.projection,
-                                 feature_config=self.log.feature_config, timestamp=ts, source=source,
-                                 image_bytes=image_bytes if self.log.store_images else None)
-                ok = self.log.write(rec) is not None
-            except Exception as exc:  # noqa: BLE001 - logging must never stop the service
-                logger.warning("inference log: could not build the record: %s", exc)
-                ok = False
+            ok = self.log.log(rgb, metadata, prediction, tag, source=source, image_bytes=image_bytes,
+                              timestamp=ts) is not None
             with self._lock:
                 self._queued_bytes -= size
                 self._counts["written" if ok else "failed"] += 1

@@ -482,7 +482,6 @@ class LesionflowService:
         return bool(getattr(self, "_ready", False))
 
     # -- preprocessing (request threads) ------------------------------------------------------
-
     def prepare(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[tuple[np.ndarray, dict], dict[str, Any]]:
         """Decode + resize one image (pipeline.images + pipeline.inference); raises ApiError.
         Returns the model input ``(uint8 (3, H, W) array, metadata)`` and the request info."""
