@@ -7,15 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-# Keep every tool offline, quiet and inside the project (see docs/architecture.md).
-export DVC_NO_ANALYTICS := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export BENTOML_DO_NOT_TRACK := true
-export PREFECT_HOME ?= $(CURDIR)/.lesionflow/prefect
-export BENTOML_HOME ?= $(CURDIR)/.lesionflow/bentoml
-# DVC stage commands call `python`: make it the project's.
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Nothing to export: every entry point (lesionflow, python -m pipeline.*, python -m flows.*) finds
+# the project root, its BentoML/Prefect homes under .lesionflow/ and the offline settings itself
+# (pipeline/core/project.py). `dvc pull` below is offline-quiet through .dvc/config (analytics false).
 
 .PHONY: run test install data browser
 
@@ -41,7 +35,6 @@ data: install
 	fi
 
 run: data
-	@mkdir -p "$(PREFECT_HOME)" "$(BENTOML_HOME)"
 	$(VENV)/bin/lesionflow run
 
 test: data browser

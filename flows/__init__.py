@@ -1,15 +1,12 @@
 """lesionflow's Prefect flows: orchestration only (no ML logic here).
 
-Importing this package creates the folders that ``$PREFECT_HOME`` and ``$BENTOML_HOME`` name, when
-they are set and missing: Prefect does not create a missing parent folder (a fresh clone has no
-``.lesionflow/``), and its ephemeral server then fails to start with "unable to open database
-file". Every entry point that touches Prefect (``lesionflow run``, ``python -m flows.retrain``,
-``python -m flows.monitor``) imports this package before Prefect.
+Importing this package configures the environment before Prefect is imported
+(:func:`pipeline.core.project.configure`): the project root is found from the working directory,
+``PREFECT_HOME`` and ``BENTOML_HOME`` default to the project's ``.lesionflow/`` stores (created
+when missing), and Prefect's, DVC's and BentoML's telemetry is off. So ``python -m flows.retrain``,
+``python -m flows.monitor`` and ``python -m flows.features`` need nothing from the shell.
 """
 
-import os
-from pathlib import Path
+from pipeline.core import project as _project
 
-for _var in ("PREFECT_HOME", "BENTOML_HOME"):
-    if os.environ.get(_var):
-        Path(os.environ[_var]).expanduser().mkdir(parents=True, exist_ok=True)
+_project.configure()

@@ -96,7 +96,7 @@ def compute_features(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default="data/images", help="folder of .jpg images")
+    ap.add_argument("--images", default=None, help="folder of .jpg images (default: the project's data/images)")
     ap.add_argument("--runner", choices=["local", "dask"], default="local")
     ap.add_argument("--workers", type=int, default=0, help="0 = all cores")
     ap.add_argument("--shard-size", type=int, default=256)
@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     ap.add_argument("--out", default=None, help="write the rows to this Parquet file")
     args = ap.parse_args(argv)
+    if args.images is None:
+        from pipeline.core import project
+
+        args.images = str((project.find_root() or Path.cwd()) / "data" / "images")
     paths = sorted(Path(args.images).glob("*.jpg"))
     if args.limit:
         paths = paths[: args.limit]

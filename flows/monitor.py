@@ -36,6 +36,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Completed, Failed, State
 
 from pipeline import lineage, monitoring, params
+from pipeline.core import project
 
 FLOW_NAME = "lesionflow-monitor"
 DEPLOYMENT_NAME = "lesionflow-monitor-scheduled"
@@ -153,7 +154,7 @@ def monitor(
 
 
 def serve_scheduled(name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON, timezone_name: str = DEFAULT_TIMEZONE,
-                    parameters: dict[str, Any] | None = None) -> None:
+                    parameters: dict[str, Any] | None = None, project_root: Path | None = None) -> None:
     """Register the scheduled deployment (the latest log window on ``cron``) with the Prefect
     server (``PREFECT_API_URL``) and execute its runs in this process until stopped."""
     from prefect.schedules import Cron
@@ -161,7 +162,7 @@ def serve_scheduled(name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON, timez
     monitor.serve(
         name=name,
         schedules=[Cron(cron, timezone=timezone_name)],
-        parameters={"project_root": str(Path.cwd()), **(parameters or {})},
+        parameters={"project_root": str(project_root or project.require_root()), **(parameters or {})},
         tags=["lesionflow", "monitoring"],
         description="Scheduled drift check of the service's inference log against the training reference.",
         limit=1,
@@ -183,10 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     flow_params = {"folder": a.folder, "metadata_csv": a.metadata, "hours": a.hours, "model_dir": a.model_dir,
                    "reference_dir": a.reference_dir, "retrain_on_drift": not a.no_retrain}
+    try:
+        root = project.require_root()
+    except project.ProjectNotFound as exc:
+        print(f"flows.monitor: {exc}", file=sys.stderr)
+        return 2
+    for key in ("folder", "metadata_csv", "model_dir", "reference_dir"):  # as typed, from the working directory
+        if flow_params[key] is not None:
+            flow_params[key] = str(Path(flow_params[key]).resolve())
     if a.serve:
-        serve_scheduled(a.name, a.cron, a.timezone, {k: v for k, v in flow_params.items() if v is not None})
+        serve_scheduled(a.name, a.cron, a.timezone, {k: v for k, v in flow_params.items() if v is not None},
+                        project_root=root)
         return 0
-    state = monitor(**flow_params, return_state=True)
+    state = monitor(**flow_params, project_root=str(root), return_state=True)
     print(f"{state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

@@ -58,6 +58,7 @@ from prefect.context import get_run_context
 from prefect.states import Completed, Failed, State
 
 from pipeline import fsutil, gates, lineage, params
+from pipeline.core import project
 
 FLOW_NAME = "lesionflow-retrain"
 DEPLOYMENT_NAME = "lesionflow-retrain-scheduled"
@@ -566,7 +567,7 @@ def _retrain_locked(root: Path, retries: int, retry_delay_seconds: float, packag
 
 
 def serve_scheduled(name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON, timezone_name: str = DEFAULT_TIMEZONE,
-                    parameters: dict[str, Any] | None = None) -> None:
+                    parameters: dict[str, Any] | None = None, project_root: Path | None = None) -> None:
     """Register the scheduled deployment with the Prefect server (``PREFECT_API_URL``) and execute
     its flow runs in this process until stopped (SIGTERM or Ctrl-C). See docs/operations.md.
 
@@ -578,7 +579,7 @@ def serve_scheduled(name: str = DEPLOYMENT_NAME, cron: str = DEFAULT_CRON, timez
     retrain.serve(
         name=name,
         schedules=[Cron(cron, timezone=timezone_name)],
-        parameters={"project_root": str(Path.cwd()), **(parameters or {})},
+        parameters={"project_root": str(project_root or project.require_root()), **(parameters or {})},
         tags=["lesionflow", "retrain"],
         description="Scheduled retraining of the lesionflow classifier on the workspace's data version.",
         limit=1,
@@ -599,10 +600,15 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     flow_params = {"retries": a.retries, "retry_delay_seconds": a.retry_delay,
                    "lock_timeout_seconds": a.lock_timeout, "package": not a.no_package}
+    try:
+        root = project.require_root()
+    except project.ProjectNotFound as exc:
+        print(f"flows.retrain: {exc}", file=sys.stderr)
+        return 2
     if a.serve:
-        serve_scheduled(a.name, a.cron, a.timezone, flow_params)
+        serve_scheduled(a.name, a.cron, a.timezone, flow_params, project_root=root)
         return 0
-    state = retrain(**flow_params, return_state=True)
+    state = retrain(**flow_params, project_root=str(root), return_state=True)
     print(f"{state.name}: {state.message}")
     return 0 if state.is_completed() else 1
 

@@ -1,14 +1,19 @@
 """The ``lesionflow`` command line: a thin front over the flow, the registry and inference.
 
     lesionflow run                      # the retraining flow (validate ... evaluate, gates, package)
-    lesionflow status                   # champion, last run and its verdict
+    lesionflow status                   # the stores in use, champion, last run and its verdict
+    lesionflow env                      # shell exports of the same settings for prefect/bentoml/dvc
     lesionflow trace TAG                # data md5, git commit, params, metrics, gates + restore commands
     lesionflow predict PATH... [--model DIR_OR_TAG] [--out predictions.csv]
     lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:3000)
     lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
     lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
 
-Run from the project root (the directory with ``dvc.yaml``). Heavy imports (torch, Prefect,
+Runs from the project root or any folder below it, from a plain shell: every command first
+configures itself (:func:`pipeline.core.project.configure`: the project root, its BentoML store
+and Prefect home under ``.lesionflow/``, telemetry off), and paths a user gives are taken relative
+to the working directory, as typed. Output to a terminal wraps at its width; output to a log, a
+pipe or CI is never hard-wrapped (long paths stay on one line). Heavy imports (torch, Prefect,
 BentoML) happen inside the commands, so ``lesionflow --help`` is instant. Predictions are
 research output, not for clinical use.
 """
@@ -25,15 +30,51 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.core import project
+
 app = typer.Typer(
     name="lesionflow",
     help="Train, gate, package, trace and serve the lesionflow skin-lesion classifier. Not for clinical use.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # usage errors in rich's boxed panels on a terminal; plain one-line click messages in a log or a
+    # pipe, where a panel would hard-wrap a long value (a path) at 80 columns
+    rich_markup_mode="rich" if sys.stderr.isatty() else None,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+#: Width of output that does not go to a terminal: wide enough that tables never wrap a cell.
+LOG_WIDTH = 1000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console for stdout (or stderr): on a terminal it wraps at the terminal's width; to a
+    log, a pipe or CI it never hard-wraps text (``soft_wrap``) and lays tables out at
+    :data:`LOG_WIDTH`, so that a path is never split across lines."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=LOG_WIDTH)
+
+
+out = make_console()
+err = make_console(stderr=True)
+#: The project root found by the callback (None outside a project).
+ROOT: Path | None = None
+
+
+@app.callback()
+def _configure() -> None:
+    """Configure the environment (project root, stores, telemetry off) before any command."""
+    global out, err, ROOT
+    out, err = make_console(), make_console(stderr=True)
+    ROOT = project.configure()
+
+
+def _root() -> Path:
+    """The project root, or exit with a message saying how to get into one."""
+    if ROOT is None:
+        raise _fail(str(project.ProjectNotFound(Path.cwd())))
+    return ROOT
 
 DISCLAIMER = "Research prototype: not a medical device, not for clinical use."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -60,16 +101,15 @@ def run(
     package: bool = typer.Option(True, help="Package the model and build a Bento when every gate passes."),
 ) -> None:
     """Run the retraining flow once: validate, split, eda, train, evaluate (gates), package."""
-    if not Path("dvc.yaml").exists():
-        raise _fail(f"no dvc.yaml in {Path.cwd()}: run from the lesionflow project root")
+    root = _root()
     from flows import retrain as flow
 
     state = flow.retrain(retries=retries, retry_delay_seconds=retry_delay, lock_timeout_seconds=lock_timeout,
-                         package=package, return_state=True)
+                         package=package, project_root=str(root), return_state=True)
     out.print()
     colour = "green" if state.is_completed() else "red"
     out.print(f"[bold {colour}]{state.name}[/]: {state.message}")
-    summary = _read_json(flow.LAST_RUN) if state.name != "WorkspaceBusy" else None
+    summary = _read_json(root / flow.LAST_RUN) if state.name != "WorkspaceBusy" else None
     if summary and summary.get("stages"):
         out.print("Stages: " + ", ".join(
             f"{s['stage']} {'FAILED' if s.get('error') else 'ran' if s.get('ran') else 'skipped'}"
@@ -78,7 +118,7 @@ def run(
     reports = (summary or {}).get("reports") or {}
     if reports:
         out.print("Reports: " + ", ".join(reports.values()))
-    out.print(f"Details: lesionflow status; run record {flow.LAST_RUN}")
+    out.print(f"Details: lesionflow status; run record {root / flow.LAST_RUN}")
     raise typer.Exit(0 if state.is_completed() else 1)
 
 
@@ -91,13 +131,15 @@ def schedule(
     lock_timeout: float = typer.Option(3600.0, min=0, help="Seconds a scheduled run waits for a running flow."),
 ) -> None:
     """Serve the scheduled retraining deployment (needs a Prefect server: see docs/operations.md)."""
+    root = _root()
     from flows import retrain as flow
 
     if not os.environ.get("PREFECT_API_URL"):
         err.print("[yellow]PREFECT_API_URL is not set: the deployment lives only as long as this process's "
                   "temporary server. Start `prefect server start --host 127.0.0.1` and set "
                   "PREFECT_API_URL=http://127.0.0.1:4200/api (docs/operations.md).[/]")
-    flow.serve_scheduled(name, cron, timezone, {"retries": retries, "lock_timeout_seconds": lock_timeout})
+    flow.serve_scheduled(name, cron, timezone, {"retries": retries, "lock_timeout_seconds": lock_timeout},
+                         project_root=root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,11 +182,17 @@ def _print_champion() -> dict[str, Any] | None:
 
 @app.command()
 def status() -> None:
-    """The champion, the last retraining run and its verdict."""
+    """Where the stores are, the champion, the last retraining run and its verdict."""
+    root = _root()
     from flows import retrain as flow
 
+    out.print(f"Project: {root}")
+    for var, what in (("BENTOML_HOME", "BentoML store (models, bentos)"), ("PREFECT_HOME", "Prefect home")):
+        source = project.store_source(var, root)
+        origin = {"project": "the project's default", "environment": f"from ${var}"}.get(source, "not set")
+        out.print(f"{what}: {os.environ.get(var, '-')} ({origin})")
     _print_champion()
-    last = _read_json(flow.LAST_RUN)
+    last = _read_json(root / flow.LAST_RUN)
     if last is None:
         out.print("Last run: none recorded in this workspace (lesionflow run)")
         return
@@ -157,13 +205,28 @@ def status() -> None:
             t.add_row(s["stage"], "[red]failed[/]" if s.get("error") else "ran" if s.get("ran") else "up to date",
                       _fmt(s.get("seconds"), 1))
         out.print(t)
-    verdict = _read_json(flow.VERDICT)
+    verdict = _read_json(root / flow.VERDICT)
     if verdict is not None:
         _print_gates(verdict, f"Gate verdict ({flow.VERDICT})")
     if last.get("metrics"):
         out.print("Key test metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in last["metrics"].items()))
     if last.get("reports"):
         out.print("Reports: " + ", ".join(last["reports"].values()))
+
+
+@app.command()
+def env() -> None:
+    """Shell exports of this project's settings, for Prefect's, BentoML's and DVC's own commands:
+    eval "$(.venv/bin/lesionflow env)"."""
+    import shlex
+
+    root = _root()
+    names = [*project.OFFLINE_ENV, *project.HOMES]
+    for name in names:
+        print(f"export {name}={shlex.quote(os.environ[name])}")
+    venv_bin = Path(sys.executable).parent
+    print(f"export PATH={shlex.quote(str(venv_bin))}:\"$PATH\"   # the project's python, dvc, prefect, bentoml")
+    print(f"# project root: {root}")
 
 
 def _print_gates(verdict: dict[str, Any], title: str) -> None:
@@ -265,8 +328,8 @@ def _resolve_model(model: str | None) -> tuple[Path, str, float | None]:
     if Path(model).is_dir():
         d = Path(model)
         op = _read_json(d / "operating_point.json")
-        if op is None:  # an unpackaged model: the evaluate stage's operating point if it judged this very model
-            cand = _read_json(Path("artifacts/evaluate/operating_point.json"))
+        if op is None and ROOT is not None:  # an unpackaged model: evaluate's operating point if it judged it
+            cand = _read_json(ROOT / "artifacts/evaluate/operating_point.json")
             if cand and (d / "model.pt").exists() and cand.get("model_md5") == lineage.file_md5(d / "model.pt"):
                 op = cand
         return d, str(d), (op or {}).get("threshold")
@@ -379,6 +442,7 @@ def serve(
     bento: Optional[str] = typer.Option(None, help="Bento tag to serve (default: the latest lesionflow bento)."),
 ) -> None:
     """Serve the champion over HTTP (the latest lesionflow Bento, else the project's service)."""
+    root = _root()
     from pipeline import registry
 
     target = bento or _latest_bento()
@@ -389,7 +453,7 @@ def serve(
             raise _fail("nothing to serve: no champion yet (run `lesionflow run`)")
         import yaml
 
-        bentofile = Path("bentofile.yaml")
+        bentofile = root / "bentofile.yaml"
         service = (yaml.safe_load(bentofile.read_text()) or {}).get("service") if bentofile.exists() else None
         if not service:
             raise _fail("no Bento built and no bentofile.yaml with a `service:` here: run from the project "
@@ -397,20 +461,26 @@ def serve(
         target = service
         env.setdefault("LESIONFLOW_MODEL_TAG", champ["tag"])
         err.print(f"[yellow]no Bento built yet: serving the project's service with champion {champ['tag']}[/]")
-    env = serve_env(env, Path.cwd())
+    env = serve_env(env, root)
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(port)]
     out.print(f"$ {' '.join(cmd)}")
     out.print(f"inference log (read by `lesionflow monitor` and flows/monitor.py): {env['LESIONFLOW_INFERENCE_LOG']}")
     out.print(f"{DISCLAIMER} Listening on http://{host}:{port} (Ctrl-C to stop).")
     sys.stdout.flush()
     sys.stderr.flush()
-    # become the server: signals (Ctrl-C, SIGTERM from a supervisor) reach BentoML directly
+    # become the server: signals (Ctrl-C, SIGTERM from a supervisor) reach BentoML directly; from
+    # the project root, where `bentoml serve` finds the service module of bentofile.yaml
+    os.chdir(root)
     os.execve(sys.executable, cmd, env)
+
+
+def _from_cwd(path: Path | None) -> str | None:
+    """A folder a user typed, as an absolute path (flows take folders relative to the project root)."""
+    return str(path.resolve()) if path is not None else None
 
 
 def main() -> None:  # pragma: no cover - `python -m pipeline.cli`
     app()
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,15 +497,16 @@ def monitor(
     retrain: bool = typer.Option(True, help="On confirmed drift with a new data version, trigger the retraining deployment."),
 ) -> None:
     """Drift check: compare new images (or the inference log) with the training reference (Evidently)."""
+    root = _root()
     if path is not None and not path.is_dir():
         raise _fail(f"{path}: not a folder of images")
     if metadata is not None and not metadata.is_file():
         raise _fail(f"{metadata}: metadata CSV not found")
     from flows import monitor as flow
 
-    state = flow.monitor(folder=str(path) if path else None, metadata_csv=str(metadata) if metadata else None,
-                         hours=hours, model_dir=str(model_dir) if model_dir else None,
-                         reference_dir=str(reference_dir) if reference_dir else None,
+    state = flow.monitor(folder=str(path.resolve()) if path else None,
+                         metadata_csv=str(metadata.resolve()) if metadata else None, hours=hours,
+                         project_root=str(root), model_dir=_from_cwd(model_dir), reference_dir=_from_cwd(reference_dir),
                          retrain_on_drift=retrain, return_state=True)
     colour = {"NoDrift": "green", "NotEnoughData": "yellow", "RetrainingTriggered": "yellow"}.get(state.name, "red")
     out.print(f"[bold {colour}]{state.name}[/]: {state.message}")

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import imagestats, linearmodel, params as params_mod
+from pipeline.core import project
 from pipeline.fsutil import atomic_write_text, staged_dir, write_json
 from pipeline.images import ImageError
 from pipeline.lineage import lineage
@@ -781,6 +782,7 @@ def run(
 
 
 def main() -> None:
+    project.enter()  # paths are relative to the project root, from any subfolder
     p = params_mod.load_section("eda")
     labels = params_mod.load_section("labels")
     try:

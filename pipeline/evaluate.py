@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import fsutil, gates, images, lineage, linearmodel, metrics, params
+from pipeline.core import project
 from pipeline.taxonomy import DIAGNOSIS_NAMES, LEVELS, Taxonomy
 
 SPLITS_DIR = Path("artifacts/splits")
@@ -996,6 +997,7 @@ def run(p: params.EvaluateParams, tax: Taxonomy, *, splits_dir: Path = SPLITS_DI
 
 
 def main(argv: list[str] | None = None) -> int:
+    project.enter()  # paths are relative to the project root, from any subfolder
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=Path, default=params.DEFAULT_PARAMS)
     ap.add_argument("--splits", type=Path, default=SPLITS_DIR)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import monitoring, params as params_mod
+from pipeline.core import project
 from pipeline.lineage import file_md5, lineage
 from pipeline.taxonomy import Taxonomy
 
@@ -158,6 +159,7 @@ def build_reference(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    project.enter()  # paths are relative to the project root, from any subfolder
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--no-progress", action="store_true")

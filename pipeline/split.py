@@ -27,6 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline import fsutil, lineage, params
+from pipeline.core import project
 
 METADATA = Path("data/HAM10000_metadata.csv")
 INDEX_CSV = Path("artifacts/validation/images.csv")
@@ -208,6 +209,7 @@ def write_outputs(df: pd.DataFrame, p: params.SplitParams, out_dir: Path, report
 
 
 def main(argv: list[str] | None = None) -> int:
+    project.enter()  # paths are relative to the project root, from any subfolder
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--metadata", type=Path, default=METADATA)
     ap.add_argument("--index", type=Path, default=INDEX_CSV, help="the validate stage's image index")

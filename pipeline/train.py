@@ -56,6 +56,7 @@ import yaml
 from sklearn import metrics as skm
 
 from pipeline import datapath, images, inference, lineage, models, params
+from pipeline.core import project
 from pipeline.fsutil import atomic_write_text, staged_dir, write_json
 from pipeline.taxonomy import Taxonomy
 
@@ -674,6 +675,7 @@ def apply_overrides(section: dict[str, Any], override_file: Path | None, sets: S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    project.enter()  # paths are relative to the project root, from any subfolder
     ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=Path, default=params.DEFAULT_PARAMS)
     ap.add_argument("--override", type=Path, default=None, help="YAML with a train: section merged over params")

@@ -36,6 +36,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline import fsutil, images, lineage, params
+from pipeline.core import project
 
 log = logging.getLogger("lesionflow.validate")
 
@@ -367,6 +368,7 @@ def format_failures(result: ValidationResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    project.enter()  # paths are relative to the project root, from any subfolder
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--metadata", type=Path, default=METADATA)
     ap.add_argument("--images", type=Path, default=IMAGES)

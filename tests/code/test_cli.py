@@ -26,7 +26,13 @@ runner = CliRunner()
 
 
 def invoke(*args: str):
-    return runner.invoke(cli.app, list(args), catch_exceptions=False, terminal_width=200)
+    return runner.invoke(cli.app, list(args), catch_exceptions=False)
+
+
+def _project_files(root):
+    """What makes a folder a lesionflow project (pipeline.core.project.ROOT_MARKERS)."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copyfile(PROJECT_ROOT / name, root / name)
 
 
 @pytest.fixture()
@@ -34,6 +40,7 @@ def workspace(tmp_path, monkeypatch):
     """A project dir (cwd) with a data.dvc pointer and a store holding one packaged model."""
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     monkeypatch.chdir(tmp_path)
+    _project_files(tmp_path)
     (tmp_path / "data.dvc").write_text(f"outs:\n- md5: {DATA_MD5}\n  size: 1234\n  nfiles: 70\n  path: data\n")
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, env=project_env(tmp_path), check=True,  # noqa: E731
                                     capture_output=True, text=True).stdout.strip()
@@ -125,6 +132,7 @@ def test_predict_with_nothing_readable_fails(workspace):
 def test_status_of_an_empty_workspace(tmp_path, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
     monkeypatch.chdir(tmp_path)
+    _project_files(tmp_path)
     res = invoke("status")
     assert res.exit_code == 0, res.output
     assert "Champion: none yet" in res.output and "Last run: none recorded" in res.output
