@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -23,10 +24,37 @@ DATA_DIR = PROJECT_ROOT / "data"
 METADATA_CSV = DATA_DIR / "HAM10000_metadata.csv"
 IMAGES_DIR = DATA_DIR / "images"
 
-# Never touch the user's Prefect, BentoML or DVC state from a test.
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Never touch the user's (or the project's) Prefect, BentoML or DVC state from a test: the session
+# gets its own homes in a temporary folder, set before any test module imports Prefect or BentoML
+# (an exported BENTOML_HOME of the developer's shell is overridden too), removed at the end.
+# Temporary and cache files of the tools too (torchrun's rendezvous folders, Dask's scratch space,
+# TorchInductor's cache, Matplotlib's font cache, Chromium's profile), so that a test run leaves
+# nothing behind in ~ or /tmp (pytest's own basetemp stays where pytest keeps it).
+tempfile.gettempdir()  # this process's temp folder, resolved before TMPDIR is changed below
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="lesionflow-tests-"))
+for _sub in ("tmp", "cache", "config"):
+    (_SESSION_HOME / _sub).mkdir()
+os.environ.update(
+    PREFECT_HOME=str(_SESSION_HOME / "prefect"),
+    BENTOML_HOME=str(_SESSION_HOME / "bentoml"),
+    DVC_SITE_CACHE_DIR=str(_SESSION_HOME / "dvc-site-cache"),
+    DVC_NO_ANALYTICS="1",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    BENTOML_DO_NOT_TRACK="true",
+    TMPDIR=str(_SESSION_HOME / "tmp"),  # subprocesses (this process keeps its tempfile.tempdir)
+    DASK_TEMPORARY_DIRECTORY=str(_SESSION_HOME / "tmp"),
+    TORCHINDUCTOR_CACHE_DIR=str(_SESSION_HOME / "cache" / "torchinductor"),
+    MPLCONFIGDIR=str(_SESSION_HOME / "config" / "matplotlib"),
+    XDG_CACHE_HOME=str(_SESSION_HOME / "cache"),
+    XDG_CONFIG_HOME=str(_SESSION_HOME / "config"),
+)
+os.environ.pop("LESIONFLOW_MODEL_TAG", None)
+os.environ.pop("LESIONFLOW_INFERENCE_LOG", None)
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 def _require_real_data() -> None:
@@ -90,6 +118,16 @@ def project_env(root: Path) -> dict[str, str]:
     return env
 
 
+def plain_env(home: Path, **extra: str) -> dict[str, str]:
+    """What a new user's non-interactive shell has: ``PATH`` (without this interpreter's venv, so
+    nothing can rely on an activated venv) and ``HOME``; plus ``extra``."""
+    import sys
+
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if p and p != venv_bin)
+    return {"PATH": path or os.defpath, "HOME": str(home), **extra}
+
+
 def make_project(root: Path, data_dir: Path, params_overrides: dict | None = None) -> Path:
     """A throw-away lesionflow workspace at ``root``: the project's code, params and pipeline,
     ``data_dir`` copied to ``root/data`` and tracked by DVC (own cache), all committed to git."""
@@ -113,7 +151,7 @@ def make_project(root: Path, data_dir: Path, params_overrides: dict | None = Non
             node[leaf] = value
         (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     shutil.copytree(data_dir, root / "data")
-    (root / ".gitignore").write_text("/artifacts/\n/reports/\n/.dvc-site-cache/\n/.prefect/\n/.bentoml/\n__pycache__/\n")
+    (root / ".gitignore").write_text("/artifacts/\n/reports/\n/.dvc-site-cache/\n/.prefect/\n/.bentoml/\n/.lesionflow/\n__pycache__/\n")
     env = project_env(root)
     run = lambda *cmd: subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q", "-b", "main")

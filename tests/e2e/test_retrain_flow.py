@@ -7,7 +7,8 @@ steps it needs, so any one of them can also be run alone):
 
 1. first run: every stage runs, the model passes the (trivial) gates and is packaged; ``trace``
    of the model and of the Bento gives back the data md5 of the sample and the commit;
-2. second run, nothing changed: DVC skips every stage; nothing is packaged again;
+2. second run, nothing changed, with an ephemeral Prefect server as ``make run`` has: DVC skips
+   every stage; nothing is packaged again; no traceback or telemetry error in the output;
 3. a new candidate (another train seed) against an impossible gate: ``GateFailed`` naming the
    metric, nothing packaged, the champion unchanged, the verdict judged against the champion;
 4. data that violates the contract: ``ValidationFailed`` at validate, nothing downstream runs.
@@ -31,7 +32,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import make_project, project_env
+from tests.conftest import make_project, plain_env, project_env
 
 pytestmark = pytest.mark.e2e
 
@@ -48,10 +49,13 @@ TINY = {
 
 
 def lesionflow(root: Path, *args: str, api_url: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``lesionflow ARGS`` in the workspace (its own copy of the code), stdout and stderr together;
+    """``lesionflow ARGS`` in the workspace (its own copy of the code), stdout and stderr together,
+    from a plain shell (PATH and HOME only: the CLI finds its stores under ``.lesionflow/`` and
+    turns telemetry off itself; no COLUMNS: its output is not a terminal and must not wrap);
     against the Prefect server at ``api_url`` (else an ephemeral one, as ``make run``)."""
-    env = project_env(root)
-    env["COLUMNS"] = "250"  # no wrapped lines in the logs and tables the tests read
+    home = root.parent / "home"
+    home.mkdir(exist_ok=True)
+    env = plain_env(home, DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"))  # DVC's default: /var/tmp
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=root, env=env,
@@ -105,12 +109,12 @@ class Workspace:
         """(champion tag, every model tag) of the workspace's BentoML store."""
         from pipeline import registry
 
-        with mock.patch.dict(os.environ, {"BENTOML_HOME": str(self.root / ".bentoml")}):
+        with mock.patch.dict(os.environ, {"BENTOML_HOME": str(self.root / ".lesionflow" / "bentoml")}):
             champ = registry.champion()
             return (champ["tag"] if champ else None), [str(m.tag) for m in registry._models()]
 
-    def _run(self, name: str) -> dict:
-        proc = lesionflow(self.root, "run", "--retries", "0", api_url=self.api_url)
+    def _run(self, name: str, ephemeral: bool = False) -> dict:
+        proc = lesionflow(self.root, "run", "--retries", "0", api_url=None if ephemeral else self.api_url)
         last = json.loads((self.root / ".lesionflow/last_run.json").read_text())
         champ, models = self.champion()
         self.steps[name] = {"proc": proc, "out": proc.stdout, "last": last, "champion": champ, "models": models}
@@ -121,9 +125,9 @@ class Workspace:
             return self.steps[name]
         if name == "first":
             return self._run("first")
-        if name == "second":
+        if name == "second":  # as `make run` does: an ephemeral Prefect server in .lesionflow/prefect
             self.step("first")
-            return self._run("second")
+            return self._run("second", ephemeral=True)
         if name == "impossible_gate":
             self.step("second")
             params = yaml.safe_load((self.root / "params.yaml").read_text())
@@ -176,7 +180,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     assert "validate | Running stage 'validate'" in r["out"], "stage output is streamed into the Prefect log"
     tag = last["packaged"]
     assert tag and r["champion"] == tag and r["models"] == [tag]
-    assert last["bento"] and f"Champion: {tag}" in r["out"].replace("\n", " ")
+    assert last["bento"] and f"Champion: {tag}" in r["out"]
     data_md5 = yaml.safe_load((ws.root / "data.dvc").read_text())["outs"][0]["md5"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout.strip()
     for traced in (tag, last["bento"]):
@@ -206,6 +210,9 @@ def test_second_run_with_nothing_changed_skips_every_stage(ws):
     assert "Running stage" not in r["out"]
     assert r["last"]["packaged"] is None and "already the champion" in r["last"]["message"]
     assert r["champion"] == first["champion"] and r["models"] == first["models"]
+    assert (ws.root / ".lesionflow" / "prefect").is_dir(), "the ephemeral server's home is the project's"
+    for noise in ("Traceback", "telemetry", "database is locked"):
+        assert noise not in r["out"], f"{noise!r} in the output of a benign run:\n{r['out'][-4000:]}"
 
 
 def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
