@@ -1,5 +1,5 @@
 """The baseline of benchmarks/serve_load.py: the plain FastAPI + torch app a user would otherwise
-write to serve the same model (same pipeline.inference predictor, one image per request, no
+write to serve the same model (same pipeline.model.inference predictor, one image per request, no
 batching). Run: LESIONFLOW_BENCH_MODEL_DIR=<model dir> uvicorn benchmarks._plain_fastapi:app"""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
-from pipeline import images
-from pipeline.inference import load_model
+from pipeline.core import images
+from pipeline.model.inference import load_model
 
 MODEL_DIR = Path(os.environ["LESIONFLOW_BENCH_MODEL_DIR"])
 predictor = load_model(MODEL_DIR, device="cpu", engine="torch")  # what a user would write: torch

@@ -2,7 +2,7 @@
 
 Side by side in one run, on a synthetic test split shaped like HAM10000's (1,500 images of about
 1,120 lesions, 7 classes, 20% malignant):
-* lesionflow's :func:`pipeline.metrics.bootstrap` (each replicate a row of integer lesion weights;
+* lesionflow's :func:`pipeline.evaluation.bootstrap.bootstrap` (each replicate a row of integer lesion weights;
   confusion by one-hot matmul, AUC/AP/sensitivity-at-specificity from cumulative weighted counts);
 * the baseline a user would otherwise write: a Python loop that resamples lesions, gathers their
   images and calls scikit-learn's metric functions on each replicate.
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
-from pipeline import metrics  # noqa: E402
+from pipeline.evaluation import bootstrap  # noqa: E402
 
 
 def data(seed: int = 0):
@@ -46,9 +46,11 @@ def data(seed: int = 0):
 def ours(y, p, groups, n_boot, threshold):
     yb = np.isin(y, [0, 1, 4]).astype(int)
     score = p[:, [0, 1, 4]].sum(1)
-    stat = lambda w: {**metrics.multiclass_statistic(y, p)(w),  # noqa: E731
-                      **metrics.binary_statistic(yb, score, threshold)(w)}
-    return metrics.bootstrap(stat, groups, n_boot=n_boot, seed=0)
+    stat = lambda w: {
+        **bootstrap.multiclass_statistic(y, p)(w),  # noqa: E731
+        **bootstrap.binary_statistic(yb, score, threshold)(w),
+    }
+    return bootstrap.bootstrap(stat, groups, n_boot=n_boot, seed=0)
 
 
 def loop(y, p, groups, n_boot, threshold):
@@ -93,7 +95,9 @@ def main() -> None:
     max_gap = max(max(abs(a[k]["low"] - b[k]["low"]), abs(a[k]["high"] - b[k]["high"])) for k in b)
     result = {
         "benchmark": "lesion-level bootstrap, 10 statistics",
-        "n_images": int(len(y)), "n_lesions": int(len(np.unique(groups))), "n_boot": n_boot,
+        "n_images": int(len(y)),
+        "n_lesions": int(len(np.unique(groups))),
+        "n_boot": n_boot,
         "seconds": {"lesionflow_vectorised": round(t_ours, 3), "sklearn_loop": round(t_loop, 3)},
         "speedup": round(t_loop / t_ours, 1),
         "max_ci_end_difference": round(max_gap, 4),

@@ -1,4 +1,4 @@
-"""Benchmark: images/s of the EDA statistics (decode + :func:`pipeline.imagestats.image_features`).
+"""Benchmark: images/s of the EDA statistics (decode + :func:`pipeline.features.imagestats.image_features`).
 
 Side by side, in one run:
 
@@ -6,8 +6,8 @@ Side by side, in one run:
   full resolution in float64, CIELAB with ``np.cbrt``, ``np.percentile``, a ``binary_opening`` and
   ``binary_fill_holes`` segmentation, per-pixel reductions over ``axis=0`` of ``(N, 3)`` arrays and
   scikit-learn's ``KMeans`` for the palette - on a subsample (``--naive-limit``, it is slow);
-* ``ours_single_process``: :func:`pipeline.eda.compute_features` with one worker, on the full data;
-* ``ours_all_cores``: the same over a process pool on every core (what ``python -m pipeline.eda`` does).
+* ``ours_single_process``: :func:`pipeline.features.batch.compute_features` with one worker, on the full data;
+* ``ours_all_cores``: the same over a process pool on every core (what ``python -m pipeline.stages.eda`` does).
 
 Wall time, images/s and CPU seconds per image (the latter is what the code costs, independent of
 other load on a shared machine; the load average is recorded too). Target on the 2-core machine:
@@ -26,7 +26,7 @@ import platform
 import resource
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import eda, imagestats  # noqa: E402
-from pipeline.images import decode_rgb  # noqa: E402
+from pipeline.core.images import decode_rgb  # noqa: E402
+from pipeline.core.workers import resolve_workers
+from pipeline.features import imagestats  # noqa: E402
+from pipeline.features.batch import compute_features
 
 RESULTS = ROOT / "benchmarks" / "results" / "eda_throughput.json"
 
@@ -74,17 +76,26 @@ def naive_features(rgb: np.ndarray) -> dict:
     f = rgb.reshape(-1, 3).astype(np.float64) / 255.0
     luma = f @ np.array([0.299, 0.587, 0.114])
     lin = np.where(f <= 0.04045, f / 12.92, ((f + 0.055) / 1.055) ** 2.4)
-    xyz = lin @ np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                          [0.0193339, 0.1191920, 0.9503041]]).T / np.array([0.95047, 1.0, 1.08883])
+    xyz = (
+        lin
+        @ np.array(
+            [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+        ).T
+        / np.array([0.95047, 1.0, 1.08883])
+    )
     ft = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     lab = np.stack([116 * ft[:, 1] - 16, 500 * (ft[:, 0] - ft[:, 1]), 200 * (ft[:, 1] - ft[:, 2])], axis=1)
     vmax, vmin = f.max(axis=1), f.min(axis=1)
     sat = np.where(vmax > 0, (vmax - vmin) / np.maximum(vmax, 1e-12), 0)
     out = {
-        "brightness": luma.mean(), "contrast_rms": luma.std(),
+        "brightness": luma.mean(),
+        "contrast_rms": luma.std(),
         "contrast_p5_95": np.subtract(*np.percentile(luma, [95, 5])),
-        "rgb_mean": f.mean(axis=0), "rgb_std": f.std(axis=0), "lab_mean": lab.mean(axis=0),
-        "lab_std": lab.std(axis=0), "sat": sat.mean(),
+        "rgb_mean": f.mean(axis=0),
+        "rgb_std": f.std(axis=0),
+        "lab_mean": lab.mean(axis=0),
+        "lab_std": lab.std(axis=0),
+        "sat": sat.mean(),
     }
     h, w = rgb.shape[:2]
     light = lab[:, 0].reshape(h, w)
@@ -117,18 +128,27 @@ def run_naive(paths: list[Path]) -> dict:
     for p in paths:
         naive_features(decode_rgb(p))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"images": len(paths), "wall_s": round(wall, 2), "images_per_s": round(len(paths) / wall, 1),
-            "cpu_ms_per_image": round(1000 * cpu / len(paths), 2)}
+    return {
+        "images": len(paths),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(paths) / wall, 1),
+        "cpu_ms_per_image": round(1000 * cpu / len(paths), 2),
+    }
 
 
 def run_ours(paths: list[Path], workers: int) -> dict:
     c0, t0 = cpu_seconds(), time.perf_counter()
-    rows = eda.compute_features(paths, imagestats.DEFAULT_CONFIG, workers=workers, chunk_size=64, progress=False)
+    rows = compute_features(paths, imagestats.DEFAULT_CONFIG, workers=workers, chunk_size=64, progress=False)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     assert len(rows) == len(paths)
-    return {"images": len(paths), "workers": eda.resolve_workers(workers), "wall_s": round(wall, 2),
-            "images_per_s": round(len(paths) / wall, 1), "cpu_ms_per_image": round(1000 * cpu / len(paths), 2),
-            "projected_full_data_s": round(10015 / (len(paths) / wall), 1)}
+    return {
+        "images": len(paths),
+        "workers": resolve_workers(workers),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(paths) / wall, 1),
+        "cpu_ms_per_image": round(1000 * cpu / len(paths), 2),
+        "projected_full_data_s": round(10015 / (len(paths) / wall), 1),
+    }
 
 
 def main() -> None:
@@ -153,16 +173,18 @@ def main() -> None:
     print("ours, all cores:", multi, flush=True)
     result = {
         "benchmark": "eda_throughput",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": machine(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "work": "decode JPEG + pipeline.imagestats.image_features (default FeatureConfig)",
+        "work": "decode JPEG + pipeline.features.imagestats.image_features (default FeatureConfig)",
         "naive_single_process": naive,
         "ours_single_process": single,
         "ours_all_cores": multi,
-        "speedup_ours_vs_naive_cpu": round(naive["cpu_ms_per_image"] / single["cpu_ms_per_image"], 1) if naive else None,
+        "speedup_ours_vs_naive_cpu": round(naive["cpu_ms_per_image"] / single["cpu_ms_per_image"], 1)
+        if naive
+        else None,
         "parallel_speedup_wall": round(single["wall_s"] / multi["wall_s"], 2),
         # what the code costs: CPU seconds of the single-process run spread over the cores; this is
         # the all-cores wall time on an otherwise idle machine (an estimate, not a measurement)
@@ -174,8 +196,19 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("speedup_ours_vs_naive_cpu", "parallel_speedup_wall",
-                                             "cpu_bound_estimate_all_cores_s", "target_met_measured")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "speedup_ours_vs_naive_cpu",
+                    "parallel_speedup_wall",
+                    "cpu_bound_estimate_all_cores_s",
+                    "target_met_measured",
+                )
+            }
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -2,9 +2,9 @@
 
     .venv/bin/python -m benchmarks.monitor_batch [--n 1000] [--reference-rows 2000]
 
-Ours: :func:`pipeline.monitoring.current_from_folder` (each image decoded once, EDA statistics +
+Ours: :func:`pipeline.batch.current_from_folder` (each image decoded once, EDA statistics +
 sharpness in a process pool over the cores, batched model predictions and projected embeddings)
-and :func:`pipeline.monitoring.run_check` (data-drift, prediction-drift, embedding-drift reports as
+and :func:`pipeline.drift.run_check` (data-drift, prediction-drift, embedding-drift reports as
 HTML + JSON, the decision).
 
 Baseline, what a user would otherwise write: a serial loop over the images (decode, the same
@@ -30,13 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from benchmarks._machine import machine
-from pipeline import imagestats, monitoring, params
-from pipeline.fsutil import write_json
-from pipeline.images import decode_rgb
+from pipeline.core import params
+from pipeline.core.fsutil import write_json
+from pipeline.core.images import decode_rgb
+from pipeline.core.workers import resolve_workers
+from pipeline.features import imagestats
+from pipeline.monitoring import batch, drift, profile
+from pipeline.monitoring.profile import stratified_sample
 
 RESULTS = Path("benchmarks/results/monitor_batch.json")
 
@@ -47,6 +50,8 @@ def _cpu_s() -> float:
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 IMAGES = Path("data/images")
 TARGET_S = 60.0
 
@@ -56,26 +61,31 @@ def _model_dir(work: Path, taxonomy) -> tuple[Path, str]:
         return Path("artifacts/model"), "artifacts/model (trained)"
     import torch
 
-    from pipeline import inference, models
+    from pipeline.model import backbones, checkpoint, classifier
 
     p = params.load_section("train")
     classes = list(taxonomy.classes("dx"))
     torch.manual_seed(0)
-    model = models.build_model(p.backbone, len(classes), pretrained=True, input_size=p.input_size)
+    model = classifier.build_model(p.backbone, len(classes), pretrained=True, input_size=p.input_size)
     d = work / "model"
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), d / inference.MODEL_FILE)
-    write_json(d / inference.CONFIG_FILE, {
-        "format": inference.FORMAT, "target_level": "dx", "classes": classes, "taxonomy": taxonomy.to_dict(),
-        "architecture": models.architecture(p.backbone, len(classes), p.input_size, p.dropout, None),
-        "preprocessing": models.backbone_spec(p.backbone).preprocessing(p.input_size),
-        "inference": {"tta": False}})
+    torch.save(model.state_dict(), d / checkpoint.MODEL_FILE)
+    write_json(
+        d / checkpoint.CONFIG_FILE,
+        {
+            "format": checkpoint.FORMAT,
+            "target_level": "dx",
+            "classes": classes,
+            "taxonomy": taxonomy.to_dict(),
+            "architecture": classifier.architecture(p.backbone, len(classes), p.input_size, p.dropout, None),
+            "preprocessing": backbones.backbone_spec(p.backbone).preprocessing(p.input_size),
+            "inference": {"tta": False},
+        },
+    )
     return d, f"{p.backbone} {list(p.input_size)} with ImageNet weights (untrained head; no artifacts/model)"
 
 
 def _batches(meta: pd.DataFrame, n_ref: int, n: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from pipeline.reference import stratified_sample
-
     splits = Path("artifacts/splits")
     if (splits / "train.csv").exists() and (splits / "test.csv").exists():
         train, test = pd.read_csv(splits / "train.csv"), pd.read_csv(splits / "test.csv")
@@ -86,7 +96,7 @@ def _batches(meta: pd.DataFrame, n_ref: int, n: int, seed: int = 0) -> tuple[pd.
     return train, stratified_sample(test, n, seed)
 
 
-def warm_up(folder: Path, predictor, reference: monitoring.Reference, p) -> None:
+def warm_up(folder: Path, predictor, reference: profile.Reference, p) -> None:
     """Not timed: imports (Evidently, scipy.stats, sklearn), the model's first allocations and the
     page cache, so that neither side pays them."""
     from evidently import Report
@@ -97,13 +107,13 @@ def warm_up(folder: Path, predictor, reference: monitoring.Reference, p) -> None
         path.read_bytes()
     rgbs = [decode_rgb(x, str(x)) for x in paths[:16]]
     predictor.predict(rgbs, tta=False)
-    [monitoring.image_statistics(x) for x in rgbs[:4]]
+    [imagestats.image_statistics(x) for x in rgbs[:4]]
     small = reference.frame[["brightness", "sex"]]
     Report([DataDriftPreset()]).run(reference_data=small.head(50), current_data=small.tail(50))
-    monitoring.effect_size(small["brightness"], small["brightness"], True)
+    drift.effect_size(small["brightness"], small["brightness"], True)
 
 
-def baseline(folder: Path, predictor, reference: monitoring.Reference, out: Path) -> dict:
+def baseline(folder: Path, predictor, reference: profile.Reference, out: Path) -> dict:
     """Serial statistics + per-image model calls + a plain DataDriftPreset on all columns."""
     from evidently import Report
     from evidently.presets import DataDriftPreset
@@ -112,10 +122,10 @@ def baseline(folder: Path, predictor, reference: monitoring.Reference, out: Path
     rows, rgbs = [], []
     for path in sorted(folder.glob("*.jpg")):
         rgb = decode_rgb(path, str(path))
-        rows.append({"image_id": path.stem, **imagestats.image_features(rgb), "sharpness": monitoring.sharpness(rgb)})
+        rows.append({"image_id": path.stem, **imagestats.image_features(rgb), "sharpness": imagestats.sharpness(rgb)})
         rgbs.append(rgb)
     pred = predictor.predict(rgbs, tta=False)  # one batched call (the user keeps every image in memory)
-    cur = pd.concat([pd.DataFrame(rows), monitoring.prediction_frame(pred, reference.projection)], axis=1)
+    cur = pd.concat([pd.DataFrame(rows), batch.prediction_frame(pred, reference.projection)], axis=1)
     t_data = time.perf_counter() - t0
     cols = [c for c in reference.frame.columns if c in cur.columns and c not in ("image_id", "seg_ok")]
     t1 = time.perf_counter()
@@ -125,24 +135,44 @@ def baseline(folder: Path, predictor, reference: monitoring.Reference, out: Path
     snap.save_json(str(out / "baseline.json"))
     t_report = time.perf_counter() - t1
     share = next(m["value"]["share"] for m in snap.dict()["metrics"] if "DriftedColumnsCount" in m["metric_name"])
-    return {"statistics_and_embeddings_s": round(t_data, 2), "report_s": round(t_report, 2),
-            "total_s": round(t_data + t_report, 2), "images_per_s": round(len(cur) / (t_data + t_report), 1),
-            "columns": len(cols), "drift_share": round(float(share), 4)}
+    return {
+        "statistics_and_embeddings_s": round(t_data, 2),
+        "report_s": round(t_report, 2),
+        "total_s": round(t_data + t_report, 2),
+        "images_per_s": round(len(cur) / (t_data + t_report), 1),
+        "columns": len(cols),
+        "drift_share": round(float(share), 4),
+    }
 
 
-def ours(folder: Path, predictor, reference: monitoring.Reference, p, out: Path) -> dict:
+def ours(folder: Path, predictor, reference: profile.Reference, p, out: Path) -> dict:
     t0 = time.perf_counter()
-    cur, skipped = monitoring.current_from_folder(folder, reference, predictor, workers=p.workers,
-                                                  chunk_size=p.chunk_size, batch_size=p.batch_size, progress=False)
+    cur, skipped = batch.current_from_folder(
+        folder,
+        reference,
+        predictor,
+        workers=p.workers,
+        chunk_size=p.chunk_size,
+        batch_size=p.batch_size,
+        progress=False,
+    )
     t_data = time.perf_counter() - t0
     t1 = time.perf_counter()
-    s = monitoring.run_check(reference, cur, p, out, {"kind": "folder", "path": str(folder)}, skipped)
+    s = drift.run_check(reference, cur, p, out, {"kind": "folder", "path": str(folder)}, skipped)
     t_report = time.perf_counter() - t1
-    return {"statistics_and_embeddings_s": round(t_data, 2), "report_s": round(t_report, 2),
-            "total_s": round(t_data + t_report, 2), "images_per_s": round(len(cur) / (t_data + t_report), 1),
-            "columns": s["n_features"] + len(reference.columns["prediction_numeric"]) + 1
-            + len(reference.columns["embedding"]),
-            "drift_share": s["drift_share"], "decision": s["decision"], "report_dir": s["report_dir"]}
+    return {
+        "statistics_and_embeddings_s": round(t_data, 2),
+        "report_s": round(t_report, 2),
+        "total_s": round(t_data + t_report, 2),
+        "images_per_s": round(len(cur) / (t_data + t_report), 1),
+        "columns": s["n_features"]
+        + len(reference.columns["prediction_numeric"])
+        + 1
+        + len(reference.columns["embedding"]),
+        "drift_share": s["drift_share"],
+        "decision": s["decision"],
+        "report_dir": s["report_dir"],
+    }
 
 
 def main(argv=None) -> int:
@@ -150,13 +180,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="images in the current batch")
     ap.add_argument("--reference-rows", type=int, default=None, help="default monitor.max_reference_rows")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lesionflow-monitor-bench"),
-                    help="keeps the benchmark's model and reference profile between runs (building them is not timed)")
+    ap.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "lesionflow-monitor-bench"),
+        help="keeps the benchmark's model and reference profile between runs (building them is not timed)",
+    )
     a = ap.parse_args(argv)
     import torch
 
-    from pipeline.inference import load_model
-    from pipeline.reference import build_reference
+    from pipeline.model.inference import load_model
+    from pipeline.monitoring.reference import ReferenceInputs, build_reference
 
     taxonomy = params.load_taxonomy()
     p = params.load_section("monitor")
@@ -166,27 +199,30 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="monitor-bench-"))
     cache = Path(a.cache)
     try:
-        model_dir, model_desc = _model_dir(cache, taxonomy) if not (cache / "model" / "model.pt").exists() \
-            or (Path("artifacts/model") / "model.pt").exists() else (cache / "model", (cache / "model.txt").read_text())
+        model_dir, model_desc = (
+            _model_dir(cache, taxonomy)
+            if not (cache / "model" / "model.pt").exists() or (Path("artifacts/model") / "model.pt").exists()
+            else (cache / "model", (cache / "model.txt").read_text())
+        )
         (cache / "model.txt").write_text(model_desc)
         train, cur_rows = _batches(meta, p.max_reference_rows, a.n)
         reference = None
         for ref_dir in (Path("artifacts/reference"), cache / f"reference-{p.max_reference_rows}"):
-            if (ref_dir / monitoring.SCHEMA_FILE).exists():
-                candidate = monitoring.load_reference(ref_dir)
+            if (ref_dir / profile.SCHEMA_FILE).exists():
+                candidate = profile.load_reference(ref_dir)
                 try:
-                    monitoring.check_model_matches(candidate, model_dir)
+                    profile.check_model_matches(candidate, model_dir)
                     reference = candidate
                     break
-                except monitoring.MonitorError:
+                except profile.MonitorError:
                     continue
         if reference is None:
             train.to_csv(work / "train.csv", index=False)
             print(f"building a {p.max_reference_rows}-image reference profile (not timed) ...", flush=True)
             out_ref = cache / f"reference-{p.max_reference_rows}"
-            build_reference(p, taxonomy, train_csv=work / "train.csv", images_dir=IMAGES, model_dir=model_dir,
-                            out_dir=out_ref, progress=True)
-            reference = monitoring.load_reference(out_ref)
+            inputs = ReferenceInputs(work, IMAGES, model_dir, work / "no-eda")
+            build_reference(p, taxonomy, inputs, out_ref, use_eda_table=False, progress=True)
+            reference = profile.load_reference(out_ref)
         folder = work / "batch"
         folder.mkdir()
         for i in cur_rows["image_id"]:
@@ -210,19 +246,25 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "monitor_batch",
             "what": "monitor a batch of new images: statistics + embeddings + Evidently reports (wall s)",
-            "n_images": int(len(cur_rows)), "n_reference": int(len(reference.frame)),
-            "model": model_desc, "torch_threads": torch.get_num_threads(), "workers": monitoring.resolve_workers(p.workers),
-            "target_s": TARGET_S, "meets_target": res_ours["total_s"] < TARGET_S,
+            "n_images": int(len(cur_rows)),
+            "n_reference": int(len(reference.frame)),
+            "model": model_desc,
+            "torch_threads": torch.get_num_threads(),
+            "workers": resolve_workers(p.workers),
+            "target_s": TARGET_S,
+            "meets_target": res_ours["total_s"] < TARGET_S,
             "ours": {k: v for k, v in res_ours.items() if k != "report_dir"},
             "baseline": res_base,
             "speedup": round(res_base["total_s"] / res_ours["total_s"], 2) if res_base else None,
             "machine": machine(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "note": "this 2-core machine is shared: wall times grow with the load average of other users' "
-                    "jobs (recorded per side); cpu_s = CPU seconds of the process and its worker pool, "
-                    "cpu_s / cores is the wall time to expect on an otherwise idle machine",
-            "idle_machine_estimate_s": {"ours": round(res_ours["cpu_s"] / (os.cpu_count() or 1), 1),
-                                        "baseline": round(res_base["cpu_s"], 1) if res_base else None},
+            "jobs (recorded per side); cpu_s = CPU seconds of the process and its worker pool, "
+            "cpu_s / cores is the wall time to expect on an otherwise idle machine",
+            "idle_machine_estimate_s": {
+                "ours": round(res_ours["cpu_s"] / (os.cpu_count() or 1), 1),
+                "baseline": round(res_base["cpu_s"], 1) if res_base else None,
+            },
         }
         write_json(RESULTS, result)
         print(json.dumps({k: result[k] for k in ("n_images", "ours", "baseline", "speedup")}, indent=1))

@@ -1,10 +1,10 @@
 """Benchmark: serving under a bounded load on 127.0.0.1, the BentoML service against the plain app.
 
 Side by side in one run (one server at a time, same model, same images, same load):
-* lesionflow's Bento service (``pipeline.service``: decode in request threads, adaptive batching
+* lesionflow's Bento service (``pipeline.serving.service``: decode in request threads, adaptive batching
   of the model calls across requests), served by ``bentoml serve``;
 * the baseline a user would otherwise write: a plain FastAPI + torch app
-  (``benchmarks/_plain_fastapi.py``) calling the same ``pipeline.inference`` predictor once per
+  (``benchmarks/_plain_fastapi.py``) calling the same ``pipeline.model.inference`` predictor once per
   request, served by uvicorn.
 
 Load: ``--clients`` concurrent clients (default 32), each sending one real JPEG per request as a
@@ -14,7 +14,7 @@ for the Bento the mean adaptive batch size.
 
 The model: ``artifacts/model`` when it exists (the trained default), else a freshly initialised
 model with params.yaml's train backbone/input size/TTA (same compute cost). It is packaged with
-``pipeline.registry.package`` into a temporary BENTOML_HOME (synthetic gate files: the threshold
+``pipeline.serving.registry.package`` into a temporary BENTOML_HOME (synthetic gate files: the threshold
 does not change the cost).
 
 Run from the project root: ``python benchmarks/serve_load.py`` -> benchmarks/results/serve_load.json
@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
-from pipeline import params, registry  # noqa: E402
-from pipeline.fsutil import write_json  # noqa: E402
+from pipeline.core import params
+from pipeline.core.fsutil import write_json  # noqa: E402
+from pipeline.serving import bento, registry  # noqa: E402
 from tests.registry_fixtures import write_evaluation, write_model_dir  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/serve_load.json"
@@ -62,18 +63,26 @@ def prepare_model(tmp: Path, tta: str = "config") -> tuple[Path, dict]:
         shutil.copytree(trained, model_dir)
         source = "artifacts/model (trained)"
     else:
-        model_dir = write_model_dir(tmp / "model", backbone=train.backbone, input_size=tuple(train.input_size),
-                                    metadata_fusion=train.metadata_fusion, tta=train.tta)
+        model_dir = write_model_dir(
+            tmp / "model",
+            backbone=train.backbone,
+            input_size=tuple(train.input_size),
+            metadata_fusion=train.metadata_fusion,
+            tta=train.tta,
+        )
         source = "freshly initialised (artifacts/model absent): same architecture, input size and TTA as params.yaml"
     cfg = json.loads((model_dir / "config.json").read_text())
     if tta in ("on", "off"):  # serve the same weights with/without flip TTA (config.json's inference.tta)
         cfg.setdefault("inference", {})["tta"] = tta == "on"
         write_json(model_dir / "config.json", cfg)
     write_evaluation(model_dir, tmp / "evaluate", tmp / "reports", threshold=0.5)
-    return model_dir, {"source": source, "backbone": cfg["architecture"]["backbone"],
-                       "input_size": cfg["architecture"]["input_size"],
-                       "tta": bool(cfg.get("inference", {}).get("tta", False)),
-                       "metadata_fusion": bool(cfg["architecture"].get("metadata"))}
+    return model_dir, {
+        "source": source,
+        "backbone": cfg["architecture"]["backbone"],
+        "input_size": cfg["architecture"]["input_size"],
+        "tta": bool(cfg.get("inference", {}).get("tta", False)),
+        "metadata_fusion": bool(cfg["architecture"].get("metadata")),
+    }
 
 
 def start(cmd: list[str], env: dict, ready_url: str, log: Path, timeout: float = 180) -> subprocess.Popen:
@@ -152,10 +161,10 @@ async def load(url: str, blobs: list[bytes], clients: int, duration: float, warm
         "status_counts": statuses,
         "error_examples": errors,
         "requests_per_s": round(ok / wall, 2),
-        "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
-                       (("p50", 50), ("p95", 95), ("p99", 99))} | {"max": round(float(lat.max()), 1),
-                                                                   "mean": round(float(lat.mean()), 1)}
-        if len(lat) else {},
+        "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
+        | {"max": round(float(lat.max()), 1), "mean": round(float(lat.mean()), 1)}
+        if len(lat)
+        else {},
         "measured_s": round(wall, 2),
     }
 
@@ -180,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=64, help="distinct real images cycled through")
     ap.add_argument("--images-dir", type=Path, default=ROOT / "data/images")
     ap.add_argument("--servers", default="bento,plain", help="comma-separated: bento, bento-wN (N workers), plain")
-    ap.add_argument("--tta", choices=("config", "on", "off"), default="config",
-                    help="flip TTA as the model's config says (default), or forced on/off")
+    ap.add_argument(
+        "--tta",
+        choices=("config", "on", "off"),
+        default="config",
+        help="flip TTA as the model's config says (default), or forced on/off",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--logs-dir", type=Path, default=None, help="keep the servers' logs here")
     a = ap.parse_args(argv)
@@ -199,21 +212,37 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, model_info = prepare_model(tmp, a.tta)
         tag = registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
         stored = Path(registry.champion()["path"])
-        env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1",
-               # the inference log is on, as in production, but kept out of the project's own log
-               "LESIONFLOW_INFERENCE_LOG": os.environ.get("LESIONFLOW_INFERENCE_LOG", str(tmp / "inference-log"))}
+        env = {
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "PYTHONUNBUFFERED": "1",
+            # the inference log is on, as in production, but kept out of the project's own log
+            "LESIONFLOW_INFERENCE_LOG": os.environ.get("LESIONFLOW_INFERENCE_LOG", str(tmp / "inference-log")),
+        }
         env.pop("LESIONFLOW_MODEL_TAG", None)
         for name in a.servers.split(","):
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             if name == "bento" or name.startswith("bento-w"):  # bento-wN: N worker processes
-                cmd = [sys.executable, "-m", "bentoml", "serve", "pipeline.service:LesionflowService",
-                       "--host", "127.0.0.1", "--port", str(port)]
-                env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w"):] if name != "bento" else "1"}
+                cmd = bento.serve_command(port=port)
+                env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name != "bento" else "1"}
                 ready = f"{base}/readyz"
             elif name == "plain":
-                cmd = [sys.executable, "-m", "uvicorn", "benchmarks._plain_fastapi:app", "--host", "127.0.0.1",
-                       "--port", str(port), "--workers", "1", "--log-level", "warning"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "benchmarks._plain_fastapi:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ]
                 env = {**env, "LESIONFLOW_BENCH_MODEL_DIR": str(stored)}
                 ready = f"{base}/ready"
             else:
@@ -224,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             startup = time.perf_counter() - t0
             try:
                 load_before = os.getloadavg()
-                print(f"[{name}] ready in {startup:.1f} s; {a.clients} clients x {a.duration:.0f} s "
-                      f"(+{a.warmup:.0f} s warm-up)", flush=True)
+                print(
+                    f"[{name}] ready in {startup:.1f} s; {a.clients} clients x {a.duration:.0f} s "
+                    f"(+{a.warmup:.0f} s warm-up)",
+                    flush=True,
+                )
                 res = asyncio.run(load(f"{base}/classify", blobs, a.clients, a.duration, a.warmup))
                 res["startup_s"] = round(startup, 1)
                 res["loadavg_1m_before"] = round(load_before[0], 2)
@@ -236,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                 stop(proc)
             results[name] = res
             lat = res.get("latency_ms", {})
-            print(f"[{name}] {res['requests_per_s']} req/s, p50 {lat.get('p50')} ms, p95 {lat.get('p95')} ms, "
-                  f"p99 {lat.get('p99')} ms, errors {res['errors']}/{res['requests']}", flush=True)
+            print(
+                f"[{name}] {res['requests_per_s']} req/s, p50 {lat.get('p50')} ms, p95 {lat.get('p95')} ms, "
+                f"p99 {lat.get('p99')} ms, errors {res['errors']}/{res['requests']}",
+                flush=True,
+            )
     finally:
         if a.logs_dir is not None:
             a.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -249,21 +284,29 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serve_load",
         "machine": machine(),
         "model": {**model_info, "tag": tag},
-        "load": {"clients": a.clients, "duration_s": a.duration, "warmup_s": a.warmup, "images": len(blobs),
-                 "request": "POST /classify, multipart field 'image', one 150x200 JPEG (HAM10000)",
-                 "client": "aiohttp, same machine"},
+        "load": {
+            "clients": a.clients,
+            "duration_s": a.duration,
+            "warmup_s": a.warmup,
+            "images": len(blobs),
+            "request": "POST /classify, multipart field 'image', one 150x200 JPEG (HAM10000)",
+            "client": "aiohttp, same machine",
+        },
         "results": results,
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "note": ("Both servers run on this machine one after the other, with the load generator on the same "
-                 "cores; loadavg_1m_before/after show other activity on the machine around each run "
-                 "(the run itself keeps about 2-3 runnable; a loadavg_1m_before well above 1 means other processes "
-                 "were competing for the 2 cores and the figures are lower than on a quiet machine)."),
+        "note": (
+            "Both servers run on this machine one after the other, with the load generator on the same "
+            "cores; loadavg_1m_before/after show other activity on the machine around each run "
+            "(the run itself keeps about 2-3 runnable; a loadavg_1m_before well above 1 means other processes "
+            "were competing for the 2 cores and the figures are lower than on a quiet machine)."
+        ),
     }
     if "bento" in results and "plain" in results:
         b, p = results["bento"], results["plain"]
         out["comparison"] = {
             "throughput_ratio_bento_over_plain": round(b["requests_per_s"] / p["requests_per_s"], 3)
-            if p["requests_per_s"] else None,
+            if p["requests_per_s"]
+            else None,
             "targets": {
                 "zero_errors": b["errors"] == 0,
                 "p99_under_250ms": bool(b.get("latency_ms", {}).get("p99", 1e9) < 250),

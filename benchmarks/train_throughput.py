@@ -5,8 +5,8 @@ Same model, resolution, batch and precision in every row (images/s, optimisation
 * (a) model only: forward + backward + optimiser step on synthetic tensors already on the device
   (the ceiling); variants: larger batch, ``torch.compile``, ``torch.compile(mode="max-autotune-no-
   cudagraphs")``/``"reduce-overhead"`` (CUDA graphs);
-* (b) lesionflow's real training step (:func:`pipeline.train.train_step`): uint8 image bank in
-  device memory, batched on-device augmentation (:class:`pipeline.datapath.GpuAugment`), model;
+* (b) lesionflow's real training step (:func:`pipeline.model.training.train_step`): uint8 image bank in
+  device memory, batched on-device augmentation (:class:`pipeline.model.datapath.GpuAugment`), model;
   the one-off decode into the bank is timed separately;
 * (c) the baseline: an ``ImageFolder``-style dataset (PIL decoding, torchvision transforms: resize,
   flips, rotation, colour jitter, to-tensor, normalise) in a standard ``DataLoader`` (pinned memory,
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline.train: no spinning on a shared CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline.stages.train: no spinning on a shared CPU
 
 import argparse
 import json
@@ -39,12 +39,19 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import datapath, models, train  # noqa: E402
+from pipeline.core import params
+from pipeline.model import backbones, classifier, datapath, training
+from pipeline.model.augment import GpuAugment
 
 
 def machine() -> dict:
-    d = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    d = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name(0)
     return d
@@ -57,7 +64,7 @@ def sync(device):
 
 def make_model(backbone, size, device, cl, compile_mode=None):
     torch.manual_seed(0)
-    m = models.build_model(backbone, 7, pretrained=False, input_size=size).to(device)
+    m = classifier.build_model(backbone, 7, pretrained=False, input_size=size).to(device)
     if cl:
         m = m.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -103,10 +110,30 @@ def row_a(backbone, size, batch, device, amp, cl, steps, warmup, compile_mode=No
 def row_b(backbone, size, batch, device, amp, cl, steps, warmup, u8, labels):
     m, fwd, opt = make_model(backbone, size, device, cl)
     bank = datapath.ImageBank.create(u8, labels, None, device, pin=True)
-    spec = models.backbone_spec(backbone)
-    aug = datapath.GpuAugment(datapath.AugmentConfig(), spec.mean, spec.std)
+    spec = backbones.backbone_spec(backbone)
+    aug = GpuAugment(params.AugmentParams(), spec.mean, spec.std)
     gen = torch.Generator().manual_seed(0)
-    weight = torch.tensor(train.class_weights(np.bincount(labels, minlength=7), 0.5), dtype=torch.float32, device=device)
+    weight = torch.tensor(
+        training.class_weights(np.bincount(labels, minlength=7), 0.5), dtype=torch.float32, device=device
+    )
+    p = params.from_dict(
+        params.TrainParams, {"channels_last": cl, "label_smoothing": 0.1, "batch_size": batch}, "train"
+    )
+    run = training.Run(
+        p=p,
+        raw=m,
+        fwd=fwd,
+        opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        aug=aug,
+        aug_gen=gen,
+        weight=weight,
+        sample_weights=None,
+        dd=training.Dist(),
+        device=device,
+        amp=amp,
+        steps_per_epoch=0,
+    )
     state = {"order": iter(())}
 
     def step():
@@ -117,7 +144,7 @@ def row_b(backbone, size, batch, device, amp, cl, steps, warmup, u8, labels):
             state["order"] = (g for g, _ in datapath.rank_batches(order, batch, 0, 1) if g.numel() == batch)
             idx = next(state["order"])
         u = aug.params(idx.numel(), gen)
-        train.train_step(m, opt, None, bank, idx, u, aug, weight, 0.1, amp, cl, device)
+        training.train_step(run, bank, idx, u)
 
     return steps * batch / timed(step, steps, warmup, device)
 
@@ -129,11 +156,17 @@ class FolderDataset(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.files, self.labels = files, labels
-        self.tf = T.Compose([
-            T.Resize(size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-            T.RandomAffine(180, translate=(0.05, 0.05), scale=(0.9, 1.15)),
-            T.ColorJitter(0.2, 0.2, 0.2, 0.03), T.ToTensor(), T.Normalize(mean, std),
-        ])
+        self.tf = T.Compose(
+            [
+                T.Resize(size),
+                T.RandomHorizontalFlip(),
+                T.RandomVerticalFlip(),
+                T.RandomAffine(180, translate=(0.05, 0.05), scale=(0.9, 1.15)),
+                T.ColorJitter(0.2, 0.2, 0.2, 0.03),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
 
     def __len__(self):
         return len(self.files)
@@ -147,11 +180,17 @@ class FolderDataset(torch.utils.data.Dataset):
 
 def row_c(backbone, size, batch, device, amp, cl, steps, warmup, files, labels, workers):
     _, fwd, opt = make_model(backbone, size, device, cl)
-    spec = models.backbone_spec(backbone)
+    spec = backbones.backbone_spec(backbone)
     ds = FolderDataset(files, labels, size, spec.mean, spec.std)
     dl = torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-        drop_last=True, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
     it = iter(dl)
 
@@ -187,18 +226,25 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda"
-    cl = True  # as pipeline.train (train.channels_last: faster on CUDA and on the CPU)
+    cl = True  # as pipeline.stages.train (train.channels_last: faster on CUDA and on the CPU)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     frame = pd.read_csv(a.splits).head(a.images)
-    from pipeline.taxonomy import Taxonomy
+    from pipeline.core.taxonomy import Taxonomy
 
     labels = Taxonomy.default().encode(frame["dx"])
     files = [a.images_dir / f"{i}.jpg" for i in frame["image_id"]]
     rows = []
-    out = {"benchmark": "train_throughput", "machine": machine(), "backbone": a.backbone,
-           "steps": a.steps, "warmup": a.warmup, "rows": rows, "complete": False,
-           "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = {
+        "benchmark": "train_throughput",
+        "machine": machine(),
+        "backbone": a.backbone,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "rows": rows,
+        "complete": False,
+        "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
@@ -213,23 +259,45 @@ def main(argv=None) -> int:
     for s in a.sizes:
         h, w = (int(v) for v in s.split("x"))
         size = (h, w)
-        common = dict(batch=a.batch, precision="bf16" if amp else "fp32", channels_last=cl)
-        add("a", "model only, synthetic on device", s, row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup), **common)
+        common = {"batch": a.batch, "precision": "bf16" if amp else "fp32", "channels_last": cl}
+        add(
+            "a",
+            "model only, synthetic on device",
+            s,
+            row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup),
+            **common,
+        )
         t = time.perf_counter()
         u8 = datapath.load_images(files, h, w, workers=0, progress=False)
         decode_s = time.perf_counter() - t
-        add("b", "lesionflow: uint8 bank on device + batched device augmentation", s,
+        add(
+            "b",
+            "lesionflow: uint8 bank on device + batched device augmentation",
+            s,
             row_b(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, u8, labels),
-            one_off_decode_s=round(decode_s, 2), one_off_decode_images=len(files), **common)
+            one_off_decode_s=round(decode_s, 2),
+            one_off_decode_images=len(files),
+            **common,
+        )
         del u8
         for nw in a.workers:
-            add("c", f"baseline: PIL + torchvision transforms, DataLoader({nw} workers)", s,
+            add(
+                "c",
+                f"baseline: PIL + torchvision transforms, DataLoader({nw} workers)",
+                s,
                 row_c(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, files, labels, nw),
-                workers=nw, **common)
+                workers=nw,
+                **common,
+            )
         variants = [v for v in a.a_variants.split(",") if v]
         if "batch256" in variants:
-            add("a", "model only, batch 256", s, row_a(a.backbone, size, 256, device, amp, cl, max(4, a.steps // 2), a.warmup),
-                **{**common, "batch": 256})
+            add(
+                "a",
+                "model only, batch 256",
+                s,
+                row_a(a.backbone, size, 256, device, amp, cl, max(4, a.steps // 2), a.warmup),
+                **{**common, "batch": 256},
+            )
         if "compile" in variants:
             t = time.perf_counter()
             ips = row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, "default")
@@ -237,7 +305,14 @@ def main(argv=None) -> int:
         if "cudagraphs" in variants and device.type == "cuda":
             t = time.perf_counter()
             ips = row_a(a.backbone, size, a.batch, device, amp, cl, a.steps, a.warmup, "max-autotune-no-cudagraphs")
-            add("a", "model only, torch.compile max-autotune", s, ips, compile_s=round(time.perf_counter() - t, 1), **common)
+            add(
+                "a",
+                "model only, torch.compile max-autotune",
+                s,
+                ips,
+                compile_s=round(time.perf_counter() - t, 1),
+                **common,
+            )
     out["complete"] = True
     save()
     print(f"\n{out['machine']}\n| row | variant | size | batch | images/s |\n|---|---|---|---|---|")

@@ -24,7 +24,8 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
-from pipeline import params, split, validate  # noqa: E402
+from pipeline.core import params
+from pipeline.data import contract, splitting
 
 META = ROOT / "data/HAM10000_metadata.csv"
 IMAGES = ROOT / "data/images"
@@ -65,20 +66,24 @@ def baseline_split(df):
 
 def main() -> None:
     vp = params.load_section("validate", ROOT / "params.yaml")
+    mp = params.load_section("metadata", ROOT / "params.yaml")
     sp = params.load_section("split", ROOT / "params.yaml")
     dx = params.load_taxonomy(ROOT / "params.yaml").diagnoses
     # import Great Expectations once, outside the timing of later repeats, but count its import
     t0 = time.perf_counter()
     import great_expectations  # noqa: F401
+
     ge_import = time.perf_counter() - t0
-    t_ours, result = timed(lambda: validate.validate(META, IMAGES, vp, dx), repeat=3)
+    t_ours, result = timed(lambda: contract.validate(META, IMAGES, vp, mp, dx, progress=False), repeat=3)
     assert result.passed
     t_base, _ = timed(baseline_validate, repeat=3)
     meta = pd.read_csv(META, dtype=str)
-    t_split, df = timed(lambda: split.make_split(meta, result.index, sp), repeat=5)
+    t_split, df = timed(lambda: splitting.make_split(meta, result.index, sp), repeat=5)
     t_split_base, base = timed(lambda: baseline_split(meta), repeat=5)
-    target = pd.Series({"train": .7, "val": .15, "test": .15})
-    deviation = lambda d: round(float((pd.crosstab(d["dx"], d["split"], normalize="index") - target).abs().to_numpy().max()), 4)  # noqa: E731
+    target = pd.Series({"train": 0.7, "val": 0.15, "test": 0.15})
+    deviation = lambda d: round(
+        float((pd.crosstab(d["dx"], d["split"], normalize="index") - target).abs().to_numpy().max()), 4
+    )  # noqa: E731
     figures = {
         "machine": machine(),
         "images": len(meta),
@@ -87,7 +92,8 @@ def main() -> None:
             "lesionflow_plus_ge_import_seconds": round(t_ours + ge_import, 2),
             "great_expectations_import_seconds": round(ge_import, 2),
             "baseline_pil_verify_seconds": round(t_base, 2),
-            "note": "lesionflow fully decodes and hashes every file and runs the GE suite; the baseline only verifies headers",
+            "note": "lesionflow fully decodes and hashes every file and runs the GE suite; "
+            "the baseline only verifies headers",
         },
         "split": {
             "lesionflow_seconds": round(t_split, 3),

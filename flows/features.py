@@ -1,6 +1,6 @@
 """Prefect flow: the per-image EDA features, sharded over tasks on a choice of task runner.
 
-:func:`pipeline.imagestats.image_features` is a pure function of one image, so the work shards
+:func:`pipeline.features.imagestats.image_features` is a pure function of one image, so the work shards
 freely: this flow cuts the list of files into shards of ``shard_size`` and maps one task over
 them. Where the tasks run is the task runner's business:
 
@@ -9,7 +9,7 @@ them. Where the tasks run is the task runner's business:
   on a local ``distributed`` cluster of ``workers`` processes by default, or on an existing Dask
   cluster given by ``dask_address`` (``tcp://scheduler:8786``): the way past one machine.
 
-This module only orchestrates; all the image work is in :mod:`pipeline.imagestats`. The rows
+This module only orchestrates; all the image work is in :mod:`pipeline.features.imagestats`. The rows
 come back in the order of the input files, identical whichever runner computed them.
 
 Command line (prints throughput; ``--out`` writes the rows as Parquet)::
@@ -20,15 +20,19 @@ Command line (prints throughput; ``--out`` writes the rows as Parquet)::
 from __future__ import annotations
 
 import argparse
-import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from prefect import flow, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline import imagestats
+from pipeline.core import params, project
+from pipeline.core.images import list_images
+from pipeline.core.layout import Layout
+from pipeline.core.workers import resolve_workers
+from pipeline.features import imagestats
 
 Runner = Literal["local", "dask"]
 
@@ -63,7 +67,7 @@ def make_task_runner(
     """The task runner for ``runner``; ``workers`` = threads (local) or Dask workers (0 = all
     cores), each a process unless ``dask_processes`` is False (then threads of this process:
     quicker to start, for tests)."""
-    n = workers if workers > 0 else (os.cpu_count() or 1)
+    n = resolve_workers(workers)
     if runner == "local":
         return ThreadPoolTaskRunner(max_workers=n)
     if runner == "dask":
@@ -73,7 +77,10 @@ def make_task_runner(
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(
             cluster_kwargs={
-                "n_workers": n, "threads_per_worker": 1, "processes": dask_processes, "dashboard_address": None,
+                "n_workers": n,
+                "threads_per_worker": 1,
+                "processes": dask_processes,
+                "dashboard_address": None,
             }
         )
     raise ValueError(f"unknown runner {runner!r} (known: local, dask)")
@@ -96,7 +103,7 @@ def compute_features(
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default=None, help="folder of .jpg images (default: the project's data/images)")
+    ap.add_argument("--images", default=None, help="folder of images (default: the project's data/images)")
     ap.add_argument("--runner", choices=["local", "dask"], default="local")
     ap.add_argument("--workers", type=int, default=0, help="0 = all cores")
     ap.add_argument("--shard-size", type=int, default=256)
@@ -105,20 +112,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N images only (0 = all)")
     ap.add_argument("--out", default=None, help="write the rows to this Parquet file")
     args = ap.parse_args(argv)
-    if args.images is None:
-        from pipeline.core import project
-
-        args.images = str((project.find_root() or Path.cwd()) / "data" / "images")
-    paths = sorted(Path(args.images).glob("*.jpg"))
+    root = project.find_root() or Path.cwd()
+    images_dir = Path(args.images) if args.images else Layout(root).images_dir
+    paths, _ = list_images([images_dir], recursive=False)
     if args.limit:
         paths = paths[: args.limit]
     if not paths:
-        raise SystemExit(f"{args.images}: no .jpg images found")
+        raise SystemExit(f"{images_dir}: no image files found")
     try:
-        from pipeline.params import load_section
-
-        config = load_section("eda").feature_config()
-    except Exception:  # no params.yaml here: the library defaults
+        config = params.load_section("eda", Layout(root).params_file).features
+    except params.ParamsError:  # no params.yaml here: the library defaults
         config = imagestats.DEFAULT_CONFIG
     t0 = time.perf_counter()
     rows = compute_features(

@@ -1,11 +1,9 @@
-"""lesionflow's pipeline: one module per DVC stage plus small shared library modules.
+"""lesionflow's pipeline, in layers (docs/architecture.md draws them; a lower layer never imports a
+higher one):
 
-Stage modules (each one DVC stage, a pure function behind a thin ``main()``):
-``validate``, ``split``, ``eda``, ``train``, ``evaluate``.
-
-Library modules (one owner per concept, imported by stages, flows and the service):
-``params`` (reads params.yaml), ``taxonomy`` (diagnoses -> risk / binary classes),
-``images`` (decodes images), ``lineage`` (git commit, data md5, versions), ``fsutil`` (atomic writes).
+``core`` (params, taxonomy, images, layout, lineage, files, prediction rows, errors) <
+``data``, ``features`` (no torch) < ``model`` (torch) < ``evaluation``, ``monitoring`` <
+``serving`` < ``stages`` (one thin module per DVC stage) < ``cli`` (the ``lesionflow`` command).
 """
 
 __version__ = "0.1.0"

@@ -111,8 +111,10 @@ def project_env(root: Path) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         BENTOML_HOME=str(root / ".bentoml"),
         BENTOML_DO_NOT_TRACK="true",
-        GIT_AUTHOR_NAME="lesionflow-tests", GIT_AUTHOR_EMAIL="tests@lesionflow.invalid",
-        GIT_COMMITTER_NAME="lesionflow-tests", GIT_COMMITTER_EMAIL="tests@lesionflow.invalid",
+        GIT_AUTHOR_NAME="lesionflow-tests",
+        GIT_AUTHOR_EMAIL="tests@lesionflow.invalid",
+        GIT_COMMITTER_NAME="lesionflow-tests",
+        GIT_COMMITTER_EMAIL="tests@lesionflow.invalid",
     )
     env.pop("PYTHONPATH", None)
     return env
@@ -151,7 +153,9 @@ def make_project(root: Path, data_dir: Path, params_overrides: dict | None = Non
             node[leaf] = value
         (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     shutil.copytree(data_dir, root / "data")
-    (root / ".gitignore").write_text("/artifacts/\n/reports/\n/.dvc-site-cache/\n/.prefect/\n/.bentoml/\n/.lesionflow/\n__pycache__/\n")
+    (root / ".gitignore").write_text(
+        "/artifacts/\n/reports/\n/.dvc-site-cache/\n/.prefect/\n/.bentoml/\n/.lesionflow/\n__pycache__/\n"
+    )
     env = project_env(root)
     run = lambda *cmd: subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q", "-b", "main")

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline import cli, registry
+from pipeline.cli.app import app
+from pipeline.cli.serve import serve_env
+from pipeline.serving import registry
 from tests.conftest import project_env
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
@@ -26,7 +28,7 @@ runner = CliRunner()
 
 
 def invoke(*args: str):
-    return runner.invoke(cli.app, list(args), catch_exceptions=False)
+    return runner.invoke(app, list(args), catch_exceptions=False)
 
 
 def _project_files(root):
@@ -42,8 +44,14 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _project_files(tmp_path)
     (tmp_path / "data.dvc").write_text(f"outs:\n- md5: {DATA_MD5}\n  size: 1234\n  nfiles: 70\n  path: data\n")
-    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, env=project_env(tmp_path), check=True,  # noqa: E731
-                                    capture_output=True, text=True).stdout.strip()
+    git = lambda *a: subprocess.run(
+        ["git", *a],
+        cwd=tmp_path,
+        env=project_env(tmp_path),
+        check=True,  # noqa: E731
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     git("init", "-q", "-b", "main")
     git("add", "data.dvc")
     git("commit", "-qm", "data")
@@ -105,7 +113,8 @@ def test_predict_folder_writes_probabilities_and_decisions_and_skips_bad_files(w
     np.testing.assert_allclose(df["p_malignant"], df["p_binary_malignant"], atol=1e-9)
     assert (df["decision"] == np.where(df["p_malignant"] >= THRESHOLD, "malignant", "benign")).all()
     assert (df["threshold"] == THRESHOLD).all() and (df["model"] == tag).all()
-    assert set(df["risk_class"]) <= {"benign", "benign_at_risk", "malignant"}
+    assert set(df["risk_pred"]) <= {"benign", "benign_at_risk", "malignant"}
+    assert list(df.columns[-3:]) == ["threshold", "decision", "model"]  # the prediction-row schema
 
 
 def test_predict_with_a_model_dir_or_tag_and_a_threshold_override(workspace, tiny_data):
@@ -141,11 +150,21 @@ def test_status_of_an_empty_workspace(tmp_path, monkeypatch):
 def test_status_shows_champion_and_last_run(workspace):
     root, tag, _ = workspace
     (root / ".lesionflow").mkdir()
-    (root / ".lesionflow/last_run.json").write_text(json.dumps({
-        "flow_run_name": "brave-otter", "state": "GateFailed", "state_type": "FAILED",
-        "message": "Gates failed: absolute:dx.accuracy = 0.1000 (needs >= 1.0100)", "finished_at": "2026-01-01T00:00:00+00:00",
-        "stages": [{"stage": "validate", "ran": False, "seconds": 1.0}, {"stage": "evaluate", "ran": True, "seconds": 9.0}],
-    }))
+    (root / ".lesionflow/last_run.json").write_text(
+        json.dumps(
+            {
+                "flow_run_name": "brave-otter",
+                "state": "GateFailed",
+                "state_type": "FAILED",
+                "message": "Gates failed: absolute:dx.accuracy = 0.1000 (needs >= 1.0100)",
+                "finished_at": "2026-01-01T00:00:00+00:00",
+                "stages": [
+                    {"stage": "validate", "ran": False, "seconds": 1.0},
+                    {"stage": "evaluate", "ran": True, "seconds": 9.0},
+                ],
+            }
+        )
+    )
     res = invoke("status")
     assert res.exit_code == 0, res.output
     assert tag in res.output and "brave-otter" in res.output and "GateFailed" in res.output
@@ -160,10 +179,10 @@ def test_serve_sends_the_inference_log_to_the_projects_log_dir(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(PROJECT_ROOT / "params.yaml", project / "params.yaml")
-    env = cli.serve_env({"PATH": "/usr/bin"}, project)
+    env = serve_env({"PATH": "/usr/bin"}, project)
     assert env["LESIONFLOW_INFERENCE_LOG"] == str((project / "logs/inference").resolve())
     assert env["PATH"] == "/usr/bin"
-    own = cli.serve_env({"LESIONFLOW_INFERENCE_LOG": "/var/log/lesionflow"}, project)
+    own = serve_env({"LESIONFLOW_INFERENCE_LOG": "/var/log/lesionflow"}, project)
     assert own["LESIONFLOW_INFERENCE_LOG"] == "/var/log/lesionflow"
-    elsewhere = cli.serve_env({}, tmp_path / "elsewhere")  # no params.yaml: the default folder
+    elsewhere = serve_env({}, tmp_path / "elsewhere")  # no params.yaml: the default folder
     assert elsewhere["LESIONFLOW_INFERENCE_LOG"] == str((tmp_path / "elsewhere/logs/inference").resolve())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import registry
+from pipeline.serving import registry
 from tests.conftest import plain_env, project_env
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
@@ -26,8 +26,15 @@ THRESHOLD = 0.25
 
 
 def run(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(LESIONFLOW), *args], cwd=cwd, env=plain_env(home), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    return subprocess.run(
+        [str(LESIONFLOW), *args],
+        cwd=cwd,
+        env=plain_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +52,14 @@ def workspace(tmp_path_factory, tiny_data):
     for src in sorted((tiny_data / "images").glob("*.jpg"))[:3]:
         shutil.copyfile(src, images / src.name)
     env = project_env(root)
-    git = lambda *a: subprocess.run(["git", *a], cwd=root, env=env, check=True,  # noqa: E731
-                                    capture_output=True, text=True).stdout.strip()
+    git = lambda *a: subprocess.run(
+        ["git", *a],
+        cwd=root,
+        env=env,
+        check=True,  # noqa: E731
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     git("init", "-q", "-b", "main")
     git("add", "dvc.yaml", "params.yaml", "data.dvc")
     git("commit", "-qm", "project")
@@ -123,10 +136,18 @@ def test_long_paths_in_messages_stay_on_one_line_when_not_a_terminal(workspace):
 
 
 def test_env_gives_prefect_and_bentoml_commands_the_same_settings(workspace):
-    script = f'eval "$({LESIONFLOW} env)" && printenv BENTOML_HOME PREFECT_HOME PREFECT_SERVER_ANALYTICS_ENABLED ' \
-             '&& command -v prefect bentoml dvc'
-    res = subprocess.run(["bash", "-c", script], cwd=workspace["sub"], env=plain_env(workspace["home"]),
-                         capture_output=True, text=True, timeout=120)
+    script = (
+        f'eval "$({LESIONFLOW} env)" && printenv BENTOML_HOME PREFECT_HOME PREFECT_SERVER_ANALYTICS_ENABLED '
+        "&& command -v prefect bentoml dvc"
+    )
+    res = subprocess.run(
+        ["bash", "-c", script],
+        cwd=workspace["sub"],
+        env=plain_env(workspace["home"]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[:3] == [str(workspace["store"]), str(workspace["root"] / ".lesionflow" / "prefect"), "false"]

@@ -1,4 +1,4 @@
-"""pipeline.explain: Grad-CAM at the image's own size, overlays, metadata attribution."""
+"""pipeline.model.explain: Grad-CAM at the image's own size, overlays, metadata attribution."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import explain
+from pipeline.model import explain
 
 
 class TinyCNN(nn.Module):
     def __init__(self, k: int = 3):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
         self.head = nn.Linear(8, k)
 
     def forward(self, x):
@@ -59,17 +61,20 @@ def test_gradcam_default_target_is_the_predicted_class_and_restores_train_mode()
 
 
 def test_gradcam_on_a_lesionflow_predictor_with_metadata_fusion():
-    models = pytest.importorskip("pipeline.models")
-    inference = pytest.importorskip("pipeline.inference")
-    from pipeline.taxonomy import Taxonomy
+    from pipeline.core import params
+    from pipeline.core.taxonomy import Taxonomy
+    from pipeline.model import classifier, inference
+    from pipeline.model.metadata import MetadataEncoder
 
     torch.manual_seed(0)
-    enc = models.MetadataEncoder()
-    model = models.build_model("small_cnn", 7, input_size=(32, 48), metadata=enc)
+    enc = MetadataEncoder.from_params(params.load_section("metadata"))
+    model = classifier.build_model("small_cnn", 7, input_size=(32, 48), metadata=enc)
     tax = Taxonomy.default()
     cfg = {
-        "architecture": models.architecture("small_cnn", 7, (32, 48), 0.0, enc),
-        "taxonomy": tax.to_dict(), "target_level": "dx", "classes": list(tax.diagnoses),
+        "architecture": classifier.architecture("small_cnn", 7, (32, 48), 0.0, enc),
+        "taxonomy": tax.to_dict(),
+        "target_level": "dx",
+        "classes": list(tax.diagnoses),
         "preprocessing": {"input_size": [32, 48], "mean": [0.5] * 3, "std": [0.25] * 3},
     }
     predictor = inference.Predictor(model, cfg, "cpu")
@@ -82,8 +87,7 @@ def test_gradcam_on_a_lesionflow_predictor_with_metadata_fusion():
 
     # integrated gradients: attributions add up to p(x, m) - p(x, all missing)
     imgs = [_image(seed=s) for s in range(3)]
-    frame = {"age": [30.0, 70.0, None], "sex": ["male", "female", "unknown"],
-             "localization": ["face", "back", "foot"]}
+    frame = {"age": [30.0, 70.0, None], "sex": ["male", "female", "unknown"], "localization": ["face", "back", "foot"]}
     targets = [4, 5, 0]
     attr = explain.metadata_attribution(predictor, imgs, frame, targets, steps=64)
     assert attr.shape == (3, enc.dim)

@@ -1,8 +1,8 @@
-"""pipeline.gates: absolute thresholds, no regression vs the champion, readable verdict."""
+"""pipeline.evaluation.gates: absolute thresholds, no regression vs the champion, readable verdict."""
 
 from __future__ import annotations
 
-from pipeline.gates import GateSpec, evaluate_gates, flatten, verdict_markdown
+from pipeline.evaluation.gates import GateSpec, evaluate_gates, flatten, verdict_markdown
 
 SPEC = GateSpec(
     absolute={"binary.roc_auc": 0.85, "dx.balanced_accuracy": 0.5, "binary.ece": 0.1},
@@ -13,8 +13,7 @@ GOOD = {"binary.roc_auc": 0.90, "dx.balanced_accuracy": 0.60, "binary.ece": 0.05
 
 
 def test_flatten():
-    assert flatten({"binary": {"roc_auc": 0.9, "flag": True, "name": "x"}, "n": 3}) == {
-        "binary.roc_auc": 0.9, "n": 3.0}
+    assert flatten({"binary": {"roc_auc": 0.9, "flag": True, "name": "x"}, "n": 3}) == {"binary.roc_auc": 0.9, "n": 3.0}
 
 
 def test_passes():
@@ -70,13 +69,15 @@ def test_nan_metric_is_not_a_pass():
 def test_evaluate_params_reject_bad_gates_with_the_key_named():
     import pytest
 
-    from pipeline import params
+    from pipeline.core import params
 
     ok = params.from_dict(params.EvaluateParams, {"gates": {"absolute": {"binary.roc_auc": 0.8}}}, "evaluate")
     assert ok.gates.absolute == {"binary.roc_auc": 0.8}
     with pytest.raises(params.ParamsError, match=r"evaluate\.gates\.absolute\.auc: metric names are"):
         params.from_dict(params.EvaluateParams, {"gates": {"absolute": {"auc": 0.8}}}, "evaluate")
-    with pytest.raises(params.ParamsError, match=r"evaluate\.gates\.regression_margin\.dx\.accuracy: margin must be >= 0"):
+    with pytest.raises(
+        params.ParamsError, match=r"evaluate\.gates\.regression_margin\.dx\.accuracy: margin must be >= 0"
+    ):
         params.from_dict(params.EvaluateParams, {"gates": {"regression_margin": {"dx.accuracy": -0.1}}}, "evaluate")
     with pytest.raises(params.ParamsError, match=r"evaluate\.target_sensitivity"):
         params.from_dict(params.EvaluateParams, {"target_sensitivity": 1.5}, "evaluate")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images
+from pipeline.core import images
 
 
 def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:

@@ -1,4 +1,4 @@
-"""pipeline.imagestats on synthetic images with known answers."""
+"""pipeline.features.imagestats on synthetic images with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import imagestats as S
+from pipeline.features import colour as C
+from pipeline.features import imagestats as S
 
 SKIN = (228, 205, 195)  # a light, nearly neutral skin tone (white balance leaves it almost unchanged)
 LESION = (110, 70, 55)  # dark brown
@@ -42,7 +43,7 @@ def test_disc_recovered(cx, cy, r):
     expected_offset = math.hypot((cx - 99.5) / 100, (cy - 74.5) / 75)
     assert f["lesion_centre_offset"] == pytest.approx(expected_offset, abs=0.06)
     # the lesion is darker than the skin, by about the painted difference
-    skin_l, lesion_l = S.rgb_to_lab(np.array([SKIN, LESION], dtype=np.uint8))[:, 0]
+    skin_l, lesion_l = C.rgb_to_lab(np.array([SKIN, LESION], dtype=np.uint8))[:, 0]
     assert f["lesion_lab_l_mean"] == pytest.approx(lesion_l, abs=3)
     assert f["skin_lab_l_mean"] == pytest.approx(skin_l, abs=3)
 
@@ -155,23 +156,30 @@ def test_brightness_contrast_and_colour_statistics_known_values():
 
 
 def test_rgb_to_lab_reference_values():
-    lab = S.rgb_to_lab(np.array([[255, 255, 255], [0, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]], dtype=np.uint8))
+    lab = C.rgb_to_lab(
+        np.array([[255, 255, 255], [0, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]], dtype=np.uint8)
+    )
     expected = [(100, 0, 0), (0, 0, 0), (87.73, -86.18, 83.18), (32.30, 79.19, -107.86), (53.59, 0, 0)]
     np.testing.assert_allclose(lab, expected, atol=0.15)
 
 
 def test_each_reference_colour_is_classified_as_itself():
-    rgb = np.array([S.ABCD_EXAMPLES[c] for c in S.ABCD_COLOURS], dtype=np.uint8)
-    idx = S.classify_colours(S.rgb_to_lab(rgb).T)
+    rgb = np.array([C.ABCD_EXAMPLES[c] for c in S.ABCD_COLOURS], dtype=np.uint8)
+    idx = C.classify_colours(C.rgb_to_lab(rgb).T)
     assert [S.ABCD_COLOURS[i] for i in idx] == list(S.ABCD_COLOURS)
     # green and mid-grey pixels belong to none of the six colours
     others = np.array([[60, 160, 60], [30, 90, 30], [150, 150, 150]], dtype=np.uint8)
-    assert list(S.classify_colours(S.rgb_to_lab(others).T)) == [-1, -1, -1]
+    assert list(C.classify_colours(C.rgb_to_lab(others).T)) == [-1, -1, -1]
 
 
 @pytest.mark.parametrize(
     "painted",
-    [("dark_brown", "black", "blue_grey"), ("light_brown", "red"), ("dark_brown",), ("black", "red", "light_brown", "blue_grey")],
+    [
+        ("dark_brown", "black", "blue_grey"),
+        ("light_brown", "red"),
+        ("dark_brown",),
+        ("black", "red", "light_brown", "blue_grey"),
+    ],
 )
 def test_colour_detector_finds_painted_colours_and_no_others(painted):
     h, w = 150, 200
@@ -181,7 +189,7 @@ def test_colour_detector_finds_painted_colours_and_no_others(painted):
     inside = np.hypot(xx - 100, yy - 75) <= 45
     sector = ((np.arctan2(yy - 75, xx - 100) + np.pi) / (2 * np.pi) * len(painted)).astype(int) % len(painted)
     for i, name in enumerate(painted):
-        img[inside & (sector == i)] = S.ABCD_EXAMPLES[name]
+        img[inside & (sector == i)] = C.ABCD_EXAMPLES[name]
     f = S.image_features(img)
     assert f["seg_ok"], f["seg_status"]
     found = {c for c in S.ABCD_COLOURS if f[f"colour_{c}"] == 1.0}
@@ -192,11 +200,11 @@ def test_colour_detector_finds_painted_colours_and_no_others(painted):
 
 
 def test_colour_presence_threshold_uses_min_share():
-    lab = S.rgb_to_lab(np.array([S.ABCD_EXAMPLES["black"]] * 97 + [S.ABCD_EXAMPLES["red"]] * 3, dtype=np.uint8)).T
-    shares, present = S.colour_presence(lab, S.FeatureConfig(colour_min_share=0.05))
+    lab = C.rgb_to_lab(np.array([C.ABCD_EXAMPLES["black"]] * 97 + [C.ABCD_EXAMPLES["red"]] * 3, dtype=np.uint8)).T
+    shares, present = C.colour_presence(lab, S.FeatureConfig(colour_min_share=0.05))
     assert shares[S.ABCD_COLOURS.index("red")] == pytest.approx(0.03)
     assert present[S.ABCD_COLOURS.index("black")] and not present[S.ABCD_COLOURS.index("red")]
-    _, present = S.colour_presence(lab, S.FeatureConfig(colour_min_share=0.02))
+    _, present = C.colour_presence(lab, S.FeatureConfig(colour_min_share=0.02))
     assert present[S.ABCD_COLOURS.index("red")]
 
 
@@ -204,7 +212,7 @@ def test_kmeans_palette_recovers_two_colours():
     a = np.tile([[30.0, 20.0, 10.0]], (700, 1))
     b = np.tile([[70.0, 5.0, 25.0]], (300, 1))
     x = np.vstack([a, b]) + np.random.default_rng(0).normal(0, 1, (1000, 3))
-    centres, shares = S.kmeans_palette(x, k=2, iters=8, max_samples=256)
+    centres, shares = C.kmeans_palette(x, k=2, iters=8, max_samples=256)
     assert shares == pytest.approx([0.7, 0.3], abs=0.03)
     np.testing.assert_allclose(centres[0], [30, 20, 10], atol=1.0)
     np.testing.assert_allclose(centres[1], [70, 5, 25], atol=1.0)

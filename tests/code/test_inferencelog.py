@@ -6,25 +6,32 @@ from __future__ import annotations
 import json
 import math
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import inferencelog, monitoring
-from pipeline.images import decode_rgb
+from pipeline.core.images import decode_rgb
+from pipeline.core.params import to_dict
+from pipeline.features import imagestats
+from pipeline.monitoring import inferencelog, profile
+from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
 
-T0 = datetime(2026, 3, 1, 23, 59, 58, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 23, 59, 58, tzinfo=UTC)
 DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 
 def _service_response(rng: np.random.Generator) -> dict:
     """A prediction as the service's ``finalise`` returns it."""
     p = rng.dirichlet(np.ones(7))
-    return {"dx_probabilities": dict(zip(DX, p.tolist())), "p_malignant": float(p[0] + p[1] + p[4]),
-            "decision": "refer" if p[4] > 0.2 else "no_refer", "model_tag": "lesionflow:abc"}
+    return {
+        "dx_probabilities": dict(zip(DX, p.tolist())),
+        "p_malignant": float(p[0] + p[1] + p[4]),
+        "decision": "refer" if p[4] > 0.2 else "no_refer",
+        "model_tag": "lesionflow:abc",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +42,30 @@ def real_images(real_metadata):
 
 def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
     rng = np.random.default_rng(0)
-    projection = monitoring.projection_matrix(64, 8, seed=1)
+    projection = profile.projection_matrix(64, 8, seed=1)
     written = []
     for k in range(12):  # across midnight: two day files
         rgb = real_images[k % len(real_images)]
         pred = _service_response(rng)
         emb = rng.standard_normal(64).astype(np.float32)
         meta = {"age": [45.0, None][k % 2], "sex": ["male", "female", None][k % 3], "localization": "back"}
-        rec = inferencelog.record_for(rgb, meta, {**pred, "embedding": emb}, "lesionflow:abc",
-                                      projection=projection, timestamp=T0 + timedelta(seconds=k),
-                                      request_id=f"req-{k}")
+        rec = inferencelog.record_for(
+            rgb,
+            meta,
+            {**pred, "embedding": emb},
+            "lesionflow:abc",
+            projection=projection,
+            timestamp=T0 + timedelta(seconds=k),
+            request_id=f"req-{k}",
+        )
         inferencelog.append(rec, tmp_path)
         written.append((rec, rgb, pred, emb, meta))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inference-2026-03-01.jsonl", "inference-2026-03-02.jsonl"]
     df = inferencelog.read(tmp_path)
     assert len(df) == 12 and df["request_id"].tolist() == [f"req-{k}" for k in range(12)]
-    for k, (rec, rgb, pred, emb, meta) in enumerate(written):
+    for k, (_, rgb, pred, emb, meta) in enumerate(written):
         row = df.iloc[k]
-        stats = monitoring.image_statistics(rgb)
+        stats = imagestats.image_statistics(rgb)
         for name, value in stats.items():
             if isinstance(value, float) and math.isnan(value):
                 assert pd.isna(row[name]), name
@@ -63,8 +76,8 @@ def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
             else:
                 assert row[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
         for c, p in pred["dx_probabilities"].items():
-            assert row[f"prob_{c}"] == pytest.approx(p, rel=1e-12)
-        assert row["pred_class"] == max(pred["dx_probabilities"], key=pred["dx_probabilities"].get)
+            assert row[f"p_dx_{c}"] == pytest.approx(p, rel=1e-12)
+        assert row["dx_pred"] == max(pred["dx_probabilities"], key=pred["dx_probabilities"].get)
         assert row["p_malignant"] == pytest.approx(pred["p_malignant"]) and row["decision"] == pred["decision"]
         proj = emb @ projection
         assert [row[f"emb_{i:02d}"] for i in range(8)] == pytest.approx(proj.tolist(), rel=1e-6)
@@ -77,8 +90,13 @@ def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
 def test_read_by_time_window(tmp_path):
     rng = np.random.default_rng(1)
     for k in range(6):
-        rec = inferencelog.make_record(stats={"brightness": 0.1 * k}, metadata=None, prediction=_service_response(rng),
-                                       model_tag="m", timestamp=T0 + timedelta(hours=k))
+        rec = inferencelog.make_record(
+            stats={"brightness": 0.1 * k},
+            metadata=None,
+            prediction=_service_response(rng),
+            model_tag="m",
+            timestamp=T0 + timedelta(hours=k),
+        )
         inferencelog.append(rec, tmp_path)
     df = inferencelog.read(tmp_path, start=T0 + timedelta(hours=1), end=T0 + timedelta(hours=4))
     assert df["brightness"].tolist() == pytest.approx([0.1, 0.2, 0.3])  # start inclusive, end exclusive
@@ -93,8 +111,14 @@ def test_concurrent_appends_never_interleave_and_torn_lines_are_skipped(tmp_path
 
     def writer(w: int) -> None:
         for k in range(25):
-            rec = inferencelog.make_record(stats=big_stats, metadata=None, prediction=_service_response(rng),
-                                           model_tag=f"w{w}", request_id=f"{w}-{k}", timestamp=T0)
+            rec = inferencelog.make_record(
+                stats=big_stats,
+                metadata=None,
+                prediction=_service_response(rng),
+                model_tag=f"w{w}",
+                request_id=f"{w}-{k}",
+                timestamp=T0,
+            )
             inferencelog.append(rec, tmp_path)
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
@@ -118,8 +142,13 @@ def test_images_only_when_configured_and_logger_never_raises(tmp_path, real_imag
     off = inferencelog.InferenceLog(tmp_path / "a")
     on = inferencelog.InferenceLog(tmp_path / "b", store_images=True)
     for log in (off, on):
-        rec = log.record(stats=log.stats(real_images[0]), metadata={"age": 50}, prediction=_service_response(rng),
-                         model_tag="m", image_bytes=b"\xff\xd8jpeg")
+        rec = log.record(
+            stats=log.stats(real_images[0]),
+            metadata={"age": 50},
+            prediction=_service_response(rng),
+            model_tag="m",
+            image_bytes=b"\xff\xd8jpeg",
+        )
         log.write(rec)
     assert "image_b64" not in inferencelog.read(tmp_path / "a").columns
     assert inferencelog.read(tmp_path / "b")["image_b64"].tolist() == ["/9hqcGVn"]
@@ -138,34 +167,47 @@ def test_bad_record_is_named():
 def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
     """The service's hook: InferenceLog.log(rgb, metadata, response + embedding, tag) -> one record
     with the projected embedding when the model's reference profile is present."""
-    from pipeline.fsutil import write_json
+    from pipeline.core.fsutil import write_json
 
     ref = tmp_path / "model" / "reference"
     ref.mkdir(parents=True)
-    np.save(ref / "projection.npy", monitoring.projection_matrix(16, 4, seed=0))
-    write_json(ref / "profile.json", {"feature_config": monitoring.feature_config_to_dict(monitoring.imagestats.DEFAULT_CONFIG)})
+    np.save(ref / "projection.npy", profile.projection_matrix(16, 4, seed=0))
+    write_json(ref / "profile.json", {"feature_config": to_dict(imagestats.DEFAULT_CONFIG)})
     log = inferencelog.InferenceLog(tmp_path / "log", reference_dir=ref)
     rng = np.random.default_rng(4)
     emb = rng.standard_normal(16).astype(np.float32)
-    path = log.log(real_images[1], {"age": 30, "sex": "female", "localization": "face"},
-                   {**_service_response(rng), "embedding": emb}, "lesionflow:xyz", source="image")
+    path = log.log(
+        real_images[1],
+        {"age": 30, "sex": "female", "localization": "face"},
+        {**_service_response(rng), "embedding": emb},
+        "lesionflow:xyz",
+        source="image",
+    )
     df = inferencelog.read(tmp_path / "log")
     assert path is not None and len(df) == 1 and df["source"][0] == "image"
     assert [df[f"emb_{i:02d}"][0] for i in range(4)] == pytest.approx((emb @ np.load(ref / "projection.npy")).tolist())
-    assert df["brightness"][0] == pytest.approx(monitoring.image_statistics(real_images[1])["brightness"])
+    assert df["brightness"][0] == pytest.approx(imagestats.image_statistics(real_images[1])["brightness"])
     assert log.log(np.zeros((2, 2), np.uint8), None, {}, "m") is None  # a bad input is a warning, not an error
 
 
 def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images):
     """The service's BackgroundLog: submit() returns at once; the records appear, in order, with
     the time of the request (not of the write) and the statistics of each image."""
-    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
+    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
     rng = np.random.default_rng(7)
-    t_before = datetime.now(timezone.utc)
+    t_before = datetime.now(UTC)
     for k, rgb in enumerate(real_images):
-        assert bg.submit(rgb, {"age": 30 + k, "sex": "male", "localization": "back"}, _service_response(rng),
-                         "lesionflow:abc", source=f"image{k}") is True
-    t_after = datetime.now(timezone.utc)
+        assert (
+            bg.submit(
+                rgb,
+                {"age": 30 + k, "sex": "male", "localization": "back"},
+                _service_response(rng),
+                "lesionflow:abc",
+                source=f"image{k}",
+            )
+            is True
+        )
+    t_after = datetime.now(UTC)
     assert bg.flush(timeout=30)
     assert bg.counters() == {"submitted": 4, "written": 4, "dropped": 0, "failed": 0, "queued": 0}
     df = inferencelog.read(tmp_path / "log")
@@ -173,7 +215,7 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
     assert df["age"].tolist() == [30.0, 31.0, 32.0, 33.0]
     assert ((df["timestamp"] >= pd.Timestamp(t_before)) & (df["timestamp"] <= pd.Timestamp(t_after))).all()
     for k, rgb in enumerate(real_images):
-        assert df["brightness"][k] == pytest.approx(monitoring.image_statistics(rgb)["brightness"])
+        assert df["brightness"][k] == pytest.approx(imagestats.image_statistics(rgb)["brightness"])
 
 
 def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images, monkeypatch):
@@ -188,7 +230,7 @@ def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_i
 
     monkeypatch.setattr(inferencelog, "record_for", slow_record_for)
     rgb = real_images[0]
-    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"), max_queue_bytes=2 * rgb.nbytes)
+    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"), max_queue_bytes=2 * rgb.nbytes)
     rng = np.random.default_rng(8)
     accepted = [bg.submit(rgb, None, _service_response(rng), "m") for _ in range(5)]
     assert accepted == [True, True, False, False, False]
@@ -201,10 +243,10 @@ def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_i
 
 
 def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images):
-    bg = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
+    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
     assert bg.submit(np.zeros((2, 2), np.uint8), None, {}, "m") is True  # accepted, fails in the thread
     assert bg.submit(real_images[0], None, _service_response(np.random.default_rng(9)), "m") is True
     assert bg.flush(timeout=30)
     assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1
-    off = inferencelog.BackgroundLog(inferencelog.InferenceLog(tmp_path / "off", enabled=False))
+    off = BackgroundLog(inferencelog.InferenceLog(tmp_path / "off", enabled=False))
     assert off.submit(real_images[0], None, {}, "m") is False and not (tmp_path / "off").exists()

@@ -1,4 +1,4 @@
-"""pipeline.metrics against hand-computed values on small fixed predictions."""
+"""pipeline.evaluation.metrics against hand-computed values on small fixed predictions."""
 
 from __future__ import annotations
 
@@ -6,18 +6,22 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pipeline import metrics as M
+from pipeline.evaluation import bootstrap as B
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation import subgroups as SG
 
 # 3 classes, predictions = argmax: [0, 1, 1, 1, 2, 0] for truth [0, 0, 1, 1, 2, 2]
 Y3 = np.array([0, 0, 1, 1, 2, 2])
-P3 = np.array([
-    [0.7, 0.2, 0.1],
-    [0.4, 0.5, 0.1],
-    [0.1, 0.8, 0.1],
-    [0.2, 0.6, 0.2],
-    [0.1, 0.1, 0.8],
-    [0.5, 0.1, 0.4],
-])
+P3 = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.4, 0.5, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.2, 0.6, 0.2],
+        [0.1, 0.1, 0.8],
+        [0.5, 0.1, 0.4],
+    ]
+)
 
 # binary: 10 negatives, 4 positives (ranked by hand in the comments below)
 NEG = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -120,7 +124,7 @@ def test_weighted_metrics_equal_sklearn_on_repeated_samples():
     p = np.round(p / p.sum(1, keepdims=True), 2)  # ties
     yb, sb = (y == 0).astype(int), p[:, 0]
     w = rng.integers(0, 3, (2, n)).astype(float)
-    mc, bi = M.multiclass_statistic(y, p)(w), M.binary_statistic(yb, sb, 0.3)(w)
+    mc, bi = B.multiclass_statistic(y, p)(w), B.binary_statistic(yb, sb, 0.3)(w)
     for b in range(2):
         r = np.repeat(np.arange(n), w[b].astype(int))
         pred = p.argmax(1)
@@ -131,8 +135,7 @@ def test_weighted_metrics_equal_sklearn_on_repeated_samples():
         assert mc["roc_auc_macro"][b] == pytest.approx(np.mean(aucs))
         assert bi["roc_auc"][b] == pytest.approx(skm.roc_auc_score(yb[r], sb[r]))
         assert bi["pr_auc"][b] == pytest.approx(skm.average_precision_score(yb[r], sb[r]))
-        assert bi["sensitivity_at_specificity_90"][b] == pytest.approx(
-            M.sensitivity_at_specificity(yb[r], sb[r], 0.9))
+        assert bi["sensitivity_at_specificity_90"][b] == pytest.approx(M.sensitivity_at_specificity(yb[r], sb[r], 0.9))
         assert bi["sensitivity_at_operating_point"][b] == pytest.approx(np.mean(sb[r][yb[r] == 1] >= 0.3))
 
 
@@ -143,13 +146,13 @@ def test_bootstrap_resamples_lesions_not_images():
     y = np.array([0, 0, 0, 1])
     probs = np.array([[0.9, 0.1]] * 4)
     groups = ["A", "A", "A", "B"]
-    w = M.resample_weights(groups, 4000, np.random.default_rng(0))
+    w = B.resample_weights(groups, 4000, np.random.default_rng(0))
     assert set(np.unique(w.sum(axis=1))) <= {2.0, 4.0, 6.0}  # 2 lesions drawn: 1+1, 3+1, 3+3 images
-    acc = M.multiclass_statistic(y, probs)(w)["accuracy"]
+    acc = B.multiclass_statistic(y, probs)(w)["accuracy"]
     values, counts = np.unique(np.round(acc, 6), return_counts=True)
     assert set(values) == {0.0, 0.75, 1.0}
     assert counts / counts.sum() == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
-    ci = M.bootstrap(M.multiclass_statistic(y, probs), groups, n_boot=500, seed=0)["accuracy"]
+    ci = B.bootstrap(B.multiclass_statistic(y, probs), groups, n_boot=500, seed=0)["accuracy"]
     assert ci["estimate"] == pytest.approx(0.75)
     assert (ci["low"], ci["high"]) == (0.0, 1.0)
     assert ci["n_groups"] == 2
@@ -162,17 +165,25 @@ def test_bootstrap_ci_wider_when_images_of_a_lesion_agree():
     y = np.zeros(240, dtype=int)
     probs = np.where(np.repeat(correct, 4)[:, None], [[0.9, 0.1]], [[0.1, 0.9]])
     lesions = np.repeat(np.arange(60), 4)
-    stat = M.multiclass_statistic(y, probs)
-    by_lesion = M.bootstrap(stat, lesions, n_boot=1000, seed=0)["accuracy"]
-    by_image = M.bootstrap(stat, np.arange(240), n_boot=1000, seed=0)["accuracy"]
+    stat = B.multiclass_statistic(y, probs)
+    by_lesion = B.bootstrap(stat, lesions, n_boot=1000, seed=0)["accuracy"]
+    by_image = B.bootstrap(stat, np.arange(240), n_boot=1000, seed=0)["accuracy"]
     assert by_lesion["low"] <= by_lesion["estimate"] <= by_lesion["high"]
     width = lambda c: c["high"] - c["low"]  # noqa: E731
     assert width(by_lesion) > 1.6 * width(by_image)  # about 2x = sqrt(4 images per lesion)
 
 
 def test_age_bands():
-    assert M.age_bands([5, 29, 30, 44.5, 45, 80, float("nan"), None], [0, 30, 45]) == [
-        "0-29", "0-29", "30-44", "30-44", ">=45", ">=45", "unknown", "unknown"]
+    assert SG.age_bands([5, 29, 30, 44.5, 45, 80, float("nan"), None], [0, 30, 45]) == [
+        "0-29",
+        "0-29",
+        "30-44",
+        "30-44",
+        ">=45",
+        ">=45",
+        "unknown",
+        "unknown",
+    ]
 
 
 def test_subgroup_table_flags_low_sensitivity():
@@ -181,7 +192,7 @@ def test_subgroup_table_flags_low_sensitivity():
     score = np.array([0.9] * 10 + [0.1] * 5 + [0.9] * 5 + [0.1] * 5 + [0.1] * 5 + [0.1, 0.1, 0.1])
     groups = ["a"] * 15 + ["b"] * 15 + ["c"] * 3
     dx_probs = np.column_stack([1 - score, score])
-    t = M.subgroup_table({"site": groups}, y01, dx_probs, y01, score, 0.5, margin=0.1, min_positives=5)
+    t = SG.subgroup_table({"site": groups}, y01, dx_probs, y01, score, 0.5, margin=0.1, min_positives=5)
     t = t.set_index("group")
     overall = 15 / 22
     assert t.loc["a", "sensitivity"] == 1.0 and t.loc["a", "flag"] == ""

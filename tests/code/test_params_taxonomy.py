@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import params, taxonomy
+from pipeline.core import params, taxonomy
 from tests.conftest import PROJECT_ROOT
 
 
@@ -31,7 +31,11 @@ def test_project_params_load():
         (lambda d: d["split"].update(seed="forty-two"), "split.seed", "expected an integer"),
         (lambda d: d["split"].update(sede=1), "split.sede", "unknown key"),
         (lambda d: d["validate"].update(min_width=True), "validate.min_width", "expected an integer"),
-        (lambda d: d["validate"].update(image_id_pattern="ISIC_(["), "validate.image_id_pattern", "not a valid regular expression"),
+        (
+            lambda d: d["validate"].update(image_id_pattern="ISIC_(["),
+            "validate.image_id_pattern",
+            "not a valid regular expression",
+        ),
         (lambda d: d["labels"].pop("risk"), "labels.risk", "missing required key"),
     ],
 )
@@ -56,10 +60,24 @@ def test_default_taxonomy_maps_every_diagnosis_exactly_once():
     for level in ("risk", "binary"):
         m = tax.matrix(level)
         assert (m.sum(axis=1) == 1).all(), f"{level}: each diagnosis in exactly one class"
-    assert tax.mapping("risk") == {"nv": "benign", "bkl": "benign", "df": "benign", "vasc": "benign",
-                                   "akiec": "benign_at_risk", "mel": "malignant", "bcc": "malignant"}
-    assert tax.mapping("binary") == {"nv": "benign", "bkl": "benign", "df": "benign", "vasc": "benign",
-                                     "akiec": "malignant", "mel": "malignant", "bcc": "malignant"}
+    assert tax.mapping("risk") == {
+        "nv": "benign",
+        "bkl": "benign",
+        "df": "benign",
+        "vasc": "benign",
+        "akiec": "benign_at_risk",
+        "mel": "malignant",
+        "bcc": "malignant",
+    }
+    assert tax.mapping("binary") == {
+        "nv": "benign",
+        "bkl": "benign",
+        "df": "benign",
+        "vasc": "benign",
+        "akiec": "malignant",
+        "mel": "malignant",
+        "bcc": "malignant",
+    }
     assert tax == taxonomy.Taxonomy.default()
 
 
@@ -70,7 +88,10 @@ def test_default_taxonomy_maps_every_diagnosis_exactly_once():
         (lambda d: d["labels"]["binary"]["benign"].remove("vasc"), "not mapped to any class: vasc"),
         (lambda d: d["labels"]["risk"]["malignant"].append("scc"), "unknown diagnosis 'scc'"),
         (lambda d: d["labels"].update(binary_positive="cancer"), "'cancer' is not a binary class"),
-        (lambda d: d["labels"]["binary"].update(other=["vasc"]) or d["labels"]["binary"]["benign"].remove("vasc"), "exactly two classes"),
+        (
+            lambda d: d["labels"]["binary"].update(other=["vasc"]) or d["labels"]["binary"]["benign"].remove("vasc"),
+            "exactly two classes",
+        ),
     ],
 )
 def test_bad_mapping_fails_loudly(tmp_path, mutate, message):

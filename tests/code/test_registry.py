@@ -1,4 +1,4 @@
-"""pipeline.registry on a temporary BENTOML_HOME: package -> champion -> export -> describe round
+"""pipeline.serving.registry on a temporary BENTOML_HOME: package -> champion -> export -> describe round
 trip with the lineage an auditor needs; refusals (failed gate, evaluated another model, missing
 files); describe() of unknown tags; an offline `bentoml build` whose Bento pins the champion and
 holds its Dockerfile."""
@@ -11,8 +11,12 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline import inference, lineage, registry
+from pipeline.core import lineage
+from pipeline.model import inference
+from pipeline.serving import bento as bentos
+from pipeline.serving import registry
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
+from tools import codemap
 
 
 @pytest.fixture()
@@ -52,7 +56,9 @@ def test_round_trip_package_champion_export_describe(home, tmp_path):
     assert inference.load_model(dest, device="cpu").classes == inference.load_model(model, device="cpu").classes
 
     d = registry.describe(tag)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    ).stdout.strip()
     assert d["tag"] == tag and d["bento_tag"] is None
     assert d["data_md5"] == data_md5
     assert d["git_commit"] == commit
@@ -119,17 +125,21 @@ def test_describe_unknown_tag_fails_clearly(home, tmp_path, tag):
 
 def test_build_bento_offline_pins_champion_with_dockerfile(home, tmp_path):
     with pytest.raises(registry.RegistryError, match="no champion"):
-        registry.build_bento(PROJECT_ROOT)
+        bentos.build_bento(PROJECT_ROOT)
     m, e, r, files = _evaluated(tmp_path, "a")
     tag = registry.package(m, e, r, project_root=PROJECT_ROOT)
-    bento = registry.build_bento(PROJECT_ROOT)
+    bento = bentos.build_bento(PROJECT_ROOT)
     assert bento.startswith(f"{registry.BENTO_NAME}:")
-    dockerfile = registry.bento_dockerfile(bento)
+    dockerfile = bentos.bento_dockerfile(bento)
     assert dockerfile.exists() and "requirements.txt" in dockerfile.read_text()
     manifest = yaml.safe_load((dockerfile.parents[2] / "bento.yaml").read_text())
     assert manifest["args"]["model_tag"] == tag
     assert [m["tag"] for s in manifest["services"] for m in s["models"]] == [tag]
-    assert (dockerfile.parents[2] / "src" / "pipeline" / "service.py").exists()
+    # the Bento ships exactly the modules the service imports, and its web page
+    src = dockerfile.parents[2] / "src"
+    shipped = sorted(str(f.relative_to(src)) for f in src.rglob("*.py"))
+    assert shipped == [f for f in codemap.bento_include(PROJECT_ROOT) if f.endswith(".py")]
+    assert (src / "pipeline" / "serving" / "web" / "index.html").exists()
     d = registry.describe(bento)
     assert d["bento_tag"] == bento and d["tag"] == tag
     assert d["data_md5"] == lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"]
@@ -142,16 +152,19 @@ def test_package_outside_a_repo_with_null_values(home, tmp_path, monkeypatch):
     root = tmp_path / "project"
     root.mkdir()
     (root / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
-    (root / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python -m pipeline.train\n"
-                                   "    deps:\n    - path: artifacts/splits\n      md5:\n")
+    (root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  train:\n    cmd: python -m pipeline.stages.train\n"
+        "    deps:\n    - path: artifacts/splits\n      md5:\n"
+    )
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     monkeypatch.delenv("LESIONFLOW_GIT_COMMIT", raising=False)
     monkeypatch.delenv("LESIONFLOW_DATA_MD5", raising=False)
     m, e, r, _ = _evaluated(tmp_path, "a")
     tag = registry.package(m, e, r, project_root=root)
     d = registry.describe(tag)
-    assert d["dvc_lock"] == {"train": {"cmd": "python -m pipeline.train", "deps": {"artifacts/splits": None},
-                                       "outs": {}}}
+    assert d["dvc_lock"] == {
+        "train": {"cmd": "python -m pipeline.stages.train", "deps": {"artifacts/splits": None}, "outs": {}}
+    }
     assert d["git_commit"] == "unknown" and d["data_md5"] == "unknown"
     assert any("no git commit" in n for n in d["notes"])
 
@@ -167,11 +180,11 @@ def test_git_state_a_rewritten_dvc_lock_is_not_dirty_code(tmp_path):
     (repo / "train.py").write_text("x = 1\n")
     subprocess.run(["git", "add", "."], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=repo, check=True)
-    assert registry.git_state(repo)["dirty"] is False
+    assert lineage.git_state(repo)["dirty"] is False
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    state = registry.git_state(repo)
+    state = lineage.git_state(repo)
     assert state["dirty"] is False and state["run_records_modified"] == ["dvc.lock"] and state["modified"] == []
     (repo / "train.py").write_text("x = 2\n")
-    state = registry.git_state(repo)
+    state = lineage.git_state(repo)
     assert state["dirty"] is True and state["modified"] == ["train.py"]
     assert len(state["commit"]) == 40

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from flows import lock, messages, stages
 from flows import retrain as flow
+from pipeline.core.layout import Layout
 
 
 def _failed_with(exc: BaseException):
@@ -28,38 +31,80 @@ def _failed_with(exc: BaseException):
 
 def test_only_transient_failures_are_retried():
     lock_msg = ["ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly."]
-    assert flow.retry_on_transient(None, None, _failed_with(flow.StageFailed("train", 255, lock_msg, flow.is_transient(lock_msg))))
-    assert flow.retry_on_transient(None, None, _failed_with(OSError(errno.EAGAIN, "Resource temporarily unavailable")))
+    assert stages.retry_on_transient(
+        None, None, _failed_with(stages.StageFailed("train", 255, lock_msg, stages.is_transient(lock_msg)))
+    )
+    assert stages.retry_on_transient(
+        None, None, _failed_with(OSError(errno.EAGAIN, "Resource temporarily unavailable"))
+    )
     contract = ["Data contract violated: 1 of 23 checks failed", "ERROR: failed to reproduce 'validate'"]
-    assert not flow.retry_on_transient(None, None, _failed_with(flow.StageFailed("validate", 255, contract, flow.is_transient(contract))))
-    assert not flow.retry_on_transient(None, None, _failed_with(FileNotFoundError(errno.ENOENT, "no such file")))
-    assert not flow.retry_on_transient(None, None, _failed_with(ValueError("a bug")))
-    assert not flow.retry_on_transient(None, None, SimpleNamespace(result=lambda *a, **k: {"ok": 1}))
+    assert not stages.retry_on_transient(
+        None, None, _failed_with(stages.StageFailed("validate", 255, contract, stages.is_transient(contract)))
+    )
+    assert not stages.retry_on_transient(None, None, _failed_with(FileNotFoundError(errno.ENOENT, "no such file")))
+    assert not stages.retry_on_transient(None, None, _failed_with(ValueError("a bug")))
+    assert not stages.retry_on_transient(None, None, SimpleNamespace(result=lambda *a, **k: {"ok": 1}))
 
 
 def test_evaluate_is_forced_only_when_the_champion_changed_under_the_candidate():
     judged_vs_a = {"champion": {"md5": "A"}, "model_md5": "C"}
-    assert flow.needs_forced_evaluate(judged_vs_a, champion_md5="B", candidate_md5="C")
-    assert flow.needs_forced_evaluate({"champion": None}, champion_md5="B", candidate_md5="C")
-    assert flow.needs_forced_evaluate(judged_vs_a, champion_md5=None, candidate_md5="C")  # champion removed
-    assert not flow.needs_forced_evaluate(judged_vs_a, champion_md5="A", candidate_md5="C")
-    assert not flow.needs_forced_evaluate({"champion": None}, champion_md5="C", candidate_md5="C")  # it is the champion
-    assert not flow.needs_forced_evaluate(None, champion_md5="B", candidate_md5="C")  # never evaluated: DVC runs it
-    assert not flow.needs_forced_evaluate({"champion": None}, champion_md5=None, candidate_md5="C")
+    assert messages.needs_forced_evaluate(judged_vs_a, champion_md5="B", candidate_md5="C")
+    assert messages.needs_forced_evaluate({"champion": None}, champion_md5="B", candidate_md5="C")
+    assert messages.needs_forced_evaluate(judged_vs_a, champion_md5=None, candidate_md5="C")  # champion removed
+    assert not messages.needs_forced_evaluate(judged_vs_a, champion_md5="A", candidate_md5="C")
+    assert not messages.needs_forced_evaluate(
+        {"champion": None}, champion_md5="C", candidate_md5="C"
+    )  # it is the champion
+    assert not messages.needs_forced_evaluate(None, champion_md5="B", candidate_md5="C")  # never evaluated: DVC runs it
+    assert not messages.needs_forced_evaluate({"champion": None}, champion_md5=None, candidate_md5="C")
 
 
 def test_gate_failure_message_names_metric_value_and_threshold():
-    verdict = {"passed": False, "failed": ["absolute:dx.accuracy", "regression:binary.roc_auc"], "gates": [
-        {"gate": "absolute", "metric": "dx.accuracy", "direction": "min", "value": 0.4, "threshold": 1.01,
-         "passed": False, "note": ""},
-        {"gate": "absolute", "metric": "binary.roc_auc", "direction": "min", "value": 0.9, "threshold": 0.85,
-         "passed": True, "note": ""},
-        {"gate": "regression", "metric": "binary.roc_auc", "direction": "min", "value": 0.8, "threshold": 0.89,
-         "champion_value": 0.9, "margin": 0.01, "passed": False, "note": ""},
-        {"gate": "absolute", "metric": "dx.typo", "direction": "min", "value": None, "threshold": 0.5,
-         "passed": False, "note": "metric not computed"},
-    ]}
-    msg = flow.failed_gates_message(verdict)
+    verdict = {
+        "passed": False,
+        "failed": ["absolute:dx.accuracy", "regression:binary.roc_auc"],
+        "gates": [
+            {
+                "gate": "absolute",
+                "metric": "dx.accuracy",
+                "direction": "min",
+                "value": 0.4,
+                "threshold": 1.01,
+                "passed": False,
+                "note": "",
+            },
+            {
+                "gate": "absolute",
+                "metric": "binary.roc_auc",
+                "direction": "min",
+                "value": 0.9,
+                "threshold": 0.85,
+                "passed": True,
+                "note": "",
+            },
+            {
+                "gate": "regression",
+                "metric": "binary.roc_auc",
+                "direction": "min",
+                "value": 0.8,
+                "threshold": 0.89,
+                "champion_value": 0.9,
+                "margin": 0.01,
+                "passed": False,
+                "note": "",
+            },
+            {
+                "gate": "absolute",
+                "metric": "dx.typo",
+                "direction": "min",
+                "value": None,
+                "threshold": 0.5,
+                "passed": False,
+                "note": "metric not computed",
+            },
+        ],
+    }
+    msg = messages.failed_gates_message(verdict)
     assert "absolute:dx.accuracy = 0.4000 (needs >= 1.0100)" in msg
     assert "regression:binary.roc_auc = 0.8000 (needs >= 0.8900, champion 0.9000" in msg
     assert "dx.typo = n/a" in msg and "metric not computed" in msg
@@ -68,32 +113,48 @@ def test_gate_failure_message_names_metric_value_and_threshold():
 
 def test_validation_message_lists_failed_checks_and_points_to_the_report(tmp_path):
     started = time.time()
-    summary = {"passed": False, "checks_total": 23, "checks": [
-        {"name": "in_set(dx)", "description": "dx is one of [...]", "passed": False, "failures": 1,
-         "examples": ["row 1 (image_id ISIC_0024516): dx='melanoma'"]},
-        {"name": "unique(image_id)", "description": "image_id is unique", "passed": True, "failures": 0, "examples": []},
-    ]}
-    path = tmp_path / flow.VALIDATION_SUMMARY
+    checks = {
+        "passed": False,
+        "checks": [
+            {
+                "name": "in_set(dx)",
+                "description": "dx is one of [...]",
+                "passed": False,
+                "failures": 1,
+                "examples": ["row 1 (image_id ISIC_0024516): dx='melanoma'"],
+            },
+            {
+                "name": "unique(image_id)",
+                "description": "image_id is unique",
+                "passed": True,
+                "failures": 0,
+                "examples": [],
+            },
+        ],
+    }
+    path = Layout(tmp_path).reports("validation") / "checks.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(summary))
-    msg = flow.validation_failure_message(tmp_path, started)
-    assert msg is not None and "1 of 23 checks failed" in msg and "dx='melanoma'" in msg
-    assert str(flow.VALIDATION_REPORT) in msg and "image_id is unique" not in msg
-    # a summary older than this run (validate crashed before writing one) is not quoted
+    path.write_text(json.dumps(checks))
+    msg = messages.validation_failure_message(tmp_path, started)
+    assert msg is not None and "1 of 2 checks failed" in msg and "dx='melanoma'" in msg
+    assert "reports/validation/report.md" in msg and "image_id is unique" not in msg
+    # checks older than this run (validate crashed before writing them) are not quoted
     os.utime(path, (started - 3600, started - 3600))
-    assert flow.validation_failure_message(tmp_path, started) is None
-    path.write_text(json.dumps({**summary, "passed": True}))
-    assert flow.validation_failure_message(tmp_path, started) is None
+    assert messages.validation_failure_message(tmp_path, started) is None
+    path.write_text(json.dumps({**checks, "passed": True}))
+    assert messages.validation_failure_message(tmp_path, started) is None
 
 
 def test_workspace_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
-    with flow.workspace_lock(tmp_path) as path:
+    with lock.workspace_lock(tmp_path) as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        with pytest.raises(flow.WorkspaceBusy, match="another retraining flow is running") as info:
-            with flow.workspace_lock(tmp_path, timeout=0):
-                pass
+        with (
+            pytest.raises(lock.WorkspaceBusy, match="another retraining flow is running") as info,
+            lock.workspace_lock(tmp_path, timeout=0),
+        ):
+            pass
         assert f"pid {os.getpid()}" in str(info.value)
-    with flow.workspace_lock(tmp_path):  # free again
+    with lock.workspace_lock(tmp_path):  # free again
         pass
 
 
@@ -102,7 +163,7 @@ def test_workspace_lock_waits_for_the_holder(tmp_path):
     held = threading.Event()
 
     def holder():
-        with flow.workspace_lock(tmp_path):
+        with lock.workspace_lock(tmp_path):
             held.set()
             release.wait(10)
 
@@ -110,7 +171,7 @@ def test_workspace_lock_waits_for_the_holder(tmp_path):
     t.start()
     held.wait(10)
     threading.Timer(0.5, release.set).start()
-    with flow.workspace_lock(tmp_path, timeout=60, poll=0.1):
+    with lock.workspace_lock(tmp_path, timeout=60, poll=0.1):
         # acquired only once the holder was told to let go (not by timing: by what happened)
         acquired_after_release = release.is_set()
     t.join()
@@ -118,11 +179,13 @@ def test_workspace_lock_waits_for_the_holder(tmp_path):
 
 
 def test_workspace_lock_is_released_when_the_holder_dies(tmp_path):
-    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from pathlib import Path; from flows import retrain as f; "
-            "cm = f.workspace_lock(Path(sys.argv[1])); cm.__enter__(); os._exit(0)")
-    root = str(flow.Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, os; sys.path.insert(0, sys.argv[2]); from pathlib import Path; from flows import lock as f; "
+        "cm = f.workspace_lock(Path(sys.argv[1])); cm.__enter__(); os._exit(0)"
+    )
+    root = str(Path(__file__).resolve().parents[2])
     subprocess.run([sys.executable, "-c", code, str(tmp_path), root], check=True, timeout=120)
-    with flow.workspace_lock(tmp_path, timeout=0):  # the dead process's lock is gone
+    with lock.workspace_lock(tmp_path, timeout=0):  # the dead process's lock is gone
         pass
 
 
@@ -132,11 +195,11 @@ def test_prefect_yaml_deploys_the_retraining_flow_with_valid_parameters_and_sche
     import yaml
     from prefect.client.schemas.schedules import CronSchedule
 
-    root = flow.Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[2]
     doc = yaml.safe_load((root / "prefect.yaml").read_text())
     (dep,) = doc["deployments"]
     path, name = dep["entrypoint"].split(":")
-    assert (root / path).resolve() == flow.Path(flow.__file__).resolve() and getattr(flow, name) is flow.retrain
+    assert (root / path).resolve() == Path(flow.__file__).resolve() and getattr(flow, name) is flow.retrain
     assert set(dep["parameters"]) <= set(inspect.signature(flow.retrain.fn).parameters)
     for sched in dep["schedules"]:
         CronSchedule(cron=sched["cron"], timezone=sched["timezone"])  # raises on a bad cron or zone

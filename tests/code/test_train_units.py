@@ -10,10 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import datapath, inference, models, params, train
-from pipeline.taxonomy import Taxonomy
+from pipeline.core import images, params
+from pipeline.core.taxonomy import Taxonomy
+from pipeline.model import backbones, classifier, datapath, inference, training
+from pipeline.model.augment import GpuAugment
+from pipeline.model.metadata import MetadataEncoder
+from pipeline.stages import train
 
 TAX = Taxonomy.default()
+ENCODER = MetadataEncoder.from_params(params.load_section("metadata"))
 
 
 # -- class imbalance ------------------------------------------------------------------------------
@@ -22,36 +27,36 @@ TAX = Taxonomy.default()
 def test_class_weights_follow_inverse_counts_with_the_configured_power():
     counts = np.array([400, 100, 25, 0])
     for power in (0.5, 1.0):
-        w = train.class_weights(counts, power)
+        w = training.class_weights(counts, power)
         assert w[3] == 0.0  # absent class
         # ratio of weights = inverse ratio of counts to the power
         assert w[1] / w[0] == pytest.approx((400 / 100) ** power)
         assert w[2] / w[0] == pytest.approx((400 / 25) ** power)
         # mean weight over the training samples is 1 (the loss keeps its scale)
         assert (w * counts).sum() / counts.sum() == pytest.approx(1.0)
-    assert np.allclose(train.class_weights(counts[:3], 0.0), 1.0)
+    assert np.allclose(training.class_weights(counts[:3], 0.0), 1.0)
 
 
 def test_weighted_sampler_draws_minority_classes_at_the_configured_rate():
     labels = np.repeat([0, 1, 2], [900, 90, 10])
     for power in (1.0, 0.5):
-        w = train.sampler_weights(labels, 3, power)
-        expected = train.expected_class_rates([900, 90, 10], power)
-        draws = np.concatenate([labels[train.epoch_order(len(labels), e, 0, w).numpy()] for e in range(20)])
+        w = training.sampler_weights(labels, 3, power)
+        expected = training.expected_class_rates([900, 90, 10], power)
+        draws = np.concatenate([labels[training.epoch_order(len(labels), e, 0, w).numpy()] for e in range(20)])
         rates = np.bincount(draws, minlength=3) / len(draws)
         assert rates == pytest.approx(expected, abs=0.02)
     # power 1: balanced classes; the natural rate of the rarest class is 1 %
-    assert train.expected_class_rates([900, 90, 10], 1.0) == pytest.approx([1 / 3] * 3)
+    assert training.expected_class_rates([900, 90, 10], 1.0) == pytest.approx([1 / 3] * 3)
 
 
 def test_epoch_order_is_a_seeded_permutation():
-    a, b = train.epoch_order(50, 1, 7, None), train.epoch_order(50, 1, 7, None)
+    a, b = training.epoch_order(50, 1, 7, None), training.epoch_order(50, 1, 7, None)
     assert torch.equal(a, b) and sorted(a.tolist()) == list(range(50))
-    assert not torch.equal(a, train.epoch_order(50, 2, 7, None))
+    assert not torch.equal(a, training.epoch_order(50, 2, 7, None))
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_minimum():
-    lrs = [train.lr_lambda(s, 100, 10, 0.01) for s in range(100)]
+    lrs = [training.lr_lambda(s, 100, 10, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.01, abs=0.01)
@@ -81,15 +86,16 @@ def test_rank_shards_are_disjoint_and_cover_each_global_batch(n, batch, world):
 
 def test_augmentation_keeps_shape_and_is_identity_with_neutral_parameters():
     x = torch.randint(0, 256, (4, 3, 30, 40), dtype=torch.uint8)
-    aug = datapath.GpuAugment(datapath.AugmentConfig(), (0.5,) * 3, (0.5,) * 3)
+    aug = GpuAugment(params.AugmentParams(), (0.5,) * 3, (0.5,) * 3)
     plain = aug(x, None)
     assert plain.shape == (4, 3, 30, 40)
     assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.5)
     # u = 0.5 everywhere except the flip draws (> 0.5: no flip) means: no rotation, zoom 1 only
     # when the scale range is symmetric; use a config without zoom/colour to check identity
-    neutral = datapath.GpuAugment(
-        datapath.AugmentConfig(scale=(1.0, 1.0), brightness=0, contrast=0, saturation=0, hue=0),
-        (0.5,) * 3, (0.5,) * 3,
+    neutral = GpuAugment(
+        params.AugmentParams(scale=[1.0, 1.0], brightness=0, contrast=0, saturation=0, hue=0),
+        (0.5,) * 3,
+        (0.5,) * 3,
     )
     u = torch.full((4, 9), 0.5)
     u[:, 2:4] = 0.9
@@ -104,7 +110,7 @@ def test_augmentation_keeps_shape_and_is_identity_with_neutral_parameters():
 def test_fit_to_size_turns_portrait_images_and_resizes():
     img = np.zeros((300, 200, 3), np.uint8)
     img[:10] = 255  # bright top rows
-    out = datapath.fit_to_size(img, 60, 80)
+    out = images.fit_to_size(img, 60, 80)
     assert out.shape == (60, 80, 3)
     # the bright rows became a bright column after the 90-degree turn
     assert out[:, :3].mean() > 100 and out[:3, 20:60].mean() < 50
@@ -114,10 +120,13 @@ def test_fit_to_size_turns_portrait_images_and_resizes():
 
 
 def test_metadata_encoder_handles_missing_values():
-    enc = models.MetadataEncoder()
+    enc = ENCODER
     frame = pd.DataFrame(
-        {"age": [45.0, np.nan, 0.0, None], "sex": ["male", "unknown", None, "female"],
-         "localization": ["back", "unknown", "nowhere", None]}
+        {
+            "age": [45.0, np.nan, 0.0, None],
+            "sex": ["male", "unknown", None, "female"],
+            "localization": ["back", "unknown", "nowhere", None],
+        }
     )
     v = enc.encode(frame)
     assert v.shape == (4, enc.dim) and np.isfinite(v).all()
@@ -133,11 +142,20 @@ def test_metadata_encoder_handles_missing_values():
 
 def test_fusion_model_runs_with_missing_metadata_and_uses_it():
     torch.manual_seed(0)
-    enc = models.MetadataEncoder()
-    model = models.build_model("small_cnn", 7, input_size=(32, 40), metadata=enc).eval()
+    enc = ENCODER
+    model = classifier.build_model("small_cnn", 7, input_size=(32, 40), metadata=enc).eval()
     x = torch.rand(3, 3, 32, 40)
-    full = torch.from_numpy(enc.encode(pd.DataFrame(
-        {"age": [30, 70, np.nan], "sex": ["male", "female", "unknown"], "localization": ["face", "back", "unknown"]})))
+    full = torch.from_numpy(
+        enc.encode(
+            pd.DataFrame(
+                {
+                    "age": [30, 70, np.nan],
+                    "sex": ["male", "female", "unknown"],
+                    "localization": ["face", "back", "unknown"],
+                }
+            )
+        )
+    )
     with torch.no_grad():
         a = model(x, full)
         b = model(x, None)  # everything missing
@@ -173,11 +191,14 @@ def test_derived_risk_and_binary_probabilities_sum_to_one_and_match_the_taxonomy
 
 def test_predictor_returns_every_level_and_embeddings(tmp_path):
     torch.manual_seed(0)
-    model = models.build_model("small_cnn", 7, input_size=(32, 40))
+    model = classifier.build_model("small_cnn", 7, input_size=(32, 40))
     cfg = {
-        "architecture": models.architecture("small_cnn", 7, (32, 40), 0.0, None),
-        "target_level": "dx", "classes": list(TAX.diagnoses), "taxonomy": TAX.to_dict(),
-        "preprocessing": models.BACKBONES["small_cnn"].preprocessing((32, 40)), "inference": {"tta": True},
+        "architecture": classifier.architecture("small_cnn", 7, (32, 40), 0.0, None),
+        "target_level": "dx",
+        "classes": list(TAX.diagnoses),
+        "taxonomy": TAX.to_dict(),
+        "preprocessing": backbones.BACKBONES["small_cnn"].preprocessing((32, 40)),
+        "inference": {"tta": True},
     }
     tmp = tmp_path / "m"
     tmp.mkdir()
@@ -204,12 +225,12 @@ def test_predictor_returns_every_level_and_embeddings(tmp_path):
 # -- registry and params ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(models.BACKBONES))
+@pytest.mark.parametrize("name", sorted(backbones.BACKBONES))
 def test_every_backbone_builds_with_its_feature_dim_and_gradcam_layer(name):
-    m = models.build_model(name, 3, input_size=(64, 64)).eval()
+    m = classifier.build_model(name, 3, input_size=(64, 64)).eval()
     with torch.no_grad():
         emb = m.embed(torch.rand(1, 3, 64, 64))
-    assert emb.shape == (1, models.BACKBONES[name].feature_dim)
+    assert emb.shape == (1, backbones.BACKBONES[name].feature_dim)
     layer = m.gradcam_layer()
     assert any(p is not None for p in layer.parameters())
 
@@ -225,22 +246,23 @@ def test_torchvision_weights_offline_give_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)  # what torchvision calls
-    with pytest.raises(models.ModelError, match="resnet18.*pretrained weights.*TORCH_HOME"):
-        models.build_model("resnet18", 7, pretrained=True)
-    with pytest.raises(models.ModelError, match="unknown backbone"):
-        models.build_model("vgg11", 7)
+    with pytest.raises(backbones.ModelError, match="resnet18.*pretrained weights.*TORCH_HOME"):
+        classifier.build_model("resnet18", 7, pretrained=True)
+    with pytest.raises(backbones.ModelError, match="unknown backbone"):
+        classifier.build_model("vgg11", 7)
 
 
 def test_train_params_are_strict_and_overrides_merge():
     base = params.read_yaml("params.yaml")["train"]
     p = params.from_dict(params.TrainParams, base, "train")
     assert p.backbone == "efficientnet_lite0" and p.early_stopping_metric == "balanced_accuracy"
-    merged = train.apply_overrides(base, None, ["train.epochs=30", "train.augment.hue=0.05", "train.input_size=[240,320]"])
+    merged = params.apply_overrides(
+        base, None, ["train.epochs=30", "train.augment.hue=0.05", "train.input_size=[240,320]"]
+    )
     q = params.from_dict(params.TrainParams, merged, "train")
     assert (q.epochs, q.augment.hue, q.input_size) == (30, 0.05, [240, 320])
     assert base["epochs"] == p.epochs  # the original is untouched
     for key, value, match in [
-        ("backbone", "vgg11", "train.backbone: unknown backbone"),
         ("imbalance", "oversample", "train.imbalance: must be one of"),
         ("input_size", [100], "train.input_size"),
         ("warmup_epochs", 99, "train.warmup_epochs"),
@@ -249,9 +271,12 @@ def test_train_params_are_strict_and_overrides_merge():
             params.from_dict(params.TrainParams, {**base, key: value}, "train")
     with pytest.raises(params.ParamsError, match="train.augment.scale"):
         params.from_dict(params.TrainParams, {**base, "augment": {"scale": [1.2, 0.9]}}, "train")
+    # the backbone name is checked against the registry by the stage, naming the key
+    with pytest.raises(params.ParamsError, match="train.backbone: unknown backbone 'vgg11'"):
+        train.check_backbone(params.from_dict(params.TrainParams, {**base, "backbone": "vgg11"}, "train"))
 
 
 def test_gpu_profile_is_valid():
-    merged = train.apply_overrides(params.read_yaml("params.yaml")["train"], "params-gpu.yaml", [])
+    merged = params.apply_overrides(params.read_yaml("params.yaml")["train"], "params-gpu.yaml", [])
     p = params.from_dict(params.TrainParams, merged, "train")
     assert p.epochs >= 20 and min(p.input_size) >= 150

@@ -1,5 +1,6 @@
-"""The data contract (stage ``validate``): it passes the real data and rejects each corruption
-with a message that names the problem. Corruptions are built from a small synthetic fixture."""
+"""The data contract (:mod:`pipeline.data.contract`, stage ``validate``): it passes the real data and
+rejects each corruption with a message that names the problem. Corruptions are built from a small
+synthetic fixture."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import params, validate
+from pipeline.core import params
+from pipeline.data import contract
+from pipeline.stages import validate
 from tests.conftest import IMAGES_DIR, METADATA_CSV, PROJECT_ROOT
 
 P = params.load_section("validate", PROJECT_ROOT / "params.yaml")
+META = params.load_section("metadata", PROJECT_ROOT / "params.yaml")
 DX = params.load_taxonomy(PROJECT_ROOT / "params.yaml").diagnoses
 
 ROWS = [  # lesion_id, image_id, dx, dx_type, age, sex, localization
@@ -49,11 +53,11 @@ def dataset(tmp_path) -> tuple[Path, Path]:
     return meta, images
 
 
-def run(meta: Path, images: Path) -> validate.ValidationResult:
-    return validate.validate(meta, images, P, DX)
+def run(meta: Path, images: Path) -> contract.ValidationResult:
+    return contract.validate(meta, images, P, META, DX, progress=False)
 
 
-def failed_check(result: validate.ValidationResult, name_part: str) -> validate.Check:
+def failed_check(result: contract.ValidationResult, name_part: str) -> contract.Check:
     assert not result.passed, "the contract should have failed"
     hits = [c for c in result.failed if name_part in c.name]
     assert hits, f"no failed check named *{name_part}*; failed: {[c.name for c in result.failed]}"
@@ -68,7 +72,7 @@ def edit_meta(meta: Path, fn) -> None:
 
 def test_valid_fixture_passes(dataset):
     result = run(*dataset)
-    assert result.passed, validate.format_failures(result)
+    assert result.passed, contract.format_failures(result)
     assert result.n_rows == len(ROWS)
     assert len(result.index) == len(ROWS)
 
@@ -139,7 +143,7 @@ def test_image_id_pattern_is_a_parameter(dataset, tmp_path):
     for f in images.iterdir():
         f.rename(images / f.name.replace("ISIC_", "ISIC2020_"))
     custom = params.ValidateParams(**{**params.to_dict(P), "image_id_pattern": r"^ISIC2020_\d{7}$"})
-    assert validate.validate(meta, images, custom, DX).passed
+    assert contract.validate(meta, images, custom, META, DX, progress=False).passed
 
 
 def test_missing_image_file(dataset):
@@ -189,7 +193,7 @@ def test_identical_images_within_one_lesion_are_reported_not_rejected(dataset):
     meta, images = dataset
     shutil.copyfile(images / "ISIC_0000001.jpg", images / "ISIC_0000002.jpg")
     result = run(meta, images)
-    assert result.passed, validate.format_failures(result)
+    assert result.passed, contract.format_failures(result)
     assert result.duplicate_groups == [["ISIC_0000001", "ISIC_0000002"]]
 
 
@@ -197,27 +201,46 @@ def test_identical_images_in_two_lesions(dataset):
     meta, images = dataset
     shutil.copyfile(images / "ISIC_0000003.jpg", images / "ISIC_0000004.jpg")
     check = failed_check(run(meta, images), "duplicates_within_one_lesion")
-    assert "ISIC_0000003" in check.examples[0] and "HAM_0000002" in check.examples[0] and "HAM_0000003" in check.examples[0]
+    assert (
+        "ISIC_0000003" in check.examples[0]
+        and "HAM_0000002" in check.examples[0]
+        and "HAM_0000003" in check.examples[0]
+    )
 
 
 def test_main_exits_nonzero_names_failures_and_writes_reports(dataset, tmp_path, capsys):
     meta, images = dataset
     edit_meta(meta, lambda d: d.assign(sex=d["sex"].where(d.index != 0, "M")))
     index = tmp_path / "out" / "images.csv"
-    rc = validate.main(["--metadata", str(meta), "--images", str(images), "--params", str(PROJECT_ROOT / "params.yaml"),
-                        "--report-dir", str(tmp_path / "rep"), "--index", str(index)])
+    rc = validate.main(
+        [
+            "--metadata",
+            str(meta),
+            "--images",
+            str(images),
+            "--params",
+            str(PROJECT_ROOT / "params.yaml"),
+            "--reports",
+            str(tmp_path / "rep"),
+            "--index",
+            str(index),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "sex" in err and "ISIC_0000001" in err
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
-    assert summary["passed"] is False and summary["checks_failed"] == 1
+    assert summary["passed"] == 0 and summary["checks_failed"] == 1
+    assert list(summary)[0] == "checks_failed" and all(isinstance(v, (int, float)) for v in summary.values())
+    checks = json.loads((tmp_path / "rep" / "checks.json").read_text())
+    assert [c["name"] for c in checks["checks"] if not c["passed"]] == ["expect_column_values_to_be_in_set(sex)"]
     assert not index.exists(), "no index is written for data that violates the contract"
     assert "**FAIL**" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_real_data_passes_the_contract():
-    result = validate.validate(METADATA_CSV, IMAGES_DIR, P, DX)
-    assert result.passed, validate.format_failures(result)
+    result = contract.validate(METADATA_CSV, IMAGES_DIR, P, META, DX, progress=False)
+    assert result.passed, contract.format_failures(result)
     assert result.n_rows == 10_015 and len(result.index) == 10_015
     # the two known byte-identical pairs, each within one lesion
     assert sorted(result.duplicate_groups) == [["ISIC_0024366", "ISIC_0029861"], ["ISIC_0024777", "ISIC_0029938"]]

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from pipeline import imagestats
+from pipeline.features import imagestats
 from tests.conftest import PROJECT_ROOT, project_env
 
 
@@ -24,17 +24,35 @@ def test_dask_sharded_features_equal_single_process(tiny_data, tmp_path):
     # 2 workers (threads: starting worker processes that import Prefect costs ~30 s of CPU on this
     # 2-core machine; the sharding, serialisation and reassembly are the same); 4 shards of 3, 3, 3, 1
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.features", "--images", str(images), "--runner", "dask",
-         "--workers", "2", "--dask-threads", "--shard-size", "3", "--out", str(out)],
-        cwd=PROJECT_ROOT, env=project_env(tmp_path), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.features",
+            "--images",
+            str(images),
+            "--runner",
+            "dask",
+            "--workers",
+            "2",
+            "--dask-threads",
+            "--shard-size",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=PROJECT_ROOT,
+        env=project_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on the dask runner" in proc.stdout
     sharded = pd.read_parquet(out)
 
-    from pipeline.params import load_section
+    from pipeline.core.params import load_section
 
-    config = load_section("eda", PROJECT_ROOT / "params.yaml").feature_config()
+    config = load_section("eda", PROJECT_ROOT / "params.yaml").features
     single = pd.DataFrame([imagestats.features_for_file(images / p.name, config) for p in paths])
     assert list(sharded["image_id"]) == [p.stem for p in paths]
     assert list(sharded.columns) == list(single.columns)

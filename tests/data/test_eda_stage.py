@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,23 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import eda, imagestats, linearmodel, params
+from pipeline.core import params
+from pipeline.data import splits as split_files
+from pipeline.features import analysis, baseline, batch, imagestats, linearmodel
+from pipeline.stages import eda
 
 ROOT = Path(__file__).resolve().parents[2]
 PLOTS = [
-    "class_distribution.png", "stats_by_class_image.png", "stats_by_class_lesion_shape.png",
-    "stats_by_class_lesion_colour.png", "stats_by_class_abcd_colours.png", "sample_grid.png",
-    "colour_presence.png", "auc_ranking.png", "permutation_importance.png", "baseline_confusion.png",
+    "class_distribution.png",
+    "stats_by_class_image.png",
+    "stats_by_class_lesion_shape.png",
+    "stats_by_class_lesion_colour.png",
+    "stats_by_class_abcd_colours.png",
+    "sample_grid.png",
+    "colour_presence.png",
+    "auc_ranking.png",
+    "permutation_importance.png",
+    "baseline_confusion.png",
 ]
 ARTIFACTS = ["features.parquet", "auc_ranking.csv", "permutation_importance.csv", "baseline_model.json", "lineage.json"]
 
@@ -38,10 +49,28 @@ def make_splits(data_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def eda_params(**overrides) -> params.EdaParams:
+def eda_params(features=None, **overrides) -> params.EdaParams:
     data = yaml.safe_load((ROOT / "params.yaml").read_text())["eda"]
     data.update({"grid_per_class": 2, "permutation_repeats": 2, "workers": 2, "chunk_size": 8, **overrides})
+    data["features"] = {**data["features"], **(features or {})}
     return params.from_dict(params.EdaParams, data, "eda")
+
+
+def stage_args(data: Path, splits: Path, out: Path, reports: Path) -> Namespace:
+    """The stage's command-line arguments (pipeline.core.stagecli flag names)."""
+    return Namespace(
+        metadata=data / "HAM10000_metadata.csv",
+        images=data / "images",
+        splits=splits,
+        out=out,
+        reports=reports,
+        no_progress=True,
+    )
+
+
+def run_stage(p: params.EdaParams, args: Namespace) -> dict:
+    tax = params.load_taxonomy(ROOT / "params.yaml")
+    return eda.run(args, p, tax, {"eda": params.to_dict(p), "labels": tax.to_dict()})
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +78,16 @@ def stage(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("eda")
     splits = make_splits(tiny_data, root / "splits")
     taxonomy = params.load_taxonomy(ROOT / "params.yaml")
-    summary = eda.run(
-        eda_params(), taxonomy,
-        images_dir=tiny_data / "images", metadata_csv=tiny_data / "HAM10000_metadata.csv",
-        splits_dir=splits, artifacts_dir=root / "artifacts", reports_dir=root / "reports", progress=False,
-    )
-    return {"root": root, "data": tiny_data, "splits": splits, "summary": summary, "taxonomy": taxonomy}
+    metrics = run_stage(eda_params(), stage_args(tiny_data, splits, root / "artifacts", root / "reports"))
+    summary = json.loads((root / "reports" / "statistics.json").read_text())
+    return {
+        "root": root,
+        "data": tiny_data,
+        "splits": splits,
+        "summary": summary,
+        "metrics": metrics,
+        "taxonomy": taxonomy,
+    }
 
 
 def test_writes_every_declared_output(stage):
@@ -67,14 +100,18 @@ def test_writes_every_declared_output(stage):
     report = (root / "reports" / "report.md").read_text()
     for name in PLOTS:
         assert f"plots/{name}" in report, f"report does not show {name}"
-    summary = json.loads((root / "reports" / "summary.json").read_text())
+    metrics = json.loads((root / "reports" / "summary.json").read_text())
     n_meta = len(pd.read_csv(stage["data"] / "HAM10000_metadata.csv"))
-    assert summary["n_images"] == stage["summary"]["n_images"] == n_meta
+    assert metrics["images"] == stage["summary"]["n_images"] == n_meta
+    # DVC metrics: numbers only, the baseline the CNN must beat first; the rest in statistics.json
+    assert list(metrics)[0] == "baseline_val_balanced_accuracy"
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
     for key in ("class_distribution", "segmentation", "per_class", "top_features", "baseline"):
-        assert key in summary, key
-    lineage = json.loads((root / "artifacts" / "lineage.json").read_text())
-    assert {"git", "data", "params", "files"} <= set(lineage)
-    assert lineage["params"]["eda"]["palette_k"] == 3
+        assert key in stage["summary"], key
+    for folder in ("artifacts", "reports"):
+        lineage = json.loads((root / folder / "lineage.json").read_text())
+        assert {"git", "data", "params", "files"} <= set(lineage)
+        assert lineage["params"]["eda"]["features"]["palette_k"] == 3
 
 
 def test_feature_table_one_row_per_image_and_no_unexpected_nan(stage):
@@ -126,7 +163,7 @@ def test_auc_by_rank_matches_sklearn():
     rng = np.random.default_rng(0)
     x = np.round(rng.normal(size=300), 1)  # with ties
     y = rng.random(300) < 0.3
-    assert eda.auc_by_rank(x, y) == pytest.approx(roc_auc_score(y, x))
+    assert analysis.auc_by_rank(x, y) == pytest.approx(roc_auc_score(y, x))
 
 
 def test_saved_baseline_reproduces_the_fitted_model(stage):
@@ -135,7 +172,7 @@ def test_saved_baseline_reproduces_the_fitted_model(stage):
     assert model_json["format"] == linearmodel.FORMAT
     table = table.assign(seg_ok=table["seg_ok"].astype(float))
     p = eda_params()
-    base = eda.fit_baseline(table, model_json["features"], stage["taxonomy"], p)
+    base = baseline.fit_baseline(table, model_json["features"], stage["taxonomy"], p)
     val = table[table["split"] == "val"]
     ours = linearmodel.predict_proba(model_json, val)
     ref = np.zeros_like(ours)
@@ -147,16 +184,16 @@ def test_saved_baseline_reproduces_the_fitted_model(stage):
 
 def test_process_pool_equals_single_process(stage):
     paths = sorted((stage["data"] / "images").glob("*.jpg"))[:12]
-    one = eda.compute_features(paths, workers=1, progress=False)
-    many = eda.compute_features(paths, workers=2, chunk_size=3, progress=False)
+    one = batch.compute_features(paths, workers=1, progress=False)
+    many = batch.compute_features(paths, workers=2, chunk_size=3, progress=False)
     assert pd.DataFrame(one).equals(pd.DataFrame(many))
 
 
 def test_missing_split_file_is_named(tmp_path, tiny_data):
     splits = make_splits(tiny_data, tmp_path / "splits")
     (splits / "val.csv").unlink()
-    with pytest.raises(eda.EdaError, match=r"val\.csv: split file not found"):
-        eda.load_split_table(splits)
+    with pytest.raises(split_files.SplitError, match=r"val\.csv: split file not found"):
+        split_files.split_table(splits)
 
 
 def test_unreadable_image_is_named_and_previous_outputs_survive(tmp_path, tiny_data):
@@ -168,20 +205,20 @@ def test_unreadable_image_is_named_and_previous_outputs_survive(tmp_path, tiny_d
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     (artifacts / "features.parquet").write_text("previous")
-    with pytest.raises(eda.EdaError, match=first.name):
-        eda.run(
-            eda_params(workers=1), params.load_taxonomy(ROOT / "params.yaml"),
-            images_dir=data / "images", metadata_csv=data / "HAM10000_metadata.csv", splits_dir=splits,
-            artifacts_dir=artifacts, reports_dir=tmp_path / "reports", progress=False,
-        )
+    with pytest.raises(batch.FeatureError, match=first.name):
+        run_stage(eda_params(workers=1), stage_args(data, splits, artifacts, tmp_path / "reports"))
     assert (artifacts / "features.parquet").read_text() == "previous"
     assert not (tmp_path / "reports" / "summary.json").exists()
 
 
 @pytest.mark.parametrize(
     "override, key",
-    [({"workers": -1}, "eda.workers"), ({"colour_rules": {"purple_max_l": 3.0}}, "eda.colour_rules.purple_max_l"),
-     ({"colour_min_share": 0.0}, "eda.colour_min_share"), ({"baseline_level": "organ"}, "eda.baseline_level")],
+    [
+        ({"workers": -1}, "eda.workers"),
+        ({"features": {"colour_rules": {"purple_max_l": 3.0}}}, "eda.features.colour_rules.purple_max_l"),
+        ({"features": {"colour_min_share": 0.0}}, "eda.features.colour_min_share"),
+        ({"baseline_level": "organ"}, "eda.baseline_level"),
+    ],
 )
 def test_bad_params_name_the_key(override, key):
     with pytest.raises(params.ParamsError) as exc:
@@ -191,6 +228,6 @@ def test_bad_params_name_the_key(override, key):
 
 def test_params_section_in_the_file_is_valid():
     p = params.load_section("eda", ROOT / "params.yaml")
-    cfg = p.feature_config()
-    assert cfg.palette_k == p.palette_k and cfg.colour_min_share == p.colour_min_share
-    assert not math.isnan(cfg.min_contrast)
+    cfg = p.features
+    assert cfg == imagestats.FeatureConfig(**{**params.to_dict(cfg), "colour_rules": cfg.colour_rules})
+    assert cfg.palette_k == 3 and not math.isnan(cfg.min_contrast)

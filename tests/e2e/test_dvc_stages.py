@@ -3,6 +3,7 @@ a contract violation stops the pipeline at validate."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pandas as pd
@@ -26,6 +27,16 @@ def test_repro_validate_and_split_then_nothing_to_do(tiny_data, tmp_path):
     assert "Running stage" not in again.stdout
     metrics = dvc(root, "metrics", "show")
     assert "reports/split/summary.json" in metrics.stdout and "reports/validation/summary.json" in metrics.stdout
+    # DVC's views hold numbers only (lists and text live in the stages' other outputs)
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    files = {k: v["data"] for rev in shown.values() for k, v in rev["data"].items() if "data" in v}
+
+    def leaves(node):
+        return [x for v in node.values() for x in leaves(v)] if isinstance(node, dict) else [node]
+
+    assert set(files) == {"reports/validation/summary.json", "reports/split/summary.json"}
+    for name, data in files.items():
+        assert all(isinstance(x, int | float) and not isinstance(x, bool) for x in leaves(data)), (name, data)
 
 
 def test_contract_violation_stops_at_validate(tiny_data, tmp_path):

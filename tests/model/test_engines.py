@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import inference
+from pipeline.model import inference
 from tests.registry_fixtures import write_model_dir
 
 pytestmark = pytest.mark.skipif(not inference.onnx_available(), reason="onnxruntime/onnx not installed")
@@ -25,8 +25,13 @@ def test_onnx_engine_matches_torch(tmp_path, fusion, tta):
     torch_p = inference.load_model(model_dir, device="cpu", engine="torch")
     onnx_p = inference.load_model(model_dir, device="cpu", engine="onnx")
     assert (torch_p.engine, onnx_p.engine) == ("torch", "onnx")
-    meta = pd.DataFrame({"age": [40.0, None, 70.0, 15.0, None], "sex": ["male", "female", None, "male", "female"],
-                         "localization": ["back", "face", "unknown", None, "foot"]})
+    meta = pd.DataFrame(
+        {
+            "age": [40.0, None, 70.0, 15.0, None],
+            "sex": ["male", "female", None, "male", "female"],
+            "localization": ["back", "face", "unknown", None, "foot"],
+        }
+    )
     imgs = _images(5)
     a = torch_p.predict(imgs, metadata=meta, batch_size=2)  # batch sizes other than the probe's
     b = onnx_p.predict(imgs, metadata=meta, batch_size=3)

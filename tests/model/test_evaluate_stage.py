@@ -11,15 +11,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import evaluate, inference
-from pipeline.taxonomy import Taxonomy
+from pipeline.core.taxonomy import Taxonomy
+from pipeline.evaluation.predictions import cached_predictions
+from pipeline.model import inference
+from pipeline.stages import evaluate
 from tests.registry_fixtures import write_model_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save_model(out: Path, seed: int, fusion: bool) -> Path:
-    """An untrained small model in exactly the format pipeline.train writes."""
+    """An untrained small model in exactly the format pipeline.stages.train writes."""
     return write_model_dir(out, input_size=(32, 48), metadata_fusion=fusion, seed=seed)
 
 
@@ -41,22 +43,45 @@ def workspace(tiny_data, tmp_path_factory):
     eda = root / "eda"
     eda.mkdir()
     rng = np.random.default_rng(0)
-    feats = pd.DataFrame({"image_id": meta["image_id"], "f_a": rng.normal(size=len(meta)),
-                          "f_b": rng.normal(size=len(meta)), "f_c": rng.normal(size=len(meta))})
+    feats = pd.DataFrame(
+        {
+            "image_id": meta["image_id"],
+            "f_a": rng.normal(size=len(meta)),
+            "f_b": rng.normal(size=len(meta)),
+            "f_c": rng.normal(size=len(meta)),
+        }
+    )
     feats.loc[0, "f_a"] = np.nan
     feats.to_parquet(eda / "features.parquet")
-    (eda / "baseline_model.json").write_text(json.dumps({
-        "format": "lesionflow.linear-softmax/v1", "level": "dx", "classes": list(Taxonomy.default().diagnoses),
-        "features": ["f_a", "f_b", "f_c"], "impute": [0.0, 0.0, 0.0], "mean": [0.0, 0.0, 0.0],
-        "scale": [1.0, 1.0, 1.0], "coef": rng.normal(size=(7, 3)).tolist(), "intercept": [0.0] * 7}))
+    (eda / "baseline_model.json").write_text(
+        json.dumps(
+            {
+                "format": "lesionflow.linear-softmax/v1",
+                "level": "dx",
+                "classes": list(Taxonomy.default().diagnoses),
+                "features": ["f_a", "f_b", "f_c"],
+                "impute": [0.0, 0.0, 0.0],
+                "mean": [0.0, 0.0, 0.0],
+                "scale": [1.0, 1.0, 1.0],
+                "coef": rng.normal(size=(7, 3)).tolist(),
+                "intercept": [0.0] * 7,
+            }
+        )
+    )
     doc = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     ev = doc["evaluate"]
-    ev.update(model_dir=str(model_dir), champion_dir=str(root / "champion"), eda_dir=str(eda),
-              bootstrap=100, gradcam_per_class=1, batch_size=16)
+    ev.update(bootstrap=100, gradcam_per_class=1, batch_size=16)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return {"root": root, "splits": splits, "images": tiny_data / "images", "params": params_file,
-            "model": model_dir}
+    return {
+        "root": root,
+        "splits": splits,
+        "images": tiny_data / "images",
+        "params": params_file,
+        "model": model_dir,
+        "champion": root / "champion",
+        "eda": eda,
+    }
 
 
 def _params(ws, **changes) -> Path:
@@ -67,11 +92,24 @@ def _params(ws, **changes) -> Path:
     return path
 
 
+def _argv(ws, out: Path, rep: Path, params_file: Path | None = None, model: Path | None = None) -> list[str]:
+    """The stage's command line for the workspace, writing to ``out`` and ``rep``."""
+    return [
+        *("--params", str(params_file or ws["params"])),
+        *("--model", str(model or ws["model"])),
+        *("--splits", str(ws["splits"])),
+        *("--images", str(ws["images"])),
+        *("--eda", str(ws["eda"])),
+        *("--champion", str(ws["champion"])),
+        *("--out", str(out)),
+        *("--reports", str(rep)),
+        *("--device", "cpu", "--no-cache", "--no-progress"),
+    ]
+
+
 def _run(ws, tag: str, params_file: Path | None = None) -> tuple[int, Path, Path]:
     out, rep = ws["root"] / tag / "art", ws["root"] / tag / "rep"
-    rc = evaluate.main(["--params", str(params_file or ws["params"]), "--splits", str(ws["splits"]), "--images", str(ws["images"]),
-                        "--out", str(out), "--report-dir", str(rep), "--device", "cpu", "--no-cache"])
-    return rc, out, rep
+    return evaluate.main(_argv(ws, out, rep, params_file)), out, rep
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +129,18 @@ def test_stage_writes_everything_and_succeeds_when_gates_fail(workspace, first_r
     assert list(pred["image_id"]) == list(test["image_id"])
     dx_cols = [f"p_dx_{c}" for c in Taxonomy.default().diagnoses]
     assert np.allclose(pred[dx_cols].sum(axis=1), 1.0, atol=1e-4)
-    for col in ("lesion_id", "dx", "dx_pred", "risk_true", "risk_pred", "binary_true", "p_malignant",
-                "p_risk_benign_at_risk", "binary_pred_at_threshold"):
+    for col in (
+        "lesion_id",
+        "dx",
+        "dx_pred",
+        "risk_true",
+        "risk_pred",
+        "binary_true",
+        "p_malignant",
+        "p_risk_benign_at_risk",
+        "decision",
+        "threshold",
+    ):
         assert col in pred
 
     # the operating point reaches the target sensitivity on val, where it was chosen
@@ -102,19 +150,44 @@ def test_stage_writes_everything_and_succeeds_when_gates_fail(workspace, first_r
     assert (val.loc[malignant, "p_malignant"] >= op["threshold"] - 1e-6).mean() >= op["target_sensitivity"]
     assert op["val"]["sensitivity"] >= op["target_sensitivity"]
 
+    # DVC's views: numbers only, the referral decision first; the CIs beside them
     m = json.loads((rep / "metrics.json").read_text())
-    assert set(m) >= {"dx", "risk", "binary", "gates", "operating_point"}
-    assert m["binary"]["ci"]["roc_auc"]["low"] <= m["binary"]["roc_auc"] <= m["binary"]["ci"]["roc_auc"]["high"]
-    assert m["gates"]["passed"] is False
+    assert list(m)[:3] == ["binary", "dx", "risk"] and m["gates_passed"] == 0
+    assert list(m["binary"])[:2] == ["sensitivity_at_operating_point", "specificity_at_operating_point"]
+    numbers = [v for lvl in ("binary", "dx", "risk") for v in m[lvl].values()] + [
+        v for v in m.values() if not isinstance(v, dict)
+    ]
+    assert all(isinstance(v, int | float) for v in numbers)
+    ci = json.loads((rep / "confidence.json").read_text())
+    assert ci["binary"]["roc_auc"]["low"] <= m["binary"]["roc_auc"] <= ci["binary"]["roc_auc"]["high"]
+    lin = json.loads((rep / "lineage.json").read_text())
+    assert lin["data"]["md5"] and lin["params"]["evaluate"]["bootstrap"] == 100
 
     card = (rep / "model_card.md").read_text()
-    for text in ("Not a diagnostic device", "Operating point", "Subgroups", "Baselines", "Limitations",
-                 "Lineage", "majority class", "stratified random", "EDA feature classifier"):
+    for text in (
+        "Not a diagnostic device",
+        "Operating point",
+        "Subgroups",
+        "Baselines",
+        "Limitations",
+        "Lineage",
+        "majority class",
+        "stratified random",
+        "EDA feature classifier",
+    ):
         assert text in card
     assert "<table>" in (rep / "model_card.html").read_text()
-    for f in ("figures/confusion_dx.png", "figures/roc_pr.png", "figures/reliability.png",
-              "figures/metadata_attribution.png", "plots/confusion_binary.csv", "plots/roc.csv",
-              "subgroups.csv", "baselines.csv", "gates.md"):
+    for f in (
+        "figures/confusion_dx.png",
+        "figures/roc_pr.png",
+        "figures/reliability.png",
+        "figures/metadata_attribution.png",
+        "plots/confusion_binary.csv",
+        "plots/roc.csv",
+        "subgroups.csv",
+        "baselines.csv",
+        "gates.md",
+    ):
         assert (rep / f).stat().st_size > 0, f
     assert len(list((rep / "gradcam").glob("*.png"))) == 7
     base = pd.read_csv(rep / "baselines.csv")
@@ -137,8 +210,12 @@ def test_regression_gates_against_a_champion(workspace):
         verdict = json.loads((rep / "gates.json").read_text())
         assert verdict["champion_present"]
         reg = [g for g in verdict["gates"] if g["gate"] == "regression"]
-        assert {g["metric"] for g in reg} == {"binary.roc_auc", "binary.sensitivity_at_operating_point",
-                                              "dx.balanced_accuracy", "dx.roc_auc_macro"}
+        assert {g["metric"] for g in reg} == {
+            "binary.roc_auc",
+            "binary.sensitivity_at_operating_point",
+            "dx.balanced_accuracy",
+            "dx.roc_auc_macro",
+        }
         assert all(g["champion_value"] is not None for g in reg)
         assert "Champion" in (rep / "model_card.md").read_text()
 
@@ -158,9 +235,7 @@ def test_regression_gates_against_a_champion(workspace):
 def test_missing_model_is_a_clear_error_and_keeps_previous_outputs(workspace, first_run, capsys):
     rc, out, rep = first_run  # outputs of a good run
     before = (rep / "metrics.json").read_text()
-    bad = _params(workspace, model_dir=str(workspace["root"] / "nope"))
-    rc = evaluate.main(["--params", str(bad), "--splits", str(workspace["splits"]), "--images",
-                        str(workspace["images"]), "--out", str(out), "--report-dir", str(rep), "--no-cache"])
+    rc = evaluate.main(_argv(workspace, out, rep, model=workspace["root"] / "nope"))
     assert rc == 2
     assert "nope/config.json" in capsys.readouterr().err
     assert (rep / "metrics.json").read_text() == before
@@ -176,11 +251,11 @@ def test_prediction_cache_reuses_and_invalidates(workspace, tmp_path):
         return inference.load_model(model_dir, device="cpu")
 
     args = (frame, workspace["images"], 16, "test", tmp_path / "cache")
-    first = evaluate.cached_predictions(model_dir, load, *args)
-    again = evaluate.cached_predictions(model_dir, load, *args)
+    first = cached_predictions(model_dir, load, *args)
+    again = cached_predictions(model_dir, load, *args)
     assert len(loads) == 1  # the second call read the cache
     assert np.array_equal(first.p_malignant, again.p_malignant)
     assert np.array_equal(first.level("dx"), again.level("dx"))
     _save_model(model_dir, seed=5, fusion=True)  # new weights: predict again
-    changed = evaluate.cached_predictions(model_dir, load, *args)
+    changed = cached_predictions(model_dir, load, *args)
     assert len(loads) == 2 and not np.array_equal(changed.p_malignant, first.p_malignant)

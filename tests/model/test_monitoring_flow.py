@@ -32,20 +32,35 @@ def _fake_check(decision: str):
     def check(root, folder, metadata_csv, hours, model_dir, reference_dir):
         report = Path(root) / "reports" / "monitoring" / "20260301T000000Z"
         report.mkdir(parents=True, exist_ok=True)
-        return {"decision": decision, "reason": f"{decision}: brightness drifted", "report_dir": str(report),
-                "source": {"kind": "folder", "path": folder}, "n_current": 500, "n_reference": 2000,
-                "min_batch_size": 100, "drift_share": 0.5, "n_features": 80,
-                "thresholds": {"drift_share": 0.25}, "key_features_drifted": ["brightness"],
-                "embedding_drift": None, "drifted_columns": ["brightness"], "column_drift": {}, "reports": {}}
+        return {
+            "decision": decision,
+            "reason": f"{decision}: brightness drifted",
+            "report_dir": str(report),
+            "source": {"kind": "folder", "path": folder},
+            "n_current": 500,
+            "n_reference": 2000,
+            "min_batch_size": 100,
+            "drift_share": 0.5,
+            "n_features": 80,
+            "thresholds": {"drift_share": 0.25},
+            "key_features_drifted": ["brightness"],
+            "embedding_drift": None,
+            "drifted_columns": ["brightness"],
+            "column_drift": {},
+            "reports": {},
+        }
 
     return check
 
 
-@pytest.mark.parametrize("decision, workspace_md5, expect", [
-    ("drift", "new-data-md5", "RetrainingTriggered"),
-    ("drift", "champion-md5", "DriftDetected"),
-    ("no_drift", "new-data-md5", "NoDrift"),
-])
+@pytest.mark.parametrize(
+    "decision, workspace_md5, expect",
+    [
+        ("drift", "new-data-md5", "RetrainingTriggered"),
+        ("drift", "champion-md5", "DriftDetected"),
+        ("no_drift", "new-data-md5", "NoDrift"),
+    ],
+)
 def test_retraining_only_with_a_new_data_version(harness, tmp_path, monkeypatch, decision, workspace_md5, expect):
     import flows.monitor as fm
 
@@ -59,8 +74,13 @@ def test_retraining_only_with_a_new_data_version(harness, tmp_path, monkeypatch,
     report = str(root.resolve() / "reports" / "monitoring" / "20260301T000000Z")
     if expect == "RetrainingTriggered":
         assert state.is_completed()
-        assert calls == [{"name": "lesionflow-retrain/lesionflow-retrain-scheduled", "timeout": 0,
-                          "parameters": {"project_root": str(root.resolve())}}]
+        assert calls == [
+            {
+                "name": "lesionflow-retrain/lesionflow-retrain-scheduled",
+                "timeout": 0,
+                "parameters": {"project_root": str(root.resolve())},
+            }
+        ]
     elif expect == "DriftDetected":
         assert state.is_failed() and not calls
         assert report in state.message and "no new labelled data" in state.message

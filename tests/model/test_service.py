@@ -1,7 +1,7 @@
 """The BentoML service through HTTP: a real `bentoml serve` on 127.0.0.1 (started once for the
-module) serving a tiny untrained model packaged with pipeline.registry into a temporary
+module) serving a tiny untrained model packaged with pipeline.serving.registry into a temporary
 BENTOML_HOME. Valid images (JPEG/PNG, any size, multipart or raw body) get probabilities that
-sum to one at every level and match pipeline.inference's; every kind of bad input gets its 4xx
+sum to one at every level and match pipeline.model.inference's; every kind of bad input gets its 4xx
 JSON error naming the field; the service keeps answering afterwards."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images, inference, lineage, registry
+from pipeline.core import images, lineage
+from pipeline.model import inference
+from pipeline.serving import bento, registry
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
 IMAGES_DIR = PROJECT_ROOT / "data" / "images"
@@ -46,7 +47,7 @@ def _real_images(n: int) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, packaged tag, model dir) of a running `bentoml serve` of pipeline.service."""
+    """(base URL, packaged tag, model dir) of a running `bentoml serve` of pipeline.serving.service."""
     tmp = tmp_path_factory.mktemp("service")
     home = tmp / "bentoml"
     model_dir = write_model_dir(tmp / "model", backbone="small_cnn", input_size=(48, 64), metadata_fusion=True)
@@ -61,15 +62,23 @@ def server(tmp_path_factory):
         else:
             os.environ["BENTOML_HOME"] = old
     port = _free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
-           "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES), "LESIONFLOW_TORCH_THREADS": "1",
-           "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log")}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES),
+        "LESIONFLOW_TORCH_THREADS": "1",
+        "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log"),
+    }
     env.pop("LESIONFLOW_MODEL_TAG", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "pipeline.service:LesionflowService",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        bento.serve_command(port=port),
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -117,8 +126,11 @@ def _check_probabilities(body: dict) -> None:
 def test_classify_multipart_matches_pipeline_inference(server, client):
     base, tag, model_dir = server
     path = _real_images(1)[0]
-    r = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
-                    data={"age": "45", "sex": "female", "localization": "back"})
+    r = client.post(
+        "/classify",
+        files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+        data={"age": "45", "sex": "female", "localization": "back"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     _check_probabilities(body)
@@ -126,11 +138,12 @@ def test_classify_multipart_matches_pipeline_inference(server, client):
     assert body["data_version"] == lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"]
     assert body["threshold"] == pytest.approx(THRESHOLD)
     assert body["metadata"] == {"age": 45.0, "sex": "female", "localization": "back"}
-    # the same preprocessing + model as pipeline.inference (imported, not copied)
+    # the same preprocessing + model as pipeline.model.inference (imported, not copied)
     import pandas as pd
 
     local = inference.load_model(model_dir, device="cpu").predict(
-        [images.decode_rgb(path)], metadata=pd.DataFrame([{"age": 45.0, "sex": "female", "localization": "back"}]))
+        [images.decode_rgb(path)], metadata=pd.DataFrame([{"age": 45.0, "sex": "female", "localization": "back"}])
+    )
     np.testing.assert_allclose(list(body["dx_probabilities"].values()), local["dx_probs"][0], atol=1e-5)
     assert body["p_malignant"] == pytest.approx(float(local["p_malignant"][0]), abs=1e-5)
 
@@ -151,8 +164,11 @@ def test_classify_raw_body_png_any_size(client):
 
 def test_batch_endpoint_and_concurrent_requests(client):
     paths = _real_images(3)
-    r = client.post("/classify_batch", files=[("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
-                    data={"age": ["30", "50", "70"]})
+    r = client.post(
+        "/classify_batch",
+        files=[("image", (p.name, p.read_bytes(), "image/jpeg")) for p in paths],
+        data={"age": ["30", "50", "70"]},
+    )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 3
@@ -190,17 +206,26 @@ def test_batchable_infer_api(server, client):
     assert r.status_code == 200, r.text
     ok, short, bad_sex = r.json()
     assert sum(ok["dx"]) == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(ok["dx"], pred.predict([images.decode_rgb(path)],
-                               metadata={"age": [50.0], "sex": [None], "localization": [None]})["dx_probs"][0], atol=1e-5)
+    np.testing.assert_allclose(
+        ok["dx"],
+        pred.predict([images.decode_rgb(path)], metadata={"age": [50.0], "sex": [None], "localization": [None]})[
+            "dx_probs"
+        ][0],
+        atol=1e-5,
+    )
     assert "expected" in short["error"] and "sex" in bad_sex["error"]
 
 
 def _png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (never decoded: refused first)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _gif() -> bytes:
@@ -216,34 +241,96 @@ def _bad_requests() -> list:
         # id, (path, kwargs), status, field, words in the message
         ("empty-body", ("/classify", {"content": b"", "headers": raw}), 400, "image", "empty"),
         ("empty-file", ("/classify", {"files": {"image": ("a.jpg", b"", "image/jpeg")}}), 400, "image", "empty"),
-        ("not-an-image", ("/classify", {"content": b"hello, this is text" * 10, "headers": raw}), 400, "image",
-         "not an image"),
-        ("truncated", ("/classify", {"files": {"image": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}), 400,
-         "image", "truncated"),
-        ("gif", ("/classify", {"content": _gif(), "headers": {"Content-Type": "image/png"}}), 415, "image",
-         "unsupported format"),
-        ("too-many-bytes", ("/classify", {"content": os.urandom(MAX_BYTES + 10), "headers": raw}), 413, "image",
-         "exceeds the limit"),
-        ("too-many-bytes-multipart", ("/classify", {"files": {"image": ("b.jpg", os.urandom(MAX_BYTES + 10),
-                                                                        "image/jpeg")}}), 413, "image", "exceeds"),
-        ("decompression-bomb", ("/classify", {"content": _png_bomb(30000, 30000), "headers": raw}), 413, "image",
-         "decompression bomb"),
-        ("age-not-a-number", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"age": "abc"}}),
-         422, "age", "number"),
+        (
+            "not-an-image",
+            ("/classify", {"content": b"hello, this is text" * 10, "headers": raw}),
+            400,
+            "image",
+            "not an image",
+        ),
+        (
+            "truncated",
+            ("/classify", {"files": {"image": ("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}),
+            400,
+            "image",
+            "truncated",
+        ),
+        (
+            "gif",
+            ("/classify", {"content": _gif(), "headers": {"Content-Type": "image/png"}}),
+            415,
+            "image",
+            "unsupported format",
+        ),
+        (
+            "too-many-bytes",
+            ("/classify", {"content": os.urandom(MAX_BYTES + 10), "headers": raw}),
+            413,
+            "image",
+            "exceeds the limit",
+        ),
+        (
+            "too-many-bytes-multipart",
+            ("/classify", {"files": {"image": ("b.jpg", os.urandom(MAX_BYTES + 10), "image/jpeg")}}),
+            413,
+            "image",
+            "exceeds",
+        ),
+        (
+            "decompression-bomb",
+            ("/classify", {"content": _png_bomb(30000, 30000), "headers": raw}),
+            413,
+            "image",
+            "decompression bomb",
+        ),
+        (
+            "age-not-a-number",
+            ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"age": "abc"}}),
+            422,
+            "age",
+            "number",
+        ),
         ("age-out-of-range", ("/classify?age=150", {"content": jpeg, "headers": raw}), 422, "age", "between"),
-        ("sex-not-in-vocabulary", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")},
-                                                 "data": {"sex": "robot"}}), 422, "sex", "accepted"),
-        ("localization-unknown", ("/classify?localization=elbow", {"content": jpeg, "headers": raw}), 422,
-         "localization", "accepted"),
-        ("unknown-field", ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"colour": "red"}}),
-         422, "colour", "unknown field"),
-        ("no-image-field", ("/classify", {"files": {"photo_wrong": ("a.jpg", jpeg, "image/jpeg")}}), 422, "photo_wrong",
-         "unknown field"),
+        (
+            "sex-not-in-vocabulary",
+            ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"sex": "robot"}}),
+            422,
+            "sex",
+            "accepted",
+        ),
+        (
+            "localization-unknown",
+            ("/classify?localization=elbow", {"content": jpeg, "headers": raw}),
+            422,
+            "localization",
+            "accepted",
+        ),
+        (
+            "unknown-field",
+            ("/classify", {"files": {"image": ("a.jpg", jpeg, "image/jpeg")}, "data": {"colour": "red"}}),
+            422,
+            "colour",
+            "unknown field",
+        ),
+        (
+            "no-image-field",
+            ("/classify", {"files": {"photo_wrong": ("a.jpg", jpeg, "image/jpeg")}}),
+            422,
+            "photo_wrong",
+            "unknown field",
+        ),
         ("only-metadata", ("/classify", {"files": {"age": (None, "40")}}), 400, "image", "missing"),
         ("json-body", ("/classify", {"json": {"image": "x"}}), 415, "image", "Content-Type"),
-        ("batch-bad-item", ("/classify_batch", {"files": [("image", ("a.jpg", jpeg, "image/jpeg")),
-                                                          ("image", ("b.jpg", b"nope", "image/jpeg"))]}), 400,
-         "image[1]", "not an image"),
+        (
+            "batch-bad-item",
+            (
+                "/classify_batch",
+                {"files": [("image", ("a.jpg", jpeg, "image/jpeg")), ("image", ("b.jpg", b"nope", "image/jpeg"))]},
+            ),
+            400,
+            "image[1]",
+            "not an image",
+        ),
     ]
 
 
@@ -283,7 +370,8 @@ def test_answers_reach_the_inference_log_in_order(server, client):
     """Every answered image becomes one inference-log record (written by the service's background
     thread, with the EDA statistics of that image), none dropped at this pace; /model says which
     engine predicts and counts the log's records."""
-    from pipeline import inferencelog, monitoring
+    from pipeline.features import imagestats
+    from pipeline.monitoring import inferencelog
 
     _, tag, model_dir = server
     log_dir = model_dir.parent / "inference-log"
@@ -306,6 +394,6 @@ def test_answers_reach_the_inference_log_in_order(server, client):
     assert len(df) == counts["written"] and (df["model_tag"] == tag).all()
     last = df.tail(3).reset_index(drop=True)
     for i, path in enumerate(paths):
-        stats = monitoring.image_statistics(images.decode_rgb(path))
+        stats = imagestats.image_statistics(images.decode_rgb(path))
         assert last["brightness"][i] == pytest.approx(stats["brightness"])
         assert last["contrast_rms"][i] == pytest.approx(stats["contrast_rms"])

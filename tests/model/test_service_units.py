@@ -1,43 +1,77 @@
-"""Units of pipeline.service without a server: request-field validation and the adaptive batcher."""
+"""Units of the service without a server: request-field validation (pipeline.serving.requests) and
+the adaptive batcher (pipeline.serving.batching)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
 
-from pipeline import service
+from pipeline.core import params
+from pipeline.serving import batching, requests
+from tests.conftest import PROJECT_ROOT
 
-VOCAB = service.vocabulary({"architecture": {"metadata": None}})
+#: What a model trained with this project's params.yaml records and the service accepts.
+METADATA = params.load_section("metadata", PROJECT_ROOT / "params.yaml")
+VOCAB = requests.vocabulary({"metadata_vocabulary": dataclasses.asdict(METADATA)})
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({}, {"age": None, "sex": None, "localization": None}),
-    ({"age": "45", "sex": " Female ", "localization": "Upper Extremity"},
-     {"age": 45.0, "sex": "female", "localization": "upper extremity"}),
-    ({"age": 0, "sex": "unknown", "localization": ""}, {"age": 0.0, "sex": None, "localization": None}),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({}, {"age": None, "sex": None, "localization": None}),
+        (
+            {"age": "45", "sex": " Female ", "localization": "Upper Extremity"},
+            {"age": 45.0, "sex": "female", "localization": "upper extremity"},
+        ),
+        ({"age": 0, "sex": "unknown", "localization": ""}, {"age": 0.0, "sex": None, "localization": None}),
+    ],
+)
 def test_validate_metadata_accepts(raw, expected):
-    assert service.validate_metadata(raw, VOCAB) == expected
+    assert requests.validate_metadata(raw, VOCAB) == expected
 
 
-@pytest.mark.parametrize("raw, field, status", [
-    ({"age": "abc"}, "age", 422), ({"age": "nan"}, "age", 422), ({"age": -1}, "age", 422),
-    ({"age": 121}, "age", 422), ({"age": True}, "age", 422), ({"sex": "robot"}, "sex", 422),
-    ({"sex": 3}, "sex", 422), ({"localization": "elbow"}, "localization", 422),
-])
+@pytest.mark.parametrize(
+    "raw, field, status",
+    [
+        ({"age": "abc"}, "age", 422),
+        ({"age": "nan"}, "age", 422),
+        ({"age": -1}, "age", 422),
+        ({"age": 121}, "age", 422),
+        ({"age": True}, "age", 422),
+        ({"sex": "robot"}, "sex", 422),
+        ({"sex": 3}, "sex", 422),
+        ({"localization": "elbow"}, "localization", 422),
+    ],
+)
 def test_validate_metadata_refuses_naming_the_field(raw, field, status):
-    with pytest.raises(service.ApiError) as err:
-        service.validate_metadata(raw, VOCAB, "[2]")
+    with pytest.raises(requests.ApiError) as err:
+        requests.validate_metadata(raw, VOCAB, "[2]")
     assert err.value.field == f"{field}[2]" and err.value.status == status
     assert f"field '{field}[2]'" in err.value.response().body.decode()
 
 
-def test_vocabulary_follows_the_models_metadata_encoder():
-    v = service.vocabulary({"architecture": {"metadata": {"sexes": ["f", "m"], "localizations": ["arm"],
-                                                           "age_scale": 100}}})
-    assert v == {"sex": ("f", "m", "unknown"), "localization": ("arm", "unknown")}
+def test_vocabulary_is_the_one_the_model_was_trained_with():
+    assert VOCAB.values("sex") == tuple(METADATA.sexes) and VOCAB.values("localization") == tuple(
+        METADATA.localizations
+    )
+    assert (VOCAB.age_min, VOCAB.age_max) == (METADATA.age_min, METADATA.age_max)
+    # an older model records only its encoder's vocabulary (plus "unknown"); a model without
+    # metadata accepts any text
+    old = requests.vocabulary(
+        {"architecture": {"metadata": {"sexes": ["f", "m"], "localizations": ["arm"], "age_scale": 100}}}
+    )
+    assert old.values("sex") == ("f", "m", "unknown") and old.values("localization") == ("arm", "unknown")
+    anything = requests.vocabulary({"architecture": {"metadata": None}})
+    assert requests.validate_metadata({"sex": "Robot"}, anything)["sex"] == "robot"
+
+
+def test_age_range_comes_from_the_vocabulary():
+    narrow = requests.vocabulary({"metadata_vocabulary": {**dataclasses.asdict(METADATA), "age_max": 90}})
+    with pytest.raises(requests.ApiError, match="between 0 and 90"):
+        requests.validate_metadata({"age": 95}, narrow)
 
 
 def test_batcher_batches_while_busy_and_isolates_failures():
@@ -53,7 +87,7 @@ def test_batcher_batches_while_busy_and_isolates_failures():
         return [i * 10 for i in items]
 
     async def main():
-        b = service.Batcher(fn, max_batch=4)
+        b = batching.Batcher(fn, max_batch=4)
         first = asyncio.ensure_future(b.submit(1))
         await asyncio.sleep(0.1)
         rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 8)]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import images, inference, models, params, train
-from pipeline.taxonomy import Taxonomy
+from pipeline.core import images, params
+from pipeline.core.images import ImageError
+from pipeline.core.taxonomy import Taxonomy
+from pipeline.model import checkpoint, classifier, inference
+from pipeline.stages import train
 from tests.conftest import copy_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 TAX = Taxonomy.default()
+VOCABULARY = params.load_section("metadata", ROOT / "params.yaml")
 
 
 def make_splits(data: Path, dest: Path, val_lesions: int = 2) -> Path:
@@ -37,15 +42,30 @@ def make_splits(data: Path, dest: Path, val_lesions: int = 2) -> Path:
 def tiny_params(**over) -> params.TrainParams:
     base = params.read_yaml(ROOT / "params.yaml")["train"]
     base.update(
-        epochs=1, batch_size=8, eval_batch_size=64, input_size=[64, 80], warmup_epochs=0.5,
-        lr=0.001, tta=False, cache=False, decode_workers=2,
+        epochs=1,
+        batch_size=8,
+        eval_batch_size=64,
+        input_size=[64, 80],
+        warmup_epochs=0.5,
+        lr=0.001,
+        tta=False,
+        cache=False,
+        decode_workers=2,
     )
     base.update(over)
     return params.from_dict(params.TrainParams, base, "train")
 
 
-def paths_for(tmp: Path, data: Path, splits: Path) -> train.TrainPaths:
-    return train.TrainPaths(splits, data / "images", tmp / "model", tmp / "reports", tmp / "cache", ROOT / "data.dvc")
+def args_for(tmp: Path, data: Path, splits: Path) -> Namespace:
+    """The stage's command-line arguments for a run writing under ``tmp``."""
+    return Namespace(
+        splits=splits,
+        images=data / "images",
+        out=tmp / "model",
+        reports=tmp / "reports",
+        cache_dir=tmp / "cache",
+        no_progress=True,
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,9 +93,9 @@ def trained(sample, splits, tmp_path_factory):
     """One epoch of the default backbone (pretrained EfficientNet-Lite0) on the small sample."""
     tmp = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    paths = paths_for(tmp, sample, splits)
-    result = train.train(tiny_params(augment={"enabled": False}), TAX, paths, progress=False)
-    return paths, result
+    args = args_for(tmp, sample, splits)
+    result = train.train(tiny_params(augment={"enabled": False}), TAX, VOCABULARY, args)
+    return args, result
 
 
 def val_images(data: Path, splits: Path):
@@ -85,29 +105,29 @@ def val_images(data: Path, splits: Path):
 
 
 def test_one_epoch_improves_validation_loss_over_the_untrained_model(trained):
-    paths, result = trained
-    hist = pd.read_csv(paths.reports_dir / "history.csv")
+    args, result = trained
+    hist = pd.read_csv(args.reports / "history.csv")
     assert list(hist["epoch"]) == [0, 1]
     assert hist["val_loss"].iloc[1] < hist["val_loss"].iloc[0] - 0.02
-    metrics = json.loads((paths.reports_dir / "metrics.json").read_text())
+    metrics = json.loads((args.reports / "metrics.json").read_text())
     for key in ("best_epoch", "val_balanced_accuracy", "val_macro_auc", "images_per_s", "wall_time_s"):
         assert key in metrics and np.isfinite(metrics[key])
-    assert (paths.reports_dir / "curves.png").stat().st_size > 10_000
+    assert (args.reports / "curves.png").stat().st_size > 10_000
 
 
 def test_saved_model_reloads_weights_only_and_reproduces_the_validation_outputs(trained, sample, splits):
-    paths, result = trained
-    state = torch.load(paths.model_dir / "model.pt", weights_only=True)
+    args, result = trained
+    state = torch.load(args.out / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    cfg = json.loads((paths.model_dir / "config.json").read_text())
+    cfg = json.loads((args.out / "config.json").read_text())
     assert cfg["classes"] == list(TAX.diagnoses) and cfg["taxonomy"] == TAX.to_dict()
     assert cfg["train_params"]["epochs"] == 1 and cfg["preprocessing"]["input_size"] == [64, 80]
-    assert set(cfg["lineage"]["files"]) == {str(paths.splits_dir / "train.csv"), str(paths.splits_dir / "val.csv")}
+    assert set(cfg["lineage"]["files"]) == {str(args.splits / "train.csv"), str(args.splits / "val.csv")}
     assert cfg["lineage"]["data"]["md5"].endswith(".dir")
 
     frame, imgs, y = val_images(sample, splits)
-    a = inference.load_model(paths.model_dir, device="cpu").predict(imgs, tta=False)
-    b = inference.load_model(paths.model_dir, device="cpu").predict(imgs, tta=False)
+    a = inference.load_model(args.out, device="cpu").predict(imgs, tta=False)
+    b = inference.load_model(args.out, device="cpu").predict(imgs, tta=False)
     assert np.array_equal(a["dx_probs"], b["dx_probs"]) and np.array_equal(a["embeddings"], b["embeddings"])
     # the reloaded model, through THE inference path, gives the validation loss measured in training
     loss = -np.mean(np.log(a["dx_probs"][np.arange(len(y)), y]))
@@ -116,18 +136,18 @@ def test_saved_model_reloads_weights_only_and_reproduces_the_validation_outputs(
 
 
 def test_a_crash_while_writing_leaves_the_previous_model_in_place(trained, monkeypatch):
-    paths, _ = trained
-    before = {f.name: f.read_bytes() for f in paths.model_dir.iterdir()}
+    args, _ = trained
+    before = {f.name: f.read_bytes() for f in args.out.iterdir()}
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(train, "write_json", boom)
+    monkeypatch.setattr(checkpoint.fsutil, "write_json", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        train.train(tiny_params(backbone="small_cnn", pretrained=False, input_size=[32, 40]), TAX, paths, progress=False)
-    after = {f.name: f.read_bytes() for f in paths.model_dir.iterdir()}
+        train.train(tiny_params(backbone="small_cnn", pretrained=False, input_size=[32, 40]), TAX, VOCABULARY, args)
+    after = {f.name: f.read_bytes() for f in args.out.iterdir()}
     assert after == before
-    assert not [p for p in paths.model_dir.parent.iterdir() if ".staging-" in p.name]
+    assert not [p for p in args.out.parent.iterdir() if ".staging-" in p.name]
 
 
 def test_missing_image_is_named(sample, splits, tmp_path):
@@ -137,8 +157,10 @@ def test_missing_image_is_named(sample, splits, tmp_path):
     frame.loc[3, "image_id"] = "ISIC_9999999"
     frame.to_csv(bad / "train.csv", index=False)
     (bad / "val.csv").write_text((splits / "val.csv").read_text())
-    with pytest.raises(train.TrainError, match=r"train.csv: row 3 \(image_id ISIC_9999999\)"):
-        train.train(tiny_params(backbone="small_cnn", pretrained=False), TAX, paths_for(tmp_path, sample, bad), progress=False)
+    with pytest.raises(ImageError, match=r"train.csv: row 3 \(image_id ISIC_9999999\)"):
+        train.train(
+            tiny_params(backbone="small_cnn", pretrained=False), TAX, VOCABULARY, args_for(tmp_path, sample, bad)
+        )
 
 
 def _train_twice(common: list[str], tmp_path: Path, name: str) -> tuple[Path, Path]:
@@ -148,15 +170,31 @@ def _train_twice(common: list[str], tmp_path: Path, name: str) -> tuple[Path, Pa
     ddp, one = tmp_path / f"{name}_ddp", tmp_path / f"{name}_single"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LESIONFLOW_SHARD_LOG": str(ddp / "shards")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.train",
-         *common, "--model-dir", str(ddp / "model"), "--reports-dir", str(ddp / "reports")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipeline.stages.train",
+            *common,
+            "--out",
+            str(ddp / "model"),
+            "--reports",
+            str(ddp / "reports"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2 ranks" in proc.stdout
     os.environ["LESIONFLOW_SHARD_LOG"] = str(one / "shards")
     try:
-        assert train.main([*common, "--model-dir", str(one / "model"), "--reports-dir", str(one / "reports")]) == 0
+        assert train.main([*common, "--out", str(one / "model"), "--reports", str(one / "reports")]) == 0
     finally:
         del os.environ["LESIONFLOW_SHARD_LOG"]
     return ddp, one
@@ -185,10 +223,20 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
     if len(frame) % 2:  # an even count: no wrapped sample, so both runs see exactly the same batches
         frame = frame.iloc[:-1]
         frame.to_csv(splits / "train.csv", index=False)
-    sets = ["train.backbone=efficientnet_lite0", "train.channels_last=false", "train.drop_path=0.0",
-            "train.input_size=[48,64]", "train.batch_size=16", "train.dropout=0.0", "train.freeze_bn=true",
-            "train.tta=false", "train.cache=false", "train.warmup_epochs=0.0", "train.decode_workers=1"]
-    common = ["--params", str(ROOT / "params.yaml"), "--images-dir", str(tiny_data / "images"), "--no-progress"]
+    sets = [
+        "train.backbone=efficientnet_lite0",
+        "train.channels_last=false",
+        "train.drop_path=0.0",
+        "train.input_size=[48,64]",
+        "train.batch_size=16",
+        "train.dropout=0.0",
+        "train.freeze_bn=true",
+        "train.tta=false",
+        "train.cache=false",
+        "train.warmup_epochs=0.0",
+        "train.decode_workers=1",
+    ]
+    common = ["--params", str(ROOT / "params.yaml"), "--images", str(tiny_data / "images"), "--no-progress"]
     flags = lambda extra: [a for s in sets + extra for a in ("--set", s)]  # noqa: E731
 
     # 1. the first optimizer step (the train split cut to one global batch of 16 images)
@@ -196,16 +244,21 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
     one_batch.mkdir()
     frame.iloc[:16].to_csv(one_batch / "train.csv", index=False)
     (one_batch / "val.csv").write_text((splits / "val.csv").read_text())
-    ddp, one = _train_twice(common + ["--splits-dir", str(one_batch)] + flags(
-        ["train.epochs=1", "train.optimizer=sgd", "train.lr=0.01", "train.early_stopping_metric=loss"]),
-        tmp_path, "step")
+    ddp, one = _train_twice(
+        common
+        + ["--splits", str(one_batch)]
+        + flags(["train.epochs=1", "train.optimizer=sgd", "train.lr=0.01", "train.early_stopping_metric=loss"]),
+        tmp_path,
+        "step",
+    )
     a = torch.load(ddp / "model" / "model.pt", weights_only=True)
     b = torch.load(one / "model" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     # the step itself, measured on the pretrained backbone (its starting point is the published
     # ImageNet weights, independent of any random state)
-    start = models.build_model("efficientnet_lite0", 7, pretrained=True, input_size=(48, 64), dropout=0.0,
-                               drop_path=0.0).state_dict()
+    start = classifier.build_model(
+        "efficientnet_lite0", 7, pretrained=True, input_size=(48, 64), dropout=0.0, drop_path=0.0
+    ).state_dict()
     backbone = [k for k in b if k.startswith("backbone.") and b[k].is_floating_point()]
     step = torch.sqrt(sum(((b[k] - start[k]).double() ** 2).sum() for k in backbone))
     apart = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a if a[k].is_floating_point()))
@@ -215,8 +268,11 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
     assert h_ddp["val_loss"].iloc[1] == pytest.approx(h_one["val_loss"].iloc[1], abs=1e-5)
 
     # 2. two AdamW epochs on the whole (even-sized) train split
-    ddp, one = _train_twice(common + ["--splits-dir", str(splits)] + flags(
-        ["train.epochs=2", "train.optimizer=adamw", "train.lr=0.001"]), tmp_path, "epochs")
+    ddp, one = _train_twice(
+        common + ["--splits", str(splits)] + flags(["train.epochs=2", "train.optimizer=adamw", "train.lr=0.001"]),
+        tmp_path,
+        "epochs",
+    )
     n_train = len(frame)
     for epoch in (1, 2):
         r0 = (ddp / "shards" / f"epoch{epoch}_rank0.txt").read_text().split()

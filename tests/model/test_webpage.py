@@ -24,8 +24,16 @@ from PIL import Image
 
 from tests.model.test_service import MAX_BYTES, THRESHOLD, _real_images, client, server  # noqa: F401 (fixtures)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DX = {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
 RISK_SHOWN = {"benign", "benign-at-risk", "malignant"}
 TIMEOUT_MS = 30_000
@@ -35,8 +43,10 @@ def chromium_path() -> str:
     """``$LESIONFLOW_CHROMIUM``, else ``chromium`` on PATH; fails (never skips) without one."""
     found = os.environ.get("LESIONFLOW_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not found or not Path(found).exists():
-        pytest.fail("no chromium browser found: install Debian's `chromium` (apt-get install -y chromium), "
-                    "or point $LESIONFLOW_CHROMIUM at a Chromium executable")
+        pytest.fail(
+            "no chromium browser found: install Debian's `chromium` (apt-get install -y chromium), "
+            "or point $LESIONFLOW_CHROMIUM at a Chromium executable"
+        )
     return found
 
 
@@ -78,8 +88,10 @@ def _open(browser, pages: list, base: str, width: int = 1280, height: int = 900)
 
 def _wait_for_result(page) -> None:
     page.wait_for_selector("#result:not([hidden])")
-    page.wait_for_function("(() => { const i = document.getElementById('overlay');"
-                           " return !i.hidden && i.complete && i.naturalWidth > 0; })()")
+    page.wait_for_function(
+        "(() => { const i = document.getElementById('overlay');"
+        " return !i.hidden && i.complete && i.naturalWidth > 0; })()"
+    )
     page.wait_for_function("document.getElementById('form').getAttribute('aria-busy') === 'false'")
 
 
@@ -119,12 +131,18 @@ def test_page_shows_a_real_image_result(server, client, browser, pages, tmp_path
     page.screenshot(path=tmp_path / "result-desktop.png", full_page=True)
 
     # what the page shows is the service's answer for the same request
-    api = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
-                      data={"age": "45", "sex": "female", "localization": "back"}).json()
+    api = client.post(
+        "/classify",
+        files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+        data={"age": "45", "sex": "female", "localization": "back"},
+    ).json()
     risk_shown = page.locator("#risk-class").inner_text()
     assert risk_shown in RISK_SHOWN
     assert risk_shown == api["risk_class"].replace("_", "-")
-    assert page.locator("#risk-prob").inner_text() == f"probability {100 * api['risk_probabilities'][api['risk_class']]:.1f}%"
+    assert (
+        page.locator("#risk-prob").inner_text()
+        == f"probability {100 * api['risk_probabilities'][api['risk_class']]:.1f}%"
+    )
     shown = _shown_probabilities(page)
     assert set(shown) == DX and len(shown) == 7
     for code, p in api["dx_probabilities"].items():
@@ -136,8 +154,9 @@ def test_page_shows_a_real_image_result(server, client, browser, pages, tmp_path
         assert "no referral indicated at this threshold" in decision
     assert f"{100 * THRESHOLD:.1f}%" in page.locator("#thr").inner_text()
     # the overlay is the image's own size and next to it, with the preview of the upload
-    size = page.evaluate("(() => { const i = document.getElementById('overlay');"
-                         " return [i.naturalWidth, i.naturalHeight]; })()")
+    size = page.evaluate(
+        "(() => { const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight]; })()"
+    )
     assert tuple(size) == Image.open(path).size
     assert page.locator("#preview").is_visible() and page.locator("#overlay").is_visible()
     assert not page.locator("#overlay-status").is_visible()
@@ -228,8 +247,11 @@ def test_gradcam_endpoint_returns_an_overlay_of_the_input_size(client):
     path = _real_images(1)[0]
     original = Image.open(path).convert("RGB")
     cases = [
-        ("jpeg multipart", {"files": {"image": (path.name, path.read_bytes(), "image/jpeg")}, "data": {"age": "50"}},
-         original),
+        (
+            "jpeg multipart",
+            {"files": {"image": (path.name, path.read_bytes(), "image/jpeg")}, "data": {"age": "50"}},
+            original,
+        ),
         ("600x450 png raw", None, original.resize((600, 450))),
         ("portrait png raw", None, original.resize((150, 200))),
     ]

@@ -1,0 +1,23 @@
+"""The ``lesionflow`` command: the app of :mod:`pipeline.cli.base` with every command registered.
+
+lesionflow run                      # the retraining flow (validate ... evaluate, gates, package)
+lesionflow status                   # the stores in use, champion, last run and its verdict
+lesionflow env                      # shell exports of the same settings for prefect/bentoml/dvc
+lesionflow trace TAG                # data md5, git commit, params, metrics, gates + restore commands
+lesionflow predict PATH... [--model DIR_OR_TAG] [--out predictions.csv]
+lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:3000)
+lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
+lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
+"""
+
+from __future__ import annotations
+
+from pipeline.cli import predict, registry_views, run, serve  # noqa: F401  (registers the commands)
+from pipeline.cli.base import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """``python -m pipeline.cli``."""
+    app()

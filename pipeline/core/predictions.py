@@ -1,0 +1,89 @@
+"""Prediction rows: the one column schema of a prediction, wherever it is written down.
+
+``lesionflow predict``'s CSV, the evaluate stage's ``predictions_{val,test}.csv``, the service's
+inference log (as :func:`pipeline.monitoring.inferencelog.read` flattens it) and the monitoring
+reference profile all name their columns this way:
+
+==========================  ============================================================
+``p_<level>_<class>``       probability of a class at a level (``dx``, ``risk``, ``binary``)
+``<level>_pred``            the most probable class of that level
+``p_malignant``             probability of the positive binary class (the referral score)
+``threshold``               the operating threshold applied to ``p_malignant``
+``decision``                the binary class at that threshold (positive iff ``p >= threshold``)
+==========================  ============================================================
+
+A level a model cannot give (a finer one than it was trained on) has no columns. Callers add their
+own identifying columns (``file``, ``image_id``, ``request_id``) and, with labels, the truth
+(``dx``, ``<level>_true``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.taxonomy import LEVELS, Taxonomy
+
+P_MALIGNANT = "p_malignant"
+THRESHOLD = "threshold"
+DECISION = "decision"
+#: Decimals kept in written probabilities.
+DIGITS = 6
+
+
+def prob_column(level: str, cls: str) -> str:
+    """``p_<level>_<class>``."""
+    return f"p_{level}_{cls}"
+
+
+def pred_column(level: str) -> str:
+    """``<level>_pred``."""
+    return f"{level}_pred"
+
+
+def true_column(level: str) -> str:
+    """``<level>_true`` (``dx`` itself for the diagnoses)."""
+    return "dx" if level == "dx" else f"{level}_true"
+
+
+def decide(p_malignant: np.ndarray | float, threshold: float, taxonomy: Taxonomy) -> np.ndarray:
+    """The binary class of each probability at ``threshold`` (positive iff ``p >= threshold``)."""
+    pos = taxonomy.binary_positive
+    neg = next(c for c in taxonomy.classes("binary") if c != pos)
+    return np.where(np.asarray(p_malignant, dtype=np.float64) >= threshold, pos, neg)
+
+
+def prediction_frame(
+    levels: Mapping[str, np.ndarray | None],
+    taxonomy: Taxonomy,
+    p_malignant: Sequence[float] | np.ndarray,
+    threshold: float | None = None,
+    digits: int | None = DIGITS,
+) -> pd.DataFrame:
+    """The prediction columns of ``n`` images from their probabilities per level (``None`` for a
+    level the model cannot give): ``p_<level>_<class>`` and ``<level>_pred`` per level, then
+    ``p_malignant`` and, with a ``threshold``, ``threshold`` and ``decision``."""
+    cols: dict[str, object] = {}
+    for level in LEVELS:
+        probs = levels.get(level)
+        if probs is None:
+            continue
+        probs = np.asarray(probs, dtype=np.float64)
+        classes = taxonomy.classes(level)
+        for j, c in enumerate(classes):
+            cols[prob_column(level, c)] = np.round(probs[:, j], digits) if digits is not None else probs[:, j]
+        cols[pred_column(level)] = np.asarray(classes, dtype=object)[probs.argmax(axis=1)]
+    p = np.asarray(p_malignant, dtype=np.float64)
+    cols[P_MALIGNANT] = np.round(p, digits) if digits is not None else p
+    if threshold is not None:
+        cols[THRESHOLD] = np.full(len(p), float(threshold))
+        cols[DECISION] = decide(p, threshold, taxonomy)
+    return pd.DataFrame(cols)
+
+
+def truth_frame(dx: Sequence[str], taxonomy: Taxonomy) -> pd.DataFrame:
+    """The truth columns of labelled images: ``dx`` and ``<level>_true`` of the coarser levels."""
+    dx = list(dx)
+    return pd.DataFrame({true_column(level): (dx if level == "dx" else taxonomy.labels(dx, level)) for level in LEVELS})

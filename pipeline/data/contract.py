@@ -1,0 +1,413 @@
+"""The data contract: what the metadata table and the image folder must satisfy.
+
+Two halves, one verdict (:func:`validate`):
+
+1. a Great Expectations (1.x) expectation suite over the metadata table (:func:`check_metadata`):
+   required columns; ``dx`` in the taxonomy; ``dx_type``, ``sex`` and ``localization`` within the
+   ``metadata`` vocabularies; ``age`` a number (or empty) within ``age_min..age_max``;
+   ``image_id`` unique and matching ``image_id_pattern``; ``lesion_id`` present; every lesion
+   carries exactly one diagnosis;
+2. file checks that GE cannot do alone (:func:`check_files`): every ``image_id`` has a file (an
+   allowed extension) that decodes fully as an RGB image of at least ``min_width`` x
+   ``min_height``; no orphan files; byte-identical images are reported, and a byte-identical pair
+   spanning two lesions is a violation.
+
+Every failed check carries example rows or files as the user would find them (rows numbered from
+1 after the header). The ``validate`` stage writes the verdict; new data is checked by the same
+functions before it is added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.core import images, params
+from pipeline.core.errors import LesionflowError
+from pipeline.core.reporting import md_table
+from pipeline.core.workers import map_chunks
+
+INDEX_COLUMNS = ["image_id", "file", "md5", "format", "mode", "width", "height", "error"]
+
+
+class ContractError(LesionflowError, ValueError):
+    """Input the contract cannot even be checked on (no metadata table, not a CSV)."""
+
+
+@dataclass
+class Check:
+    """One check of the contract and its outcome."""
+
+    name: str
+    description: str
+    passed: bool
+    failures: int = 0
+    examples: list[str] = field(default_factory=list)
+    kind: str = "expectation"  # "expectation" (Great Expectations) or "file"
+
+
+@dataclass
+class ValidationResult:
+    """The verdict: every check, the image index and the byte-identical groups."""
+
+    checks: list[Check]
+    n_rows: int
+    n_files: int
+    duplicate_groups: list[list[str]]
+    index: pd.DataFrame
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def metrics(self) -> dict[str, Any]:
+        """Numbers only (the DVC metrics): failed checks first."""
+        return {
+            "checks_failed": len(self.failed),
+            "checks": len(self.checks),
+            "rows": self.n_rows,
+            "image_files": self.n_files,
+            "duplicate_groups": len(self.duplicate_groups),
+            "passed": int(self.passed),
+            "seconds": round(self.seconds, 2),
+        }
+
+    def details(self) -> dict[str, Any]:
+        """Every check with its examples, and the duplicate groups."""
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "duplicates": self.duplicate_groups}
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata contract (Great Expectations)
+
+
+def _row_label(df: pd.DataFrame, idx: Any) -> str:
+    """'row N (image_id X)' with N the 1-based data row of the CSV (header excluded)."""
+    label = f"row {int(idx) + 1}"
+    if "image_id" in df.columns:
+        label += f" (image_id {df.at[idx, 'image_id']})"
+    return label
+
+
+def build_suite(p: params.ValidateParams, meta: params.MetadataParams, dx_vocab: Iterable[str], columns: Iterable[str]):
+    """The expectation suite for the columns present in the table."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    present = set(columns)
+    suite = gx.ExpectationSuite(name="ham10000_metadata_contract")
+    for col in p.required_columns:
+        suite.add_expectation(gxe.ExpectColumnToExist(column=col))
+
+    def add(col: str, expectation: Any) -> None:
+        if col in present:
+            suite.add_expectation(expectation)
+
+    for col in ("lesion_id", "image_id", "dx"):
+        add(col, gxe.ExpectColumnValuesToNotBeNull(column=col))
+    add("image_id", gxe.ExpectColumnValuesToBeUnique(column="image_id"))
+    add("image_id", gxe.ExpectColumnValuesToMatchRegex(column="image_id", regex=p.image_id_pattern))
+    add("dx", gxe.ExpectColumnValuesToBeInSet(column="dx", value_set=list(dx_vocab)))
+    for col, vocab in (("dx_type", meta.dx_types), ("sex", meta.sexes), ("localization", meta.localizations)):
+        add(col, gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(vocab)))
+    add("_age_is_number", gxe.ExpectColumnValuesToBeInSet(column="_age_is_number", value_set=[True]))
+    add("age", gxe.ExpectColumnValuesToBeBetween(column="age", min_value=meta.age_min, max_value=meta.age_max))
+    add("_dx_per_lesion", gxe.ExpectColumnValuesToBeBetween(column="_dx_per_lesion", min_value=1, max_value=1))
+    return suite
+
+
+def _describe(exp_type: str, kwargs: dict) -> str:
+    col = kwargs.get("column")
+    if col == "_dx_per_lesion":
+        return "every lesion_id has exactly one diagnosis (dx)"
+    if col == "_age_is_number":
+        return "age is a number or empty"
+    texts = {
+        "expect_column_to_exist": f"column {col!r} exists",
+        "expect_column_values_to_not_be_null": f"{col} is never empty",
+        "expect_column_values_to_be_unique": f"{col} is unique",
+        "expect_column_values_to_match_regex": f"{col} matches {kwargs.get('regex')!r}",
+        "expect_column_values_to_be_in_set": f"{col} is one of {kwargs.get('value_set')}",
+        "expect_column_values_to_be_in_type_list": f"{col} is numeric",
+        "expect_column_values_to_be_between": (
+            f"{col} is empty or within {kwargs.get('min_value')}..{kwargs.get('max_value')}"
+        ),
+    }
+    return texts.get(exp_type, f"{exp_type}({col})")
+
+
+def _with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The table plus what the suite checks but the CSV does not hold: whether ``age`` parses as a
+    number (then ``age`` as numbers) and the number of diagnoses of each row's lesion."""
+    df = df.copy()
+    if "age" in df.columns:
+        number = pd.to_numeric(df["age"], errors="coerce")
+        df["_age_is_number"] = df["age"].isna() | number.notna()
+        df["age"] = number
+    if "lesion_id" in df.columns and "dx" in df.columns:
+        df["_dx_per_lesion"] = df.groupby("lesion_id", dropna=False)["dx"].transform("nunique")
+    return df
+
+
+def _run_suite(df: pd.DataFrame, p: params.ValidateParams, meta: params.MetadataParams, dx_vocab: Iterable[str]) -> Any:
+    """Great Expectations 1.x on a pandas frame: an ephemeral context (created before the suite, as
+    GE requires), quiet."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch = (
+        context.data_sources.add_pandas("metadata")
+        .add_dataframe_asset("ham10000")
+        .add_batch_definition_whole_dataframe("all_rows")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
+    return batch.validate(build_suite(p, meta, dx_vocab, df.columns), result_format={"result_format": "COMPLETE"})
+
+
+def _examples(r: Any, shown: pd.DataFrame, df: pd.DataFrame, max_examples: int) -> tuple[int, list[str]]:
+    """(failure count, example rows as the user wrote them) of one expectation result."""
+    cfg, res = r.expectation_config, r.result or {}
+    col = cfg.kwargs.get("column")
+    failures = int(res.get("unexpected_count") or 0)
+    examples: list[str] = []
+    for idx in (res.get("unexpected_index_list") or [])[:max_examples]:
+        if col == "_dx_per_lesion":
+            lesion = df.at[idx, "lesion_id"]
+            dxs = sorted(df.loc[df["lesion_id"] == lesion, "dx"].astype(str).unique())
+            examples.append(f"{_row_label(df, idx)}: lesion {lesion} has diagnoses {dxs}")
+            continue
+        shown_col = "age" if col == "_age_is_number" else col
+        value = shown.at[idx, shown_col] if shown_col in shown.columns else None
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain repr
+        examples.append(f"{_row_label(df, idx)}: {shown_col}={value!r}")
+    if cfg.type == "expect_column_to_exist" and not r.success:
+        examples.append(f"columns present: {[c for c in df.columns if not c.startswith('_')]}")
+        failures = 1
+    exc = r.exception_info or {}
+    if exc.get("raised_exception"):
+        examples.append(f"check raised: {exc.get('exception_message')}")
+    return failures, examples
+
+
+def check_metadata(
+    df: pd.DataFrame, p: params.ValidateParams, meta: params.MetadataParams, dx_vocab: Iterable[str]
+) -> list[Check]:
+    """Run the Great Expectations suite over ``df``; one :class:`Check` per expectation."""
+    shown = df.reset_index(drop=True)  # values as the user wrote them, for messages
+    derived = _with_derived_columns(shown)
+    result = _run_suite(derived, p, meta, dx_vocab)
+    checks = []
+    for r in result.results:
+        cfg = r.expectation_config
+        col = cfg.kwargs.get("column")
+        failures, examples = _examples(r, shown, derived, p.max_examples)
+        checks.append(
+            Check(
+                name=f"{cfg.type}({col})" if col else cfg.type,
+                description=_describe(cfg.type, dict(cfg.kwargs)),
+                passed=bool(r.success),
+                failures=failures if not r.success else 0,
+                examples=examples if not r.success else [],
+            )
+        )
+    return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# file checks
+
+
+def inspect_file(path: str, min_w: int, min_h: int, require_rgb: bool) -> dict[str, Any]:
+    """Read one file once: md5 of its bytes, then a full decode (and the minimum size)."""
+    row: dict[str, Any] = {
+        "file": path,
+        "md5": None,
+        "format": None,
+        "mode": None,
+        "width": None,
+        "height": None,
+        "error": None,
+    }
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        row["error"] = f"cannot be read: {exc}"
+        return row
+    row["md5"] = hashlib.md5(data).hexdigest()
+    try:
+        fmt, mode, w, h = images.probe(data, path)
+        row.update(format=fmt, mode=mode, width=w, height=h)
+        images.decode_rgb(data, path, require_rgb=require_rgb)
+        if w < min_w or h < min_h:
+            row["error"] = f"too small: {w}x{h}, the minimum is {min_w}x{min_h}"
+    except images.ImageError as exc:
+        row["error"] = exc.reason
+    return row
+
+
+def _inspect_chunk(paths: list[str], min_w: int, min_h: int, require_rgb: bool) -> list[dict[str, Any]]:
+    return [inspect_file(f, min_w, min_h, require_rgb) for f in paths]
+
+
+def inspect_files(paths: list[Path], p: params.ValidateParams, progress: bool = True) -> pd.DataFrame:
+    """Hash and fully decode every file, in parallel over the cores, with a progress bar."""
+    fn = partial(_inspect_chunk, min_w=p.min_width, min_h=p.min_height, require_rgb=p.require_rgb)
+    rows = map_chunks(
+        fn, [str(f) for f in paths], chunk_size=64, workers=p.workers, progress=progress, desc="validate files"
+    )
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS[1:])
+
+
+def duplicate_groups(index: pd.DataFrame, lesion_of: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """Groups of byte-identical images (by md5, sorted), and a message per group spanning lesions."""
+    groups: list[list[str]] = []
+    spanning: list[str] = []
+    hashed = index.dropna(subset=["md5"])
+    for _, grp in hashed[hashed.duplicated("md5", keep=False)].groupby("md5", sort=True):
+        members = sorted(grp["image_id"])
+        groups.append(members)
+        lesions = sorted({str(lesion_of.get(m)) for m in members})
+        if len(lesions) > 1:
+            spanning.append(f"{', '.join(members)} are byte-identical but belong to lesions {lesions}")
+    return groups, spanning
+
+
+def _file_check(name: str, description: str, failures: list[str], max_examples: int) -> Check:
+    return Check(name, description, not failures, len(failures), failures[:max_examples], "file")
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")]
+
+
+def check_files(
+    df: pd.DataFrame, images_dir: Path, p: params.ValidateParams, progress: bool = True
+) -> tuple[list[Check], pd.DataFrame, list[list[str]]]:
+    """File checks; returns the checks, the per-image index and the byte-identical groups."""
+    allowed = tuple(e.lower() for e in p.image_extensions)
+    found = images.index_images(images_dir, allowed)
+    ids = [str(i) for i in df["image_id"].dropna().astype(str)] if "image_id" in df.columns else []
+    id_set = set(ids)
+    present = [found[i] for i in ids if i in found]
+    index = inspect_files(present, p, progress)
+    index.insert(0, "image_id", [f.stem for f in present])
+    lesion_of = dict(zip(df["image_id"].astype(str), df["lesion_id"])) if "lesion_id" in df.columns else {}
+    groups, spanning = duplicate_groups(index, lesion_of)
+    index["duplicate_of"] = index["image_id"].map({m: g[0] for g in groups for m in g[1:]})
+    kind = "RGB" if p.require_rgb else "an"
+    checks = [
+        _file_check(
+            "image_files_exist",
+            f"every image_id has a file {'/'.join(allowed)} in {images_dir}",
+            [f"image_id {i}: no file {images_dir}/{i}{allowed[0]}" for i in ids if i not in found],
+            p.max_examples,
+        ),
+        _file_check(
+            "images_decode",
+            f"every image decodes fully as {kind} image of at least {p.min_width}x{p.min_height}",
+            [f"{r.file}: {r.error}" for r in index[index["error"].notna()].itertuples()],
+            p.max_examples,
+        ),
+        _file_check(
+            "no_orphan_files",
+            f"every file in {images_dir} belongs to a metadata row",
+            [
+                f"{images_dir}/{f.name}: not referenced by any image_id"
+                for f in _visible_files(images_dir)
+                if f.stem not in id_set
+            ],
+            p.max_examples,
+        ),
+        _file_check(
+            "duplicates_within_one_lesion", "byte-identical images never span two lesions", spanning, p.max_examples
+        ),
+    ]
+    return checks, index, groups
+
+
+# ----------------------------------------------------------------------------------------------
+# the verdict
+
+
+def read_metadata_table(metadata_csv: Path) -> pd.DataFrame:
+    """The metadata table as text ids; :class:`ContractError` when it is missing or not a CSV."""
+    if not metadata_csv.exists():
+        raise ContractError(f"{metadata_csv}: metadata table not found (run `dvc pull`)")
+    try:
+        return pd.read_csv(metadata_csv, dtype={"lesion_id": str, "image_id": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ContractError(f"{metadata_csv}: not a readable CSV table: {exc}") from exc
+
+
+def validate(
+    metadata_csv: Path,
+    images_dir: Path,
+    p: params.ValidateParams,
+    meta: params.MetadataParams,
+    dx_vocab: Iterable[str],
+    progress: bool = True,
+) -> ValidationResult:
+    """Check the metadata table and the image folder against the contract."""
+    t0 = time.perf_counter()
+    df = read_metadata_table(metadata_csv)
+    checks = check_metadata(df, p, meta, dx_vocab)
+    if "image_id" in df.columns:
+        file_checks, index, groups = check_files(df, images_dir, p, progress)
+        checks += file_checks
+    else:
+        index, groups = pd.DataFrame(columns=["image_id", "file", "md5"]), []
+    n_files = sum(1 for f in images_dir.iterdir() if f.is_file()) if images_dir.is_dir() else 0
+    return ValidationResult(checks, len(df), n_files, groups, index, time.perf_counter() - t0)
+
+
+def render_markdown(result: ValidationResult, metadata_csv: Path, images_dir: Path) -> str:
+    """The report a person reads: every check, the failures with their examples, the duplicates."""
+    lines = [
+        f"# Data validation: {'PASSED' if result.passed else 'FAILED'}",
+        "",
+        f"- metadata: `{metadata_csv}` ({result.n_rows:,} rows)",
+        f"- images: `{images_dir}` ({result.n_files:,} files)",
+        f"- checks: {len(result.checks)} run, {len(result.failed)} failed ({result.seconds:.1f} s)",
+        "",
+        md_table(
+            [(c.description, c.kind, "pass" if c.passed else "**FAIL**", c.failures) for c in result.checks],
+            ["check", "kind", "result", "failures"],
+            align="lllr",
+        ),
+    ]
+    if result.failed:
+        lines += ["", "## Failures", ""]
+        for c in result.failed:
+            lines += [f"### {c.description}", *(f"- {e}" for e in c.examples), ""]
+    lines += ["", "## Byte-identical images", ""]
+    if result.duplicate_groups:
+        lines += [f"- {', '.join(g)}" for g in result.duplicate_groups]
+        lines += ["", "Duplicates inside one lesion are allowed; the split keeps each group in one split."]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def format_failures(result: ValidationResult) -> str:
+    """The failed checks with their examples, for a terminal or a log."""
+    out = [f"Data contract violated: {len(result.failed)} of {len(result.checks)} checks failed"]
+    for c in result.failed:
+        out.append(f"  FAILED: {c.description} [{c.name}] - {c.failures} failure(s)")
+        out += [f"      {e}" for e in c.examples]
+    return "\n".join(out)

@@ -1,0 +1,136 @@
+"""A model's predictions on a split: computed through THE prediction path
+(:mod:`pipeline.model.inference`, TTA included), cached, and written as prediction rows
+(:mod:`pipeline.core.predictions`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import images, lineage
+from pipeline.core.layout import LAYOUT
+from pipeline.core.metadata import FIELDS
+from pipeline.core.predictions import prediction_frame, truth_frame
+from pipeline.core.taxonomy import LEVELS, Taxonomy
+from pipeline.data import splits
+
+#: Prediction files kept in the cache (newest first).
+CACHE_KEEP = 6
+
+
+@dataclass
+class Predictions:
+    """Probabilities of one model on one split, at every label level it can give."""
+
+    frame: pd.DataFrame  # the split rows (metadata), in order
+    probs: dict[str, np.ndarray | None]  # level -> (n, K) or None
+    p_malignant: np.ndarray
+
+    def level(self, level: str) -> np.ndarray | None:
+        return self.probs.get(level)
+
+
+def binary_truth(frame: pd.DataFrame, tax: Taxonomy) -> np.ndarray:
+    """1 for a malignant (positive) image, 0 otherwise."""
+    return (tax.encode(frame["dx"], "binary") == tax.positive_index).astype(int)
+
+
+def predict_split(
+    predictor: Any, frame: pd.DataFrame, images_dir: Path, batch_size: int, desc: str, progress: bool = True
+) -> Predictions:
+    """Run ``predictor`` over a split in batches (decode, predict, forget: memory stays flat)."""
+    from tqdm.auto import tqdm
+
+    files = splits.image_files(frame, images_dir, desc)
+    parts: dict[str, list[np.ndarray]] = {lvl: [] for lvl in LEVELS}
+    p_mal: list[np.ndarray] = []
+    meta_cols = [c for c in FIELDS if c in frame.columns]
+    with tqdm(total=len(frame), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for s in range(0, len(frame), batch_size):
+            chunk = frame.iloc[s : s + batch_size]
+            imgs = [images.decode_rgb(f, str(f)) for f in files[s : s + batch_size]]
+            meta = chunk[meta_cols].reset_index(drop=True) if meta_cols else None
+            out = predictor.predict(imgs, metadata=meta, batch_size=batch_size)
+            for lvl in LEVELS:
+                if out.get(f"{lvl}_probs") is not None:
+                    parts[lvl].append(np.asarray(out[f"{lvl}_probs"], dtype=np.float64))
+            p_mal.append(np.asarray(out["p_malignant"], dtype=np.float64))
+            bar.update(len(chunk))
+    probs = {lvl: (np.concatenate(parts[lvl]) if parts[lvl] else None) for lvl in LEVELS}
+    return Predictions(frame, probs, np.concatenate(p_mal))
+
+
+def prediction_key(model_dir: Path, frame: pd.DataFrame, images_dir: Path) -> str:
+    """What predictions depend on: the model's weights and config (preprocessing, TTA), the
+    image list, the images directory and the data version."""
+    h = hashlib.md5()
+    for name in ("model.pt", "config.json"):
+        h.update(lineage.file_md5(model_dir / name).encode())
+    h.update("\n".join(frame["image_id"]).encode())
+    h.update(str(images_dir).encode())  # as given (not resolved): the same key on a GPU machine's copy
+    h.update(str(lineage.data_version(LAYOUT.data_pointer).get("md5")).encode())
+    h.update(b"evaluate-predictions/1")
+    return h.hexdigest()
+
+
+def _cached(path: Path, frame: pd.DataFrame) -> Predictions | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if list(z["image_id"]) == list(frame["image_id"]):
+                return Predictions(
+                    frame, {lvl: (z[lvl] if lvl in z.files else None) for lvl in LEVELS}, z["p_malignant"]
+                )
+    except (OSError, ValueError, KeyError):
+        pass  # unreadable cache entry: predict again
+    return None
+
+
+def cached_predictions(
+    model_dir: Path,
+    load: Callable[[], Any],
+    frame: pd.DataFrame,
+    images_dir: Path,
+    batch_size: int,
+    desc: str,
+    cache_dir: Path | None,
+    progress: bool = True,
+) -> Predictions:
+    """:func:`predict_split` through a small local cache (``.npz``, read without pickle), so that a
+    re-run for new gates, bootstrap or report settings, or the previous candidate judged again as
+    the champion, does not predict again. ``load()`` gives the predictor on a cache miss."""
+    path = cache_dir / f"{prediction_key(model_dir, frame, images_dir)}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        hit = _cached(path, frame)
+        if hit is not None:
+            print(f"evaluate: {desc}: predictions reused from {path}", flush=True)
+            return hit
+    pred = predict_split(load(), frame, images_dir, batch_size, desc, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(
+            tmp,
+            image_id=np.asarray(frame["image_id"], dtype=str),
+            p_malignant=pred.p_malignant,
+            **{lvl: v for lvl, v in pred.probs.items() if v is not None},
+        )
+        tmp.replace(path)
+        for old in sorted(path.parent.glob("*.npz"), key=lambda q: q.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    return pred
+
+
+def prediction_table(pred: Predictions, tax: Taxonomy, threshold: float) -> pd.DataFrame:
+    """One prediction row per image (:mod:`pipeline.core.predictions`): ids, the truth at every
+    level, every class probability, the predicted classes and the decision at ``threshold``."""
+    f = pred.frame.reset_index(drop=True)
+    ids = f[["image_id", "lesion_id"]]
+    return pd.concat(
+        [ids, truth_frame(f["dx"], tax), prediction_frame(pred.probs, tax, pred.p_malignant, threshold)], axis=1
+    )

@@ -1,0 +1,59 @@
+"""One drift check of a workspace, from what a user or a schedule gives: a folder of images (with
+an optional metadata/label CSV) or the last hours of the service's inference log. What the
+monitoring flow and ``lesionflow monitor`` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.core import params
+from pipeline.core.layout import Layout
+from pipeline.monitoring import batch, drift, inferencelog, profile
+
+
+def resolve_reference(root: Path, model_dir: Path, reference_dir: str | Path | None) -> Path:
+    """The profile to compare with: the given one, else the one packaged with the model
+    (``<model_dir>/reference``), else the ``reference`` stage's."""
+    if reference_dir:
+        return root / reference_dir
+    packaged = root / model_dir / "reference"
+    return packaged if packaged.exists() else Layout(root).reference_dir
+
+
+def check_workspace(
+    root: Path,
+    folder: str | None = None,
+    metadata_csv: str | None = None,
+    hours: float | None = None,
+    model_dir: str | None = None,
+    reference_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the current batch (``folder``, else the inference log's last ``hours``) and run the
+    check against the reference profile; returns the summary (its ``report_dir`` holds the reports)."""
+    layout = Layout(root)
+    p = params.load_section("monitor", layout.params_file)
+    mdir = Path(model_dir) if model_dir else layout.model_dir
+    ref = profile.load_reference(resolve_reference(root, mdir, reference_dir))
+    if folder is not None:
+        from pipeline.model.inference import load_model
+
+        profile.check_model_matches(ref, root / mdir)
+        current, skipped = batch.current_from_folder(
+            folder,
+            ref,
+            load_model(root / mdir, device="cpu"),
+            metadata_csv=metadata_csv,
+            taxonomy=params.load_taxonomy(layout.params_file),
+            workers=p.workers,
+            chunk_size=p.chunk_size,
+            batch_size=p.batch_size,
+            progress=progress,
+        )
+        source = {"kind": "folder", "path": str(folder), "metadata_csv": metadata_csv}
+    else:
+        start, end = inferencelog.window(hours or p.window_hours)
+        current, skipped = batch.current_from_log(root / p.log_dir, start, end), []
+        source = {"kind": "log", "path": str(root / p.log_dir), "window": [start.isoformat(), end.isoformat()]}
+    return drift.run_check(ref, current, p, layout.monitoring_reports, source, skipped_images=skipped)

@@ -1,0 +1,462 @@
+"""The model registry: the one owner of the BentoML model store and Bento builds.
+
+Only a model that passed every evaluation gate is ever saved, so the newest model in the store
+is the **champion**. Each saved model carries what an auditor needs to trace it back: the data
+version (md5 of ``data.dvc``), the git commit, the DVC stage hashes of ``dvc.lock``, the
+parameters, the test metrics, the gate verdict and the binary operating threshold.
+
+    tag = package(Path("artifacts/model"), Path("artifacts/evaluate"), Path("reports/evaluate"))
+    champion()                              # {"tag", "path", "labels", "metadata", "created_at"} or None
+    export_champion(Path("artifacts/champion"))   # model.pt + config.json + operating_point.json
+    describe("lesionflow-classifier:abc123")      # or a Bento tag: lineage + restore commands
+    build_bento()                           # `bentoml build` of bentofile.yaml, offline
+
+The store lives under ``$BENTOML_HOME`` (the Makefile sets ``.lesionflow/bentoml``; tests a
+temporary directory); it is read from the environment at every call, so a process can switch
+homes. A saved model directory holds ``model.pt``, ``config.json`` (what
+:func:`pipeline.model.inference.load_model` reads), ``operating_point.json``, ``gates.json``,
+``metrics.json`` and ``lesionflow.json`` (the full lineage record, readable without BentoML).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core import lineage
+from pipeline.core.errors import LesionflowError
+from pipeline.core.fsutil import read_json, require_json, staged_dir, write_json
+from pipeline.core.layout import Layout
+from pipeline.model.checkpoint import CONFIG_FILE, MODEL_FILE
+
+MODEL_NAME = "lesionflow-classifier"
+BENTO_NAME = "lesionflow"
+
+OPERATING_POINT_FILE = "operating_point.json"
+GATES_FILE = "gates.json"
+METRICS_FILE = "metrics.json"
+CONFIDENCE_FILE = "confidence.json"
+RECORD_FILE = "lesionflow.json"
+#: What a champion export (and the service) needs.
+SERVING_FILES = (MODEL_FILE, CONFIG_FILE, OPERATING_POINT_FILE)
+
+
+class RegistryError(LesionflowError, RuntimeError):
+    """A registry operation that cannot be done; the message says what and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# stores
+
+
+def bentoml_home() -> Path:
+    """``$BENTOML_HOME`` (BentoML's default ``~/bentoml`` when unset)."""
+    return Path(os.path.expanduser(os.environ.get("BENTOML_HOME", os.path.join("~", "bentoml"))))
+
+
+def _model_store():
+    from bentoml._internal.models.model import ModelStore
+
+    path = bentoml_home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(path))
+
+
+def _bento_store():
+    from bentoml._internal.bento.bento import BentoStore
+
+    path = bentoml_home() / "bentos"
+    path.mkdir(parents=True, exist_ok=True)
+    return BentoStore(str(path))
+
+
+def _models() -> list[Any]:
+    """Every stored lesionflow model, oldest first."""
+    from bentoml.exceptions import NotFound
+
+    try:
+        found = _model_store().list(MODEL_NAME)
+    except NotFound:
+        return []
+    return sorted(found, key=lambda m: (m.info.creation_time, str(m.tag.version)))
+
+
+def _model_record(model: Any) -> dict[str, Any]:
+    info = model.info
+    record_file = Path(model.path) / RECORD_FILE
+    if record_file.exists():  # the full record (BentoML's metadata drops None values)
+        metadata = json.loads(record_file.read_text())
+        metadata.pop("tag", None)
+    else:
+        metadata = _plain(dict(info.metadata))
+    return {
+        "tag": str(model.tag),
+        "path": str(model.path),
+        "labels": dict(info.labels),
+        "metadata": metadata,
+        "created_at": info.creation_time.isoformat(timespec="seconds"),
+    }
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: plain dicts/lists/str/numbers/None."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _bentoml_metadata(obj: Any) -> Any:
+    """BentoML metadata refuses None: drop None values from dicts, write "null" in lists (the full
+    record, with its None values, is ``lesionflow.json`` beside the model files)."""
+    if isinstance(obj, dict):
+        return {str(k): _bentoml_metadata(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return ["null" if v is None else _bentoml_metadata(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# packaging
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return require_json(path, what, "run the train and evaluate stages first: dvc repro evaluate")
+    except LesionflowError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def dvc_lock_hashes(lock_file: Path) -> dict[str, Any]:
+    """``{stage: {"cmd", "deps": {path: md5}, "outs": {path: md5}}}`` from ``dvc.lock`` (empty if absent)."""
+    if not lock_file.exists():
+        return {}
+    doc = yaml.safe_load(lock_file.read_text()) or {}
+    out: dict[str, Any] = {}
+    for stage, entry in (doc.get("stages") or {}).items():
+        entry = entry or {}
+        out[stage] = {
+            "cmd": entry.get("cmd"),
+            **{
+                kind: {d.get("path"): d.get("md5") for d in entry.get(kind) or [] if isinstance(d, dict)}
+                for kind in ("deps", "outs")
+            },
+        }
+    return out
+
+
+def _read_params(project_root: Path) -> dict[str, Any]:
+    from pipeline.core import params
+
+    path = Layout(project_root).params_file
+    return params.read_yaml(path) if path.exists() else {}
+
+
+@dataclass
+class Evaluated:
+    """A trained model and the evaluation of that very model, checked for packaging."""
+
+    model_dir: Path
+    evaluate_dir: Path
+    reports_dir: Path
+    config: dict[str, Any]
+    operating_point: dict[str, Any]
+    verdict: dict[str, Any]
+    metrics: dict[str, Any]
+    confidence: dict[str, Any]
+    model_md5: str
+    threshold: float
+
+
+def load_evaluated(model_dir: Path, evaluate_dir: Path, reports_dir: Path) -> Evaluated:
+    """Read what packaging needs and refuse (:class:`RegistryError`) a model whose gate verdict did
+    not pass, whose evaluation was of another model (md5 mismatch) or whose threshold is unusable."""
+    weights = model_dir / MODEL_FILE
+    if not weights.exists():
+        raise RegistryError(f"{weights}: model weights not found (run the train stage first: dvc repro train)")
+    op = _read_json(evaluate_dir / OPERATING_POINT_FILE, "operating point")
+    verdict = _read_json(reports_dir / GATES_FILE, "gate verdict")
+    if verdict.get("passed") is not True:
+        failed = ", ".join(verdict.get("failed") or []) or "verdict not passed"
+        raise RegistryError(
+            f"{reports_dir / GATES_FILE}: the model failed its gates ({failed}); it is not "
+            "packaged and the champion stays as it is"
+        )
+    model_md5 = lineage.file_md5(weights)
+    for source, doc in ((evaluate_dir / OPERATING_POINT_FILE, op), (reports_dir / GATES_FILE, verdict)):
+        evaluated = doc.get("model_md5")
+        if evaluated is not None and evaluated != model_md5:
+            raise RegistryError(
+                f"{source}: evaluated model md5 {evaluated} but {weights} has md5 {model_md5}: "
+                "re-run the evaluate stage on this model before packaging"
+            )
+    try:
+        threshold = float(op["threshold"])
+    except (KeyError, TypeError, ValueError):
+        raise RegistryError(f"{evaluate_dir / OPERATING_POINT_FILE}: no numeric 'threshold'") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise RegistryError(f"{evaluate_dir / OPERATING_POINT_FILE}: threshold {threshold} outside [0, 1]")
+    return Evaluated(
+        model_dir,
+        evaluate_dir,
+        reports_dir,
+        _read_json(model_dir / CONFIG_FILE, "model config"),
+        op,
+        verdict,
+        _read_json(reports_dir / METRICS_FILE, "test metrics"),
+        read_json(reports_dir / CONFIDENCE_FILE) or {},
+        model_md5,
+        threshold,
+    )
+
+
+def lineage_record(ev: Evaluated, root: Path) -> dict[str, Any]:
+    """The package's full record (``lesionflow.json``): data version, git state, ``dvc.lock``
+    stage hashes, params, test metrics and CIs, verdict, operating point, model, libraries."""
+    layout = Layout(root)
+    arch = ev.config.get("architecture") or {}
+    return _plain(
+        {
+            "model_md5": ev.model_md5,
+            "data": lineage.data_version(layout.data_pointer),
+            "git": lineage.git_state(root),
+            "dvc_lock": dvc_lock_hashes(layout.dvc_lock),
+            "params": _read_params(root),
+            "metrics": ev.metrics,
+            "confidence": ev.confidence,
+            "gates": ev.verdict,
+            "operating_point": ev.operating_point,
+            "threshold": ev.threshold,
+            "model": {
+                "backbone": arch.get("backbone"),
+                "input_size": arch.get("input_size"),
+                "target_level": ev.config.get("target_level"),
+                "classes": ev.config.get("classes"),
+                "format": ev.config.get("format"),
+                "train_lineage": ev.config.get("lineage"),
+            },
+            "sources": {
+                "model_dir": str(ev.model_dir),
+                "evaluate_dir": str(ev.evaluate_dir),
+                "reports_dir": str(ev.reports_dir),
+            },
+            "packaged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "libraries": lineage.library_versions(),
+        }
+    )
+
+
+def _labels(record: dict[str, Any]) -> dict[str, str]:
+    """The key facts as BentoML labels (searchable in ``bentoml models list``)."""
+    return {
+        "data_md5": str(record["data"].get("md5")),
+        "git_commit": str(record["git"].get("commit")),
+        "git_dirty": str(record["git"].get("dirty")).lower(),
+        "model_md5": record["model_md5"],
+        "gates": "passed",
+        "threshold": f"{record['threshold']:.6g}",
+        "backbone": str(record["model"]["backbone"]),
+        "target_level": str(record["model"]["target_level"]),
+    }
+
+
+def _copy_files(ev: Evaluated, dest: Path, root: Path) -> None:
+    shutil.copy2(ev.model_dir / MODEL_FILE, dest / MODEL_FILE)
+    shutil.copy2(ev.model_dir / CONFIG_FILE, dest / CONFIG_FILE)
+    shutil.copy2(ev.evaluate_dir / OPERATING_POINT_FILE, dest / OPERATING_POINT_FILE)
+    for name in (GATES_FILE, METRICS_FILE, CONFIDENCE_FILE):
+        if (ev.reports_dir / name).exists():
+            shutil.copy2(ev.reports_dir / name, dest / name)
+    # the drift-monitoring reference profile of this very model (stage `reference`), if built
+    ref_dir = Layout(root).reference_dir
+    profile = read_json(ref_dir / "profile.json") or {}
+    if (profile.get("model") or {}).get("model_md5") == ev.model_md5:
+        shutil.copytree(ref_dir, dest / "reference")
+
+
+def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_root: Path = Path(".")) -> str:
+    """Save the evaluated model of ``model_dir`` into the BentoML model store; return its tag.
+
+    Reads ``model_dir/{model.pt,config.json}``, ``evaluate_dir/operating_point.json`` and
+    ``reports_dir/{gates.json,metrics.json,confidence.json}``. Refuses (:class:`RegistryError`) a
+    model whose gate verdict did not pass, or whose evaluation was of another model (md5 mismatch),
+    so the store only ever holds gated models and the newest one is the champion.
+    """
+    root = Path(project_root)
+    ev = load_evaluated(Path(model_dir), Path(evaluate_dir), Path(reports_dir))
+    record = lineage_record(ev, root)
+    import bentoml
+
+    with bentoml.models.create(
+        MODEL_NAME, labels=_labels(record), metadata=_bentoml_metadata(record), _model_store=_model_store()
+    ) as m:
+        dest = Path(m.path)
+        _copy_files(ev, dest, root)
+        write_json(dest / RECORD_FILE, {"tag": str(m.tag), **record})
+        if lineage.file_md5(dest / MODEL_FILE) != ev.model_md5:  # changed while copying
+            raise RegistryError(f"{ev.model_dir / MODEL_FILE}: changed while being packaged; try again")
+        return str(m.tag)
+
+
+# ----------------------------------------------------------------------------------------------
+# champion
+
+
+def champion() -> dict[str, Any] | None:
+    """The champion (the newest stored model): ``{"tag", "path", "labels", "metadata",
+    "created_at"}``, or None when the store holds no lesionflow model."""
+    models = _models()
+    return _model_record(models[-1]) if models else None
+
+
+def export_champion(dest: Path) -> str | None:
+    """Copy the champion's ``model.pt``, ``config.json`` and ``operating_point.json`` (plus
+    ``champion.json``: tag, md5s, threshold) to ``dest``, replacing it atomically; return the tag.
+    Without a champion, remove ``dest`` and return None."""
+    dest = Path(dest)
+    champ = champion()
+    if champ is None:
+        if dest.exists():
+            shutil.rmtree(dest)
+        return None
+    src = Path(champ["path"])
+    with staged_dir(dest) as stage:
+        for name in SERVING_FILES:
+            if not (src / name).exists():
+                raise RegistryError(f"{src / name}: missing from the champion {champ['tag']} (store corrupted?)")
+            shutil.copy2(src / name, stage / name)
+        if (src / "reference").is_dir():
+            shutil.copytree(src / "reference", stage / "reference")
+        write_json(
+            stage / "champion.json",
+            {
+                "tag": champ["tag"],
+                "model_md5": champ["labels"].get("model_md5"),
+                "data_md5": champ["labels"].get("data_md5"),
+                "git_commit": champ["labels"].get("git_commit"),
+                "threshold": champ["metadata"].get("threshold"),
+                "created_at": champ["created_at"],
+            },
+        )
+    return champ["tag"]
+
+
+# ----------------------------------------------------------------------------------------------
+# tracing
+
+
+def _known_tags() -> str:
+    models = [str(m.tag) for m in _models()][-5:]
+    try:
+        bentos = [str(b.tag) for b in _bento_store().list(BENTO_NAME)][-5:]
+    except Exception:  # NotFound when there is none
+        bentos = []
+    return (
+        f"known models: {', '.join(models) or 'none'}; known bentos: {', '.join(bentos) or 'none'} "
+        f"(store: {bentoml_home()})"
+    )
+
+
+def _resolve(tag: str) -> tuple[Any, str | None]:
+    """(the stored model, the Bento tag or None) of a model tag or a Bento tag."""
+    from bentoml._internal.tag import Tag
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    if not isinstance(tag, str) or not tag.strip():
+        raise RegistryError(f"empty tag; {_known_tags()}")
+    tag = tag.strip()
+    try:
+        parsed = Tag.from_taglike(tag)
+    except (ValueError, BentoMLException) as exc:
+        raise RegistryError(f"{tag!r} is not a valid tag ({exc}); {_known_tags()}") from None
+    if parsed.name == MODEL_NAME:
+        try:
+            return _model_store().get(parsed), None
+        except (NotFound, BentoMLException):
+            raise RegistryError(f"unknown tag {tag!r}: no such model in the BentoML store; {_known_tags()}") from None
+    try:
+        bento = _bento_store().get(parsed)
+    except (NotFound, BentoMLException):
+        raise RegistryError(
+            f"unknown tag {tag!r}: no such model or bento in the BentoML store; {_known_tags()}"
+        ) from None
+    refs = [m for m in bento.info.all_models if m.tag.name == MODEL_NAME]
+    if not refs:
+        raise RegistryError(f"bento {bento.tag} holds no {MODEL_NAME} model")
+    try:
+        return _model_store().get(refs[0].tag), str(bento.tag)
+    except (NotFound, BentoMLException):  # an imported bento carries its models inside
+        from bentoml._internal.models.model import ModelStore
+
+        return ModelStore(str(Path(bento.path) / "models")).get(refs[0].tag), str(bento.tag)
+
+
+def _restore_commands(commit: str, data_md5: str) -> list[str]:
+    return [
+        f"git checkout {commit}",
+        "dvc checkout data.dvc    # or, when the data is not in the local DVC cache: dvc pull data.dvc",
+        f"# check: the md5 in data.dvc is now {data_md5}",
+        "dvc checkout             # every stage output of that commit (dvc pull when not cached)",
+    ]
+
+
+def _notes(git: dict[str, Any]) -> list[str]:
+    """What an auditor should know about the code state the model was packaged from."""
+    notes = []
+    if git.get("dirty"):
+        modified = git.get("modified") or []
+        notes.append(
+            "the working tree had uncommitted changes when this model was packaged"
+            + (f" ({', '.join(modified[:5])}{' ...' if len(modified) > 5 else ''})" if modified else "")
+            + ": the commit alone does not reproduce its code exactly"
+        )
+    if git.get("run_records_modified"):
+        notes.append(
+            "dvc.lock had been rewritten by the run that produced this model and was not yet committed: "
+            "the stage hashes of that run are in this package (dvc_lock); after `git checkout`, "
+            "`dvc repro` rebuilds any stage output whose hashes differ"
+        )
+    if git.get("commit", "unknown") == "unknown":
+        notes.append("no git commit was recorded (packaged outside a git repository)")
+    return notes
+
+
+def describe(tag: str) -> dict[str, Any]:
+    """Everything an auditor needs about a model tag or a Bento tag (then: the Bento's model).
+
+    Returns the tag(s), the model's path, data md5 and data version, git commit, params, test
+    metrics and their CIs, gate verdict, operating threshold, ``dvc.lock`` stage hashes, model md5
+    and ``restore``: the shell commands that bring back the code and the data of that model.
+    Raises :class:`RegistryError` for an unknown or malformed tag.
+    """
+    model, bento_tag = _resolve(tag)
+    rec = _model_record(model)
+    md = rec["metadata"]
+    git = md.get("git") or {}
+    commit, data_md5 = git.get("commit", "unknown"), (md.get("data") or {}).get("md5", "unknown")
+    return {
+        "tag": rec["tag"],
+        "bento_tag": bento_tag,
+        "path": rec["path"],
+        "created_at": rec["created_at"],
+        "labels": rec["labels"],
+        "model_md5": md.get("model_md5"),
+        "data_md5": data_md5,
+        "data": md.get("data"),
+        "git_commit": commit,
+        "git_dirty": git.get("dirty"),
+        "params": md.get("params"),
+        "metrics": md.get("metrics"),
+        "confidence": md.get("confidence"),
+        "gates": md.get("gates"),
+        "threshold": md.get("threshold"),
+        "operating_point": md.get("operating_point"),
+        "dvc_lock": md.get("dvc_lock"),
+        "model": md.get("model"),
+        "restore": _restore_commands(commit, data_md5),
+        "notes": _notes(git),
+    }

@@ -1,0 +1,231 @@
+"""Requests to the service: parsing a multipart or raw-body request, validating its image and
+metadata fields, and the one error type a client sees: a 4xx JSON ``{"error", "field", "status"}``
+that names the field (400 bad or empty image, 413 too many bytes or pixels, 415 unsupported format
+or Content-Type, 422 bad metadata or unknown field). Pure functions (no BentoML), tested without a
+server."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from pipeline.core import images
+from pipeline.core.metadata import FIELDS
+from pipeline.core.params import MetadataParams
+
+MAX_IMAGE_BYTES = int(os.environ.get("LESIONFLOW_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
+MAX_IMAGE_PIXELS = int(os.environ.get("LESIONFLOW_MAX_IMAGE_PIXELS", str(images.MAX_PIXELS)))
+MAX_BATCH_IMAGES = int(os.environ.get("LESIONFLOW_MAX_BATCH_IMAGES", "32"))
+#: Largest request body of /classify_batch.
+MAX_REQUEST_BYTES = int(os.environ.get("LESIONFLOW_MAX_REQUEST_BYTES", str(100 * 1024 * 1024)))
+MULTIPART_SLACK = 64 * 1024  # multipart framing + metadata fields on top of the image bytes
+RAW_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "image/jpg")
+IMAGE_FIELDS = ("image", "file")
+_AGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MetadataParams) if f.name in ("age_min", "age_max")}
+
+
+class ApiError(Exception):
+    """A client error: HTTP ``status``, the offending ``field`` and a message."""
+
+    def __init__(self, status: int, field: str, message: str):
+        self.status, self.field, self.message = status, field, message
+        super().__init__(f"{field}: {message}")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": f"field '{self.field}': {self.message}", "field": self.field, "status": self.status},
+            status_code=self.status,
+        )
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The metadata values a model accepts: ``sex`` and ``localization`` values (None: any text,
+    for a model that records no vocabulary) and the age range."""
+
+    sex: tuple[str, ...] | None
+    localization: tuple[str, ...] | None
+    age_min: float = _AGE_DEFAULTS["age_min"]
+    age_max: float = _AGE_DEFAULTS["age_max"]
+    unknown: str = "unknown"
+
+    def values(self, name: str) -> tuple[str, ...] | None:
+        return getattr(self, name)
+
+
+def vocabulary(config: dict[str, Any]) -> Vocabulary:
+    """The accepted metadata of a model: the ``metadata_vocabulary`` its config records (params.yaml's
+    ``metadata`` section when it was trained), else its metadata encoder's (plus ``unknown``), else
+    any text."""
+    vocab = config.get("metadata_vocabulary")
+    if vocab:
+        return Vocabulary(
+            tuple(vocab["sexes"]),
+            tuple(vocab["localizations"]),
+            float(vocab["age_min"]),
+            float(vocab["age_max"]),
+            vocab.get("unknown", "unknown"),
+        )
+    meta = (config.get("architecture") or {}).get("metadata")
+    if meta:
+        return Vocabulary(tuple(meta["sexes"]) + ("unknown",), tuple(meta["localizations"]) + ("unknown",))
+    return Vocabulary(None, None)
+
+
+def _age(raw: Any, vocab: Vocabulary, where: str) -> float | None:
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        return None
+    if isinstance(raw, bool):
+        raise ApiError(422, f"age{where}", f"must be a number of years, got {raw!r}")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ApiError(422, f"age{where}", f"must be a number of years, got {raw!r}") from None
+    if not math.isfinite(value) or not vocab.age_min <= value <= vocab.age_max:
+        raise ApiError(
+            422, f"age{where}", f"must be between {vocab.age_min:g} and {vocab.age_max:g} years, got {raw!r}"
+        )
+    return value
+
+
+def validate_metadata(raw: dict[str, Any], vocab: Vocabulary, where: str = "") -> dict[str, Any]:
+    """``{"age": float|None, "sex": str|None, "localization": str|None}`` or :class:`ApiError` (422)."""
+    out: dict[str, Any] = {"age": _age(raw.get("age"), vocab, where), "sex": None, "localization": None}
+    for name in ("sex", "localization"):
+        value = raw.get(name)
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            continue
+        if not isinstance(value, str):
+            raise ApiError(422, f"{name}{where}", f"must be text, got {value!r}")
+        norm = value.strip().lower()
+        accepted = vocab.values(name)
+        if accepted is not None and norm not in accepted:
+            raise ApiError(422, f"{name}{where}", f"{value!r} is not accepted (accepted: {', '.join(accepted)})")
+        out[name] = None if norm == vocab.unknown else norm
+    return out
+
+
+def check_fields(keys: list[str], allowed: tuple[str, ...]) -> None:
+    """:class:`ApiError` (422) naming the first field that is not ``allowed``."""
+    unknown = sorted({k for k in keys if k not in allowed})
+    if unknown:
+        raise ApiError(422, unknown[0], f"unknown field (accepted: {', '.join(allowed)})")
+
+
+def image_error(exc: images.ImageError, field: str) -> ApiError:
+    """The HTTP status of an image problem: 415 unsupported format, 413 too large, else 400."""
+    reason = exc.reason
+    if "unsupported format" in reason:
+        status = 415
+    elif "too large" in reason:
+        status = 413
+    else:
+        status = 400
+    return ApiError(status, field, reason)
+
+
+def decode_image(
+    data: bytes, field: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """(H, W, 3) uint8 via :func:`pipeline.core.images.decode_rgb`, or :class:`ApiError`."""
+    if len(data) > max_bytes:
+        raise ApiError(413, field, f"image of {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes")
+    try:
+        return images.decode_rgb(data, field, max_pixels=max_pixels)
+    except images.ImageError as exc:
+        raise image_error(exc, field) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes without reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise ApiError(413, "image", f"request body of {int(length):,} bytes exceeds the limit of {limit:,} bytes")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, "image", f"request body exceeds the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # starlette's form parser reads the cached body
+    return body
+
+
+async def _file_fields(form: Any, batch: bool, max_images: int) -> list[tuple[str, bytes]]:
+    """``[(field name, bytes)]`` of the image fields of a multipart form (refusing none, too many
+    or an empty one)."""
+    files = [(k, v) for k in IMAGE_FIELDS for v in form.getlist(k)]
+    if not files:
+        raise ApiError(400, "image", "missing: send the image as a multipart file field named 'image'")
+    if len(files) > max_images:
+        raise ApiError(413, "image", f"{len(files)} images in one request (at most {max_images})")
+    blobs = []
+    for i, (name, f) in enumerate(files):
+        field = f"{name}[{i}]" if batch else name
+        data = f.encode("utf-8") if isinstance(f, str) else await f.read()  # a text field: refused when decoded
+        if not data:
+            raise ApiError(400, field, "empty file (0 bytes): send a JPEG or PNG image")
+        blobs.append((field, data))
+    return blobs
+
+
+def _metadata_fields(form: Any, n: int) -> list[dict[str, Any]]:
+    """The metadata of each of ``n`` images: a field given once applies to all, or once per image."""
+    per_image: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key in FIELDS:
+        values = form.getlist(key)
+        if any(not isinstance(v, str) for v in values):
+            raise ApiError(422, key, "must be a text form field, not a file")
+        if len(values) == 1:
+            for d in per_image:
+                d[key] = values[0]
+        elif len(values) == n and n > 1:
+            for d, v in zip(per_image, values):
+                d[key] = v
+        elif values:
+            raise ApiError(422, key, f"{len(values)} values for {n} image(s): give one for all or one per image")
+    return per_image
+
+
+async def _parse_multipart(request: Request, vocab: Vocabulary, batch: bool) -> list[tuple[str, bytes, dict[str, Any]]]:
+    max_images = MAX_BATCH_IMAGES if batch else 1
+    await read_body(request, min(MAX_IMAGE_BYTES * max_images, MAX_REQUEST_BYTES) + MULTIPART_SLACK)
+    try:
+        form = await request.form(max_files=max_images, max_fields=64, max_part_size=MAX_IMAGE_BYTES + 1)
+    except Exception as exc:  # starlette's MultiPartException / HTTPException: malformed or too many parts
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise ApiError(400, "image", f"malformed multipart request ({detail})") from None
+    try:
+        check_fields(list(form.keys()), IMAGE_FIELDS + FIELDS)
+        blobs = await _file_fields(form, batch, max_images)
+        metadata = _metadata_fields(form, len(blobs))
+        return [
+            (field, data, validate_metadata(raw, vocab, f"[{i}]" if batch else ""))
+            for i, ((field, data), raw) in enumerate(zip(blobs, metadata))
+        ]
+    finally:
+        await form.close()
+
+
+async def parse_request(request: Request, vocab: Vocabulary, batch: bool) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """``[(field name, image bytes, validated metadata)]`` from a multipart or raw-body request."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in RAW_TYPES and not batch:
+        body = await read_body(request, MAX_IMAGE_BYTES)
+        query = dict(request.query_params)
+        check_fields(list(query), FIELDS)
+        if not body:
+            raise ApiError(400, "image", "empty request body (0 bytes): send a JPEG or PNG image")
+        return [("image", body, validate_metadata(query, vocab))]
+    if ctype != "multipart/form-data":
+        accepted = "multipart/form-data" + ("" if batch else ", " + ", ".join(RAW_TYPES[:3]))
+        raise ApiError(415, "image", f"unsupported Content-Type {ctype or '(none)'!r} (accepted: {accepted})")
+    return await _parse_multipart(request, vocab, batch)

@@ -1,0 +1,74 @@
+"""Stage ``split``: a leakage-free, stratified train/val/test split (:mod:`pipeline.data.splitting`).
+
+    python -m pipeline.stages.split [--metadata CSV] [--index CSV] [--out DIR] [--reports DIR]
+
+Writes ``artifacts/splits/{train,val,test}.csv`` (the metadata columns plus ``split``, sorted by
+``image_id``; replaced together only when all three are written) and ``reports/split/``:
+``summary.json`` (numbers: the DVC metrics), ``lineage.json``, ``counts.csv``, ``report.md`` and
+``split_counts.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+
+import pandas as pd
+
+from pipeline.core import fsutil, lineage, params, stagecli
+from pipeline.core.errors import EXIT_OK, LesionflowError
+from pipeline.core.layout import SPLITS
+from pipeline.data import splitting
+
+
+def read_inputs(args: Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metadata table and the validation index (text ids)."""
+    if not args.index.exists():
+        raise LesionflowError(f"{args.index}: validation index not found: run the validate stage first")
+    meta = pd.read_csv(args.metadata, dtype={"lesion_id": str, "image_id": str})
+    index = pd.read_csv(args.index, dtype={"image_id": str, "md5": str})
+    return meta, index
+
+
+def write_outputs(df: pd.DataFrame, p: params.SplitParams, args: Namespace) -> dict:
+    """The split files (atomically, together) and the reports; returns the summary."""
+    with fsutil.staged_dir(args.out) as stage:
+        for split in SPLITS:
+            df[df["split"] == split].to_csv(stage / f"{split}.csv", index=False)
+    counts = splitting.split_counts(df, p.stratify_column)
+    summary = splitting.summarise(df, p)
+    patients = p.patient_column in df.columns
+    reports = args.reports
+    fsutil.atomic_write_text(reports / "counts.csv", counts.rename_axis("class").to_csv())
+    fsutil.atomic_write_text(reports / "report.md", splitting.render_markdown(counts, summary, p, patients))
+    splitting.plot_counts(
+        counts, reports / "split_counts.png", f"Split of {summary['images']:,} images (seed {p.seed})"
+    )
+    fsutil.write_json(reports / "summary.json", summary, sort_keys=False)
+    fsutil.write_json(
+        reports / "lineage.json",
+        lineage.lineage(
+            params={"split": params.to_dict(p)}, files=[args.metadata] + [args.out / f"{s}.csv" for s in SPLITS]
+        ),
+    )
+    return summary
+
+
+def body(args: Namespace) -> int:
+    p = params.load_section("split", args.params)
+    meta, index = read_inputs(args)
+    summary = write_outputs(splitting.make_split(meta, index, p), p, args)
+    print(
+        f"Split written to {args.out}: "
+        + ", ".join(f"{s} {summary['sizes'][s]:,}" for s in SPLITS)
+        + f"; max class-share deviation {summary['max_class_share_deviation']:.2%}"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stagecli.run("split", __doc__, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
