@@ -1,6 +1,6 @@
 # lesionflow: two commands do everything.
 #   make run   install, pull the data, run the retraining pipeline on the default data
-#   make test  install, pull the data, run the test suite
+#   make test  install, pull the data, lint (ruff), run the test suite
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
@@ -11,7 +11,7 @@ PYTHON ?= python3
 # the project root, its BentoML/Prefect homes under .lesionflow/ and the offline settings itself
 # (pipeline/core/project.py). `dvc pull` below is offline-quiet through .dvc/config (analytics false).
 
-.PHONY: run test install data browser
+.PHONY: run test lint format install data browser
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,14 @@ data: install
 run: data
 	$(VENV)/bin/lesionflow run
 
-test: data browser
+# Ruff (pyproject.toml [tool.ruff]): lint and format check; `make format` rewrites in place.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint data browser
 	$(PY) -m pytest
