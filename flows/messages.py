@@ -11,18 +11,6 @@ from pipeline.core.fsutil import read_json
 from pipeline.core.layout import LAYOUT, Layout
 from pipeline.evaluation import gates
 
-KEY_METRICS = (
-    "binary.sensitivity_at_operating_point",
-    "binary.specificity_at_operating_point",
-    "binary.threshold",
-    "binary.roc_auc",
-    "binary.pr_auc",
-    "dx.balanced_accuracy",
-    "dx.roc_auc_macro",
-    "dx.accuracy",
-    "risk.balanced_accuracy",
-)
-
 
 def needs_forced_evaluate(verdict: dict[str, Any] | None, champion_md5: str | None, candidate_md5: str | None) -> bool:
     """Whether the last verdict was judged against another champion than the current one.
@@ -80,8 +68,9 @@ def validation_failure_message(root: Path, started: float) -> str | None:
 
 
 def key_metrics(metrics_doc: dict[str, Any] | None) -> dict[str, float]:
-    flat = gates.flatten(metrics_doc or {})
-    return {k: flat[k] for k in KEY_METRICS if k in flat}
+    """The key metrics of the evaluate stage's DVC metrics file (which holds exactly those:
+    :data:`pipeline.evaluation.summary.KEY_METRICS`), flat, in order."""
+    return {k: v for k, v in gates.flatten(metrics_doc or {}).items() if k != "gates_passed"}
 
 
 def summary_markdown(summary: dict[str, Any], verdict: dict[str, Any] | None) -> str:

@@ -1,18 +1,21 @@
 """Helpers for the registry/service tests and the serving benchmark: an untrained model directory
 in exactly the format the train stage writes (``model.pt`` state_dict + ``config.json`` from
 :func:`pipeline.model.checkpoint.model_config`), and the evaluate outputs ``package()`` reads
-(``operating_point.json``, ``gates.json``, ``metrics.json``), without training or evaluating."""
+(``operating_point.json``, ``gates.json``, ``metrics.json``, ``scores.json``), without training or evaluating."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.core import lineage, params
 from pipeline.core.fsutil import write_json
-from pipeline.model import backbones, checkpoint, classifier, training
+from pipeline.model import backbones, checkpoint, classifier, training, trust
+from pipeline.model.inference import Predictor
 from pipeline.model.metadata import MetadataEncoder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +29,14 @@ def write_model_dir(
     metadata_fusion: bool = False,
     seed: int = 0,
     tta: bool = False,
+    trust_images: Sequence[np.ndarray] | None = None,
+    trust_labels: Sequence[str] | None = None,
 ) -> Path:
-    """An untrained (randomly initialised, seeded) model at ``dest`` with train's config.json."""
+    """An untrained (randomly initialised, seeded) model at ``dest`` with train's config.json.
+
+    With ``trust_images`` (RGB arrays) and their diagnoses ``trust_labels``, the model also gets
+    what the train stage fits after training (:mod:`pipeline.model.trust`): the temperature and
+    the OOD detector, here fitted on those images (as both train and val)."""
     tax = params.load_taxonomy(PROJECT_ROOT / "params.yaml")
     vocabulary = params.load_section("metadata", PROJECT_ROOT / "params.yaml")
     p = params.from_dict(
@@ -57,12 +66,19 @@ def write_model_dir(
     }
     lin = lineage.lineage(params={"train": params.to_dict(p)}, dvc_file=PROJECT_ROOT / "data.dvc")
     arch = classifier.architecture(backbone, len(classes), input_size, p.dropout, meta)
+    limits = params.load_section("validate", PROJECT_ROOT / "params.yaml").size_limits()
     cfg = checkpoint.model_config(
-        p, tax, arch, backbones.backbone_spec(backbone).preprocessing(input_size), vocabulary, lin, result
+        p, tax, arch, backbones.backbone_spec(backbone).preprocessing(input_size), vocabulary, limits, lin, result
     )
-    dest.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), dest / checkpoint.MODEL_FILE)
-    write_json(dest / checkpoint.CONFIG_FILE, cfg)
+    arrays = {}
+    if trust_images is not None:
+        predictor = Predictor(model, cfg, "cpu", engine="torch")
+        u8 = predictor.resize(list(trust_images))
+        split = trust.SplitInputs(u8, None, tax.encode(list(trust_labels), p.target_level))
+        fitted = trust.fit_trust(predictor, split, split, p.trust, 64)
+        cfg.update(calibration=fitted.calibration, ood=fitted.ood)
+        arrays = fitted.arrays
+    checkpoint.save(dest, model.state_dict(), cfg, arrays)
     return dest
 
 
@@ -84,6 +100,27 @@ def write_evaluation(
         "model_md5": md5,
         "positive_class": "malignant",
         "rule": "malignant if p(malignant) >= threshold",
+        # what evaluate reports at the threshold (made-up counts of a 300-image split)
+        "val": {
+            "sensitivity": 0.95,
+            "specificity": 0.5,
+            "ppv": 0.3,
+            "npv": 0.98,
+            "tp": 57,
+            "fn": 3,
+            "fp": 120,
+            "tn": 120,
+        },
+        "test": {
+            "sensitivity": 0.93,
+            "specificity": 0.52,
+            "ppv": 0.31,
+            "npv": 0.97,
+            "tp": 56,
+            "fn": 4,
+            "fp": 115,
+            "tn": 125,
+        },
     }
     verdict = {
         "passed": passed,
@@ -112,4 +149,5 @@ def write_evaluation(
     write_json(evaluate_dir / "operating_point.json", op)
     write_json(reports_dir / "gates.json", verdict)
     write_json(reports_dir / "metrics.json", mets)
+    write_json(reports_dir / "scores.json", mets)
     return {"operating_point": op, "gates": verdict, "metrics": mets, "model_md5": md5}

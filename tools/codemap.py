@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "pipeline.evaluation": 3,
     "pipeline.monitoring": 3,
     "pipeline.serving": 4,
+    "pipeline.audit": 4,
     "pipeline.stages": 5,
     "flows": 6,
     "pipeline.cli": 7,

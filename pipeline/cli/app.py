@@ -8,11 +8,12 @@ lesionflow predict PATH... [--model DIR_OR_TAG] [--out predictions.csv]
 lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:3000)
 lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
 lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
+lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # external validation
 """
 
 from __future__ import annotations
 
-from pipeline.cli import predict, registry_views, run, serve  # noqa: F401  (registers the commands)
+from pipeline.cli import external, predict, registry_views, run, serve  # noqa: F401  (registers the commands)
 from pipeline.cli.base import app
 
 __all__ = ["app", "main"]

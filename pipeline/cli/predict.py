@@ -14,7 +14,15 @@ from pipeline.cli.base import DISCLAIMER, app, err, fail, out, show
 from pipeline.core import fsutil, images, lineage
 from pipeline.core.errors import EXIT_FAILED
 from pipeline.core.layout import Layout
-from pipeline.core.predictions import DECISION, P_MALIGNANT, pred_column, prediction_frame, prob_column
+from pipeline.core.predictions import (
+    DECISION,
+    IN_DISTRIBUTION,
+    P_MALIGNANT,
+    pred_column,
+    prediction_frame,
+    prob_column,
+)
+from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 
 
 def resolve_model(model: str | None) -> tuple[Path, str, float | None]:
@@ -46,7 +54,8 @@ def predict_files(
     predictor: Any, files: list[Path], threshold: float, batch_size: int, problems: list[tuple[str, str]]
 ) -> pd.DataFrame:
     """Prediction rows (:mod:`pipeline.core.predictions`) of every readable file, with a ``file``
-    column first; unreadable files are added to ``problems``."""
+    column first; unreadable files, and images too small or too elongated for the model, are added
+    to ``problems``. An image out of distribution gets no decision (its probabilities stay)."""
     from tqdm.auto import tqdm
 
     frames = []
@@ -54,14 +63,25 @@ def predict_files(
         chunk, arrays = [], []
         for f in files[start : start + batch_size]:
             try:
-                arrays.append(images.decode_rgb(f, str(f)))
+                rgb = images.decode_rgb(f, str(f))
+                images.check_size(rgb, predictor.size_limits, str(f))
+                arrays.append(rgb)
                 chunk.append(f)
             except images.ImageError as exc:
                 problems.append((str(f), exc.reason))
         if arrays:
             res = predictor.predict(arrays, batch_size=batch_size)
             levels = {lvl: res[f"{lvl}_probs"] for lvl in ("dx", "risk", "binary")}
-            rows = prediction_frame(levels, predictor.taxonomy, res["p_malignant"], threshold, digits=None)
+            rows = prediction_frame(
+                levels,
+                predictor.taxonomy,
+                res["p_malignant"],
+                threshold,
+                digits=None,
+                in_distribution=res["in_distribution"],
+                ood_score=res["ood_score"],
+                withhold=True,
+            )
             frames.append(pd.concat([pd.DataFrame({"file": [str(f) for f in chunk]}), rows], axis=1))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -79,6 +99,9 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
     )
     for r in rows.head(shown).to_dict("records"):
         dx = r.get(pred_column("dx"))
+        if r.get(IN_DISTRIBUTION) is False:  # no risk estimate for an image the model cannot judge
+            table.add_row(Path(r["file"]).name, "-", "-", "-", "-", "[yellow]not judged: unlike the training images[/]")
+            continue
         table.add_row(
             Path(r["file"]).name,
             dx or "-",
@@ -88,6 +111,9 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
             f"[bold red]{r[DECISION]}[/]" if r[DECISION] == positive else r[DECISION],
         )
     out.print(table)
+    if IN_DISTRIBUTION in rows and (~rows[IN_DISTRIBUTION].astype(bool)).any():
+        n = int((~rows[IN_DISTRIBUTION].astype(bool)).sum())
+        out.print(f"{n} image(s) not judged: {OOD_MESSAGE} (probabilities in the CSV, decision empty)")
 
 
 @app.command()

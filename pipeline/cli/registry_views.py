@@ -114,4 +114,27 @@ def trace(
     _print_metrics(d)
     if d.get("gates"):
         print_gates(d["gates"], "Gate verdict")
+    print_external(d.get("external_validations") or [])
     _print_provenance(d)
+
+
+def print_external(records: list[dict[str, Any]]) -> None:
+    """The external validations recorded with a model (``lesionflow validate-external --record``)."""
+    if not records:
+        return
+    t = Table(
+        "name", "when", "images", "ROC-AUC", "sensitivity", "specificity", "OOD flagged", title="External validations"
+    )
+    for r in records:
+        b, at = (r.get("metrics") or {}).get("binary") or {}, r.get("model_threshold") or {}
+        flagged = r.get("ood_flagged_share")
+        t.add_row(
+            str(r.get("name")),
+            str(r.get("created_at")),
+            str(r.get("n_images")),
+            show(b.get("roc_auc"), 3),
+            show(at.get("sensitivity"), 3),
+            show(at.get("specificity"), 3),
+            "-" if flagged is None else f"{100 * flagged:.1f}%",
+        )
+    out.print(t)

@@ -4,10 +4,11 @@ Every part of lesionflow that turns bytes into pixels (the data contract, the ED
 training's tensor cache, evaluation, the BentoML service, drift monitoring) calls
 :func:`decode_rgb`. It accepts JPEG and PNG of any size, refuses everything else with an
 :class:`ImageError` that names the source and the reason, and guards against decompression bombs
-before a single pixel is decoded. :func:`fit_to_size` is the one resize to a model's input (training's
-cache and every prediction). Image files are found by :func:`index_images` (an image folder: image id
--> file) and :func:`list_images` (files a user points at), both for every extension in
-:data:`IMAGE_EXTENSIONS`.
+before a single pixel is decoded. :func:`check_size` refuses an image outside a model's
+:class:`~pipeline.core.formats.SizeLimits` (the service, ``lesionflow predict``).
+:func:`fit_to_size` is the one resize to a model's input (training's cache and every prediction).
+Image files are found by :func:`index_images` (an image folder: image id -> file) and
+:func:`list_images` (files a user points at), both for every extension in :data:`IMAGE_EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.errors import LesionflowError
-from pipeline.core.formats import FORMATS, IMAGE_EXTENSIONS
+from pipeline.core.formats import FORMATS, IMAGE_EXTENSIONS, SizeLimits
 
 #: Largest image accepted by default, in pixels (about 8000 x 6000).
 MAX_PIXELS: int = 48_000_000
@@ -111,6 +112,14 @@ def decode_rgb(
         if img.mode != "RGB":
             img = img.convert("RGB")
         return np.asarray(img, dtype=np.uint8).copy()
+
+
+def check_size(rgb: np.ndarray, limits: SizeLimits, source: str) -> None:
+    """:class:`ImageError` naming ``source``, the size and the limit when a decoded ``(H, W, 3)``
+    image is too small or too elongated for ``limits``."""
+    problem = limits.problem(int(rgb.shape[1]), int(rgb.shape[0]))
+    if problem:
+        raise ImageError(source, problem)
 
 
 def resize_rgb(arr: np.ndarray, height: int, width: int) -> np.ndarray:

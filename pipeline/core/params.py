@@ -7,27 +7,51 @@ strict: an unknown key, a missing key, a value of the wrong type or out of range
     params.yaml: split.val_fraction: must be in (0, 1), got 1.5
 
 Stages read only their own section (``load_section("split")``), as in DVC's example-get-started,
-so that ``dvc.yaml`` can declare exactly the parameters each stage depends on. The strict
-conversion itself is :mod:`pipeline.core.strict`. The module needs only the standard library and
+so that ``dvc.yaml`` can declare exactly the parameters each stage depends on. The schemas of the
+sections are :mod:`pipeline.core.sections` (importable from here too: ``params.TrainParams``); the
+strict conversion is :mod:`pipeline.core.strict`. The module needs only the standard library and
 PyYAML, so ``python -m pipeline.stages.train`` runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import yaml
 
 from pipeline.core import taxonomy
-from pipeline.core.formats import IMAGE_EXTENSIONS
+from pipeline.core.sections import (
+    AugmentParams,
+    EdaParams,
+    EvaluateParams,
+    GatesParams,
+    LabelsParams,
+    MetadataParams,
+    MonitorParams,
+    SplitParams,
+    TrainParams,
+    TrustParams,
+    ValidateParams,
+    section,
+    sections,
+)
 from pipeline.core.statsconfig import ABCD_COLOURS, ColourRules, FeatureConfig
 from pipeline.core.strict import ParamsError, apply_overrides, fail, from_dict, to_dict
 
 __all__ = [
     "ABCD_COLOURS",
+    "AugmentParams",
+    "EdaParams",
+    "EvaluateParams",
+    "GatesParams",
+    "LabelsParams",
+    "MetadataParams",
+    "MonitorParams",
+    "SplitParams",
+    "TrainParams",
+    "TrustParams",
+    "ValidateParams",
     "ColourRules",
     "FeatureConfig",
     "ParamsError",
@@ -44,29 +68,6 @@ __all__ = [
 ]
 
 DEFAULT_PARAMS = Path("params.yaml")
-
-T = TypeVar("T")
-
-
-_SECTIONS: dict[str, type] = {}
-
-
-def section(name: str):
-    """Class decorator: register a dataclass as the schema of ``params.yaml``'s section ``name``."""
-
-    def register(cls: type[T]) -> type[T]:
-        if not dataclasses.is_dataclass(cls):
-            raise TypeError(f"{cls.__name__} must be a dataclass")
-        _SECTIONS[name] = cls
-        return cls
-
-    return register
-
-
-def sections() -> dict[str, type]:
-    """The registered section names and their schema classes."""
-    return dict(_SECTIONS)
-
 
 # ----------------------------------------------------------------------------------------------
 # reading the file
@@ -112,377 +113,3 @@ def load_all(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 def load_taxonomy(path: Path | str = DEFAULT_PARAMS) -> taxonomy.Taxonomy:
     """The label taxonomy configured in the ``labels`` section."""
     return load_section("labels", path).taxonomy()
-
-
-# ----------------------------------------------------------------------------------------------
-# the sections
-
-
-@section("labels")
-@dataclasses.dataclass(frozen=True)
-class LabelsParams:
-    """Diagnoses and their mapping to risk classes and to binary benign/malignant."""
-
-    diagnoses: list[str]
-    risk: dict[str, list[str]]
-    binary: dict[str, list[str]]
-    binary_positive: str = "malignant"
-
-    def __post_init__(self) -> None:
-        try:
-            self.taxonomy()
-        except taxonomy.TaxonomyError as exc:
-            fail(exc.key, exc.message)
-
-    def taxonomy(self) -> taxonomy.Taxonomy:
-        return taxonomy.Taxonomy.from_mapping(
-            self.diagnoses, self.risk, self.binary, binary_positive=self.binary_positive
-        )
-
-
-@section("metadata")
-@dataclasses.dataclass(frozen=True)
-class MetadataParams:
-    """The metadata vocabulary, shared by the data contract (stage ``validate``) and the model's
-    metadata encoder (stage ``train``, stored in every model's config for the service)."""
-
-    dx_types: list[str]
-    sexes: list[str]
-    localizations: list[str]
-    unknown: str = "unknown"  # the value that means "not recorded" (encoded as missing)
-    age_min: float = 0.0
-    age_max: float = 120.0
-
-    def __post_init__(self) -> None:
-        for name in ("dx_types", "sexes", "localizations"):
-            values = getattr(self, name)
-            if not values:
-                fail(name, "must list at least one value")
-            dup = sorted({v for v in values if values.count(v) > 1})
-            if dup:
-                fail(name, f"listed more than once: {', '.join(dup)}")
-        if not 0 <= self.age_min < self.age_max:
-            fail("age_max", f"must be greater than age_min >= 0, got {self.age_min}..{self.age_max}")
-
-    def known(self, name: str) -> list[str]:
-        """The values of ``sexes`` or ``localizations`` other than :attr:`unknown`."""
-        return [v for v in getattr(self, name) if v != self.unknown]
-
-
-@section("validate")
-@dataclasses.dataclass(frozen=True)
-class ValidateParams:
-    """The data contract: what the metadata and the image files must satisfy (the vocabularies of
-    the metadata columns are the ``metadata`` section)."""
-
-    image_id_pattern: str = r"^ISIC_\d{7}$"
-    required_columns: list[str] = dataclasses.field(
-        default_factory=lambda: ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
-    )
-    min_width: int = 64
-    min_height: int = 64
-    image_extensions: list[str] = dataclasses.field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-    require_rgb: bool = True
-    workers: int = 0
-    max_examples: int = 5
-
-    def __post_init__(self) -> None:
-        try:
-            re.compile(self.image_id_pattern)
-        except re.error as exc:
-            fail("image_id_pattern", f"not a valid regular expression ({exc}): {self.image_id_pattern!r}")
-        if self.min_width < 1 or self.min_height < 1:
-            fail("min_width", "min_width and min_height must be at least 1")
-        if self.workers < 0:
-            fail("workers", f"must be 0 (all cores) or a positive count, got {self.workers}")
-        if self.max_examples < 1:
-            fail("max_examples", f"must be at least 1, got {self.max_examples}")
-        for i, ext in enumerate(self.image_extensions):
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                fail(
-                    f"image_extensions[{i}]",
-                    f"{ext!r} is not an image type lesionflow decodes ({', '.join(IMAGE_EXTENSIONS)})",
-                )
-
-
-@section("split")
-@dataclasses.dataclass(frozen=True)
-class SplitParams:
-    """Train/val/test split grouped by lesion (and patient), stratified by diagnosis."""
-
-    seed: int = 42
-    train_fraction: float = 0.70
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    group_column: str = "lesion_id"
-    patient_column: str = "patient_id"
-    stratify_column: str = "dx"
-
-    def __post_init__(self) -> None:
-        for name in ("train_fraction", "val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                fail(name, f"must be in (0, 1), got {value}")
-        total = self.train_fraction + self.val_fraction + self.test_fraction
-        if abs(total - 1.0) > 1e-6:
-            fail("test_fraction", f"train + val + test fractions must sum to 1, got {total:.4f}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GatesParams:
-    """Absolute thresholds and no-regression margins (vs the champion) of dotted metric names."""
-
-    absolute: dict[str, float] = dataclasses.field(default_factory=dict)
-    regression_margin: dict[str, float] = dataclasses.field(default_factory=dict)
-    lower_is_better: list[str] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for group in ("absolute", "regression_margin"):
-            for name, value in getattr(self, group).items():
-                level = name.split(".", 1)[0]
-                if "." not in name or level not in taxonomy.LEVELS:
-                    fail(f"{group}.{name}", f"metric names are <{'|'.join(taxonomy.LEVELS)}>.<metric>, got {name!r}")
-                if group == "regression_margin" and value < 0:
-                    fail(f"{group}.{name}", f"margin must be >= 0, got {value}")
-        for name in self.lower_is_better:
-            if name not in self.absolute and name not in self.regression_margin:
-                fail("lower_is_better", f"{name!r} is not a gated metric")
-
-
-@section("evaluate")
-@dataclasses.dataclass(frozen=True)
-class EvaluateParams:
-    """Evaluation: metrics, operating point, subgroups, explanations, gates, model card."""
-
-    target_sensitivity: float = 0.95
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    seed: int = 42
-    batch_size: int = 64
-    calibration_bins: int = 10
-    curve_points: int = 200
-    age_bands: list[float] = dataclasses.field(default_factory=lambda: [0, 30, 45, 60, 75])
-    localization_groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    subgroup_margin: float = 0.10
-    subgroup_min_positives: int = 10
-    gradcam_per_class: int = 4
-    gates: GatesParams = dataclasses.field(default_factory=GatesParams)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.target_sensitivity <= 1.0:
-            fail("target_sensitivity", f"must be in (0, 1], got {self.target_sensitivity}")
-        if self.bootstrap != 0 and self.bootstrap < 100:
-            fail("bootstrap", f"must be 0 (no CIs) or at least 100 resamples, got {self.bootstrap}")
-        if not 0.5 < self.confidence < 1.0:
-            fail("confidence", f"must be in (0.5, 1), got {self.confidence}")
-        for name in ("batch_size", "calibration_bins", "curve_points"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.gradcam_per_class < 0:
-            fail("gradcam_per_class", f"must be >= 0, got {self.gradcam_per_class}")
-        if not self.age_bands or any(b >= a for b, a in zip(self.age_bands, self.age_bands[1:])):
-            fail("age_bands", f"must be a non-empty, strictly increasing list of ages, got {self.age_bands}")
-        if not 0.0 <= self.subgroup_margin < 1.0:
-            fail("subgroup_margin", f"must be in [0, 1), got {self.subgroup_margin}")
-        if self.subgroup_min_positives < 1:
-            fail("subgroup_min_positives", f"must be at least 1, got {self.subgroup_min_positives}")
-        seen: dict[str, str] = {}
-        for group, members in self.localization_groups.items():
-            for loc in members:
-                if loc in seen:
-                    fail(f"localization_groups.{group}", f"{loc!r} is also in group {seen[loc]!r}")
-                seen[loc] = group
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """Batched on-device augmentation (:class:`pipeline.model.augment.GpuAugment`)."""
-
-    enabled: bool = True
-    hflip: bool = True
-    vflip: bool = True
-    rotate_degrees: float = 180.0
-    scale: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.15])
-    translate: float = 0.05
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.03
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rotate_degrees <= 180.0:
-            fail("rotate_degrees", f"must be in [0, 180], got {self.rotate_degrees}")
-        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1]:
-            fail("scale", f"must be [low, high] with 0 < low <= high, got {self.scale}")
-        for name in ("translate", "brightness", "contrast", "saturation", "hue"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, f"must be in [0, 1), got {getattr(self, name)}")
-
-
-@section("train")
-@dataclasses.dataclass(frozen=True)
-class TrainParams:
-    """Training: backbone, target level, imbalance handling, schedule, data path, precision."""
-
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    target_level: Literal["dx", "risk", "binary"] = "dx"
-    input_size: list[int] = dataclasses.field(default_factory=lambda: [112, 150])  # [H, W]
-    metadata_fusion: bool = False
-    dropout: float = 0.2
-    drop_path: float | None = None
-    freeze_bn: bool = False
-    epochs: int = 4
-    batch_size: int = 32  # global batch (split across DDP ranks)
-    eval_batch_size: int = 128
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 0.001
-    backbone_lr_mult: float = 1.0
-    min_lr_ratio: float = 0.01
-    warmup_epochs: float = 0.5
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    imbalance: Literal["class_weights", "sampler", "none"] = "class_weights"
-    class_weight_power: float = 0.5
-    sampler_power: float = 0.5
-    augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
-    early_stopping_metric: Literal["balanced_accuracy", "accuracy", "macro_auc", "binary_auc", "loss"] = (
-        "balanced_accuracy"
-    )
-    patience: int = 5
-    tta: bool = True
-    seed: int = 42
-    deterministic: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = True
-    cudnn_benchmark: bool = True
-    compile: bool = False
-    device: str = "auto"
-    cache: bool = True
-    decode_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.input_size) != 2 or min(self.input_size) < 16:
-            fail("input_size", f"must be [height, width], each at least 16, got {self.input_size}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            fail("lr", f"must be positive, got {self.lr}")
-        if not 0.0 <= self.backbone_lr_mult <= 10.0:
-            fail("backbone_lr_mult", f"must be in [0, 10], got {self.backbone_lr_mult}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.warmup_epochs < self.epochs:
-            fail("warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}")
-        if self.weight_decay < 0:
-            fail("weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            fail("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.dropout < 1.0:
-            fail("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            fail("drop_path", f"must be empty (backbone default) or in [0, 1), got {self.drop_path}")
-        for name in ("class_weight_power", "sampler_power"):
-            if not 0.0 <= getattr(self, name) <= 2.0:
-                fail(name, f"must be in [0, 2], got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            fail("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.decode_workers < 0:
-            fail("decode_workers", f"must be 0 (all cores) or a positive count, got {self.decode_workers}")
-        # the backbone name is checked against the registry by the train stage (pipeline.model)
-
-
-@section("eda")
-@dataclasses.dataclass(frozen=True)
-class EdaParams:
-    """Image statistics (``features``: :class:`FeatureConfig`), the report and the feature-only
-    baseline."""
-
-    workers: int = 0  # processes (0 = all cores)
-    chunk_size: int = 64  # images per task
-    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
-    grid_per_class: int = 6
-    seed: int = 0
-    baseline_level: Literal["dx", "risk", "binary"] = "dx"
-    baseline_c: float = 1.0
-    baseline_max_iter: int = 3000
-    permutation_repeats: int = 5
-    top_features: int = 20
-
-    def __post_init__(self) -> None:
-        if self.workers < 0:
-            fail("workers", f"must be 0 (all cores) or a positive count, got {self.workers}")
-        for name in ("chunk_size", "grid_per_class", "baseline_max_iter", "permutation_repeats", "top_features"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if not self.baseline_c > 0:
-            fail("baseline_c", f"must be positive, got {self.baseline_c}")
-
-
-@section("monitor")
-@dataclasses.dataclass(frozen=True)
-class MonitorParams:
-    """Drift monitoring: the ``reference`` stage's profile and the thresholds of the decision.
-
-    A numerical column drifts when Evidently's test flags it (``num_method`` / ``num_threshold``) *and*
-    it moved by at least ``min_effect`` reference standard deviations (Wasserstein distance); a
-    categorical one when Evidently flags it (``cat_method`` / ``cat_threshold``).
-    A check decides *drift* when the share of drifted feature columns reaches ``drift_share``, or a
-    column of ``key_features`` drifts, or the embeddings drift (``embedding_method`` ``share``: the
-    share of drifted projected-embedding components reaches ``embedding_drift_share``; ``model``:
-    Evidently's domain-classifier ROC AUC reaches ``embedding_auc_threshold``). Fewer than
-    ``min_batch_size`` current images give *not enough data*.
-    """
-
-    max_reference_rows: int = 2000
-    seed: int = 0
-    projection_dim: int = 32
-    tta: bool = False
-    batch_size: int = 64
-    workers: int = 0
-    chunk_size: int = 32
-    min_batch_size: int = 100
-    num_method: str = "ks"
-    num_threshold: float = 0.01
-    cat_method: str = "jensenshannon"
-    cat_threshold: float = 0.1
-    min_effect: float = 0.25
-    drift_share: float = 0.25
-    key_features: list[str] = dataclasses.field(default_factory=list)
-    embedding_method: Literal["share", "model"] = "share"
-    embedding_drift_share: float = 0.25
-    embedding_auc_threshold: float = 0.6
-    embedding_max_rows: int = 1000
-    log_dir: str = "logs/inference"
-    window_hours: float = 24.0
-    retrain_deployment: str = "lesionflow-retrain/lesionflow-retrain-scheduled"
-
-    def __post_init__(self) -> None:
-        if self.max_reference_rows < 0:
-            fail("max_reference_rows", f"must be 0 (all) or a positive count, got {self.max_reference_rows}")
-        for name in ("projection_dim", "batch_size", "chunk_size", "min_batch_size", "embedding_max_rows"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.workers < 0:
-            fail("workers", f"must be 0 (all cores) or a positive count, got {self.workers}")
-        if self.min_effect < 0:
-            fail("min_effect", f"must be >= 0, got {self.min_effect}")
-        for name in ("num_threshold", "cat_threshold"):
-            if not getattr(self, name) > 0:
-                fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("num_method", "cat_method"):
-            if not getattr(self, name).strip():
-                fail(name, "empty stattest name")
-        for name in ("drift_share", "embedding_drift_share"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                fail(name, f"must be in (0, 1], got {getattr(self, name)}")
-        if not 0.5 < self.embedding_auc_threshold <= 1.0:
-            fail("embedding_auc_threshold", f"must be in (0.5, 1], got {self.embedding_auc_threshold}")
-        if not self.window_hours > 0:
-            fail("window_hours", f"must be positive, got {self.window_hours}")
-        if self.retrain_deployment.count("/") != 1 or not all(self.retrain_deployment.split("/")):
-            fail("retrain_deployment", f"must be '<flow name>/<deployment name>', got {self.retrain_deployment!r}")
-        for i, name in enumerate(self.key_features):
-            if not name.strip():
-                fail(f"key_features[{i}]", "empty column name")

@@ -9,7 +9,11 @@ reference profile all name their columns this way:
 ``<level>_pred``            the most probable class of that level
 ``p_malignant``             probability of the positive binary class (the referral score)
 ``threshold``               the operating threshold applied to ``p_malignant``
-``decision``                the binary class at that threshold (positive iff ``p >= threshold``)
+``decision``                the binary class at that threshold (positive iff ``p >= threshold``);
+                            empty where the answer is withheld (out of distribution)
+``in_distribution``         whether the image looks like the training images (the model's
+                            out-of-distribution check; absent for a model without one)
+``ood_score``               the out-of-distribution score behind it (higher: more unusual)
 ==========================  ============================================================
 
 A level a model cannot give (a finer one than it was trained on) has no columns. Callers add their
@@ -29,6 +33,8 @@ from pipeline.core.taxonomy import LEVELS, Taxonomy
 P_MALIGNANT = "p_malignant"
 THRESHOLD = "threshold"
 DECISION = "decision"
+IN_DISTRIBUTION = "in_distribution"
+OOD_SCORE = "ood_score"
 #: Decimals kept in written probabilities.
 DIGITS = 6
 
@@ -61,10 +67,15 @@ def prediction_frame(
     p_malignant: Sequence[float] | np.ndarray,
     threshold: float | None = None,
     digits: int | None = DIGITS,
+    in_distribution: Sequence[bool] | np.ndarray | None = None,
+    ood_score: Sequence[float] | np.ndarray | None = None,
+    withhold: bool = False,
 ) -> pd.DataFrame:
     """The prediction columns of ``n`` images from their probabilities per level (``None`` for a
     level the model cannot give): ``p_<level>_<class>`` and ``<level>_pred`` per level, then
-    ``p_malignant`` and, with a ``threshold``, ``threshold`` and ``decision``."""
+    ``p_malignant``, with a ``threshold`` ``threshold`` and ``decision``, and with the
+    out-of-distribution verdicts ``in_distribution`` and ``ood_score``. ``withhold``: no decision
+    (empty) for an image out of distribution (what a person is shown)."""
     cols: dict[str, object] = {}
     for level in LEVELS:
         probs = levels.get(level)
@@ -79,7 +90,13 @@ def prediction_frame(
     cols[P_MALIGNANT] = np.round(p, digits) if digits is not None else p
     if threshold is not None:
         cols[THRESHOLD] = np.full(len(p), float(threshold))
-        cols[DECISION] = decide(p, threshold, taxonomy)
+        cols[DECISION] = decide(p, threshold, taxonomy).astype(object)
+    if in_distribution is not None:
+        inside = np.asarray(in_distribution, dtype=bool)
+        cols[IN_DISTRIBUTION] = inside
+        cols[OOD_SCORE] = np.round(np.asarray(ood_score, dtype=np.float64), 4)
+        if withhold and DECISION in cols:
+            cols[DECISION] = np.where(inside, cols[DECISION], None)
     return pd.DataFrame(cols)
 
 

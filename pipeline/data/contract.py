@@ -9,8 +9,8 @@ Two halves, one verdict (:func:`validate`):
    carries exactly one diagnosis;
 2. file checks that GE cannot do alone (:func:`check_files`): every ``image_id`` has a file (an
    allowed extension) that decodes fully as an RGB image of at least ``min_width`` x
-   ``min_height``; no orphan files; byte-identical images are reported, and a byte-identical pair
-   spanning two lesions is a violation.
+   ``min_height`` and at most ``max_aspect_ratio`` elongated; no orphan files; byte-identical
+   images are reported, and a byte-identical pair spanning two lesions is a violation.
 
 Every failed check carries example rows or files as the user would find them (rows numbered from
 1 after the header). The ``validate`` stage writes the verdict; new data is checked by the same
@@ -31,6 +31,7 @@ import pandas as pd
 
 from pipeline.core import images, params
 from pipeline.core.errors import LesionflowError
+from pipeline.core.formats import SizeLimits
 from pipeline.core.reporting import md_table
 from pipeline.core.workers import map_chunks
 
@@ -73,20 +74,19 @@ class ValidationResult:
         return [c for c in self.checks if not c.passed]
 
     def metrics(self) -> dict[str, Any]:
-        """Numbers only (the DVC metrics): failed checks first."""
-        return {
-            "checks_failed": len(self.failed),
-            "checks": len(self.checks),
-            "rows": self.n_rows,
-            "image_files": self.n_files,
-            "duplicate_groups": len(self.duplicate_groups),
-            "passed": int(self.passed),
-            "seconds": round(self.seconds, 2),
-        }
+        """The DVC metrics: whether the contract passed and how many checks failed."""
+        return {"checks_failed": len(self.failed), "passed": int(self.passed)}
 
     def details(self) -> dict[str, Any]:
-        """Every check with its examples, and the duplicate groups."""
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks], "duplicates": self.duplicate_groups}
+        """Every check with its examples, the counts and the duplicate groups."""
+        return {
+            "passed": self.passed,
+            "rows": self.n_rows,
+            "image_files": self.n_files,
+            "checks": [asdict(c) for c in self.checks],
+            "duplicates": self.duplicate_groups,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +231,8 @@ def check_metadata(
 # file checks
 
 
-def inspect_file(path: str, min_w: int, min_h: int, require_rgb: bool) -> dict[str, Any]:
-    """Read one file once: md5 of its bytes, then a full decode (and the minimum size)."""
+def inspect_file(path: str, limits: SizeLimits, require_rgb: bool) -> dict[str, Any]:
+    """Read one file once: md5 of its bytes, then a full decode (and the size limits)."""
     row: dict[str, Any] = {
         "file": path,
         "md5": None,
@@ -252,20 +252,19 @@ def inspect_file(path: str, min_w: int, min_h: int, require_rgb: bool) -> dict[s
         fmt, mode, w, h = images.probe(data, path)
         row.update(format=fmt, mode=mode, width=w, height=h)
         images.decode_rgb(data, path, require_rgb=require_rgb)
-        if w < min_w or h < min_h:
-            row["error"] = f"too small: {w}x{h}, the minimum is {min_w}x{min_h}"
+        row["error"] = limits.problem(w, h)
     except images.ImageError as exc:
         row["error"] = exc.reason
     return row
 
 
-def _inspect_chunk(paths: list[str], min_w: int, min_h: int, require_rgb: bool) -> list[dict[str, Any]]:
-    return [inspect_file(f, min_w, min_h, require_rgb) for f in paths]
+def _inspect_chunk(paths: list[str], limits: SizeLimits, require_rgb: bool) -> list[dict[str, Any]]:
+    return [inspect_file(f, limits, require_rgb) for f in paths]
 
 
 def inspect_files(paths: list[Path], p: params.ValidateParams, progress: bool = True) -> pd.DataFrame:
     """Hash and fully decode every file, in parallel over the cores, with a progress bar."""
-    fn = partial(_inspect_chunk, min_w=p.min_width, min_h=p.min_height, require_rgb=p.require_rgb)
+    fn = partial(_inspect_chunk, limits=p.size_limits(), require_rgb=p.require_rgb)
     rows = map_chunks(
         fn, [str(f) for f in paths], chunk_size=64, workers=p.workers, progress=progress, desc="validate files"
     )
@@ -320,7 +319,8 @@ def check_files(
         ),
         _file_check(
             "images_decode",
-            f"every image decodes fully as {kind} image of at least {p.min_width}x{p.min_height}",
+            f"every image decodes fully as {kind} image of at least {p.min_width}x{p.min_height}, "
+            f"aspect ratio at most {p.max_aspect_ratio:g}:1",
             [f"{r.file}: {r.error}" for r in index[index["error"].notna()].itertuples()],
             p.max_examples,
         ),

@@ -114,7 +114,7 @@ def split_counts(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def summarise(df: pd.DataFrame, p: params.SplitParams) -> dict[str, Any]:
-    """The split's figures (numbers only: the DVC metrics), the leakage checks first."""
+    """The split's figures, the leakage checks first (the report's; :func:`dvc_metrics` the DVC's)."""
     counts = split_counts(df, p.stratify_column)
     total = counts.loc["total", "total"]
     fractions = dict(zip(SPLITS, (p.train_fraction, p.val_fraction, p.test_fraction)))
@@ -131,6 +131,13 @@ def summarise(df: pd.DataFrame, p: params.SplitParams) -> dict[str, Any]:
         "fractions": {s: round(counts.loc["total", s] / total, 4) for s in SPLITS},
         "lesions_per_split": {s: int(groups_per_split.get(s, 0)) for s in SPLITS},
     }
+
+
+def dvc_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The split's DVC metrics: leakage (lesions spanning splits), stratification (the largest
+    class-share deviation) and the split sizes; the rest of :func:`summarise` is in the report."""
+    keys = ("lesions_spanning_splits", "max_class_share_deviation", "sizes")
+    return {k: summary[k] for k in keys}
 
 
 def plot_counts(counts: pd.DataFrame, path: Path, title: str) -> None:

@@ -134,6 +134,29 @@ def plot_reliability(cals: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_ood_scores(ood: Mapping[str, Any], path: Path) -> None:
+    """Histograms of the OOD score: the test split against each group of non-dermoscopic images,
+    with the model's threshold (images right of it get no risk estimate)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    scores = {k: np.asarray(v, dtype=float) for k, v in ood["scores"].items() if len(v)}
+    hi = max(float(np.percentile(np.concatenate(list(scores.values())), 99.5)), ood["threshold"] * 1.2)
+    bins = np.linspace(min(float(v.min()) for v in scores.values()), hi, 60)
+    for name, v in scores.items():
+        label = f"{name} ({len(v)})" if name != "test" else f"HAM10000 test split ({len(v)})"
+        ax.hist(np.clip(v, None, hi), bins=bins, alpha=0.55, density=True, label=label)
+    ax.axvline(ood["threshold"], c="k", ls="--", label=f"threshold {ood['threshold']:.2f}")
+    ax.set(
+        xlabel=f"OOD score ({ood['method']}; higher = more unusual)",
+        ylabel="density",
+        title=f"Out-of-distribution score: AUROC {ood['auroc']:.3f}, test flagged "
+        f"{ood['test_flagged_share']:.1%}, OOD caught {ood['caught_share']:.1%}",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_attribution(by_field: Mapping[str, float], path: Path) -> None:
     """Mean |integrated gradients| per metadata field."""
     plt = pyplot()

@@ -44,6 +44,8 @@ class CardInputs:
     subgroup_min_positives: int
     gradcam: Mapping[str, str]
     attribution: Mapping[str, float] | None
+    calibration: Mapping[str, Any]  # trust.calibration_effect
+    ood: Mapping[str, Any] | None  # trust.ood_effect
 
 
 def _fmt3(value: Any) -> str:
@@ -93,6 +95,10 @@ def model_card(c: CardInputs) -> str:
         flagged=", ".join(f"{r.attribute}={r.group}" for r in flagged.itertuples()),
         gradcam=c.gradcam,
         attribution=c.attribution,
+        calibration=c.calibration,
+        temperature=(c.config.get("calibration") or {}).get("temperature"),
+        ood=c.ood,
+        ood_config=c.config.get("ood"),
         train_lineage=c.config.get("lineage"),
         evaluate_params=json.dumps(c.lineage["params"].get("evaluate", {}), sort_keys=True)[:2000],
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,15 @@ CACHE_KEEP = 6
 
 @dataclass
 class Predictions:
-    """Probabilities of one model on one split, at every label level it can give."""
+    """Probabilities of one model on one split, at every label level it can give (calibrated, and
+    before calibration), and the out-of-distribution scores and verdicts (None without a detector)."""
 
     frame: pd.DataFrame  # the split rows (metadata), in order
     probs: dict[str, np.ndarray | None]  # level -> (n, K) or None
     p_malignant: np.ndarray
+    uncalibrated: dict[str, np.ndarray | None] = field(default_factory=dict)
+    ood_score: np.ndarray | None = None
+    in_distribution: np.ndarray | None = None
 
     def level(self, level: str) -> np.ndarray | None:
         return self.probs.get(level)
@@ -47,9 +51,10 @@ def predict_split(
     """Run ``predictor`` over a split in batches (decode, predict, forget: memory stays flat)."""
     from tqdm.auto import tqdm
 
+    from pipeline.model.inference import derive_levels
+
     files = splits.image_files(frame, images_dir, desc)
-    parts: dict[str, list[np.ndarray]] = {lvl: [] for lvl in LEVELS}
-    p_mal: list[np.ndarray] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("native", "raw", "score", "inside")}
     meta_cols = [c for c in FIELDS if c in frame.columns]
     with tqdm(total=len(frame), desc=desc, unit="img", leave=False, disable=not progress) as bar:
         for s in range(0, len(frame), batch_size):
@@ -57,25 +62,36 @@ def predict_split(
             imgs = [images.decode_rgb(f, str(f)) for f in files[s : s + batch_size]]
             meta = chunk[meta_cols].reset_index(drop=True) if meta_cols else None
             out = predictor.predict(imgs, metadata=meta, batch_size=batch_size)
-            for lvl in LEVELS:
-                if out.get(f"{lvl}_probs") is not None:
-                    parts[lvl].append(np.asarray(out[f"{lvl}_probs"], dtype=np.float64))
-            p_mal.append(np.asarray(out["p_malignant"], dtype=np.float64))
+            parts["native"].append(np.asarray(out["native_probs"], dtype=np.float64))
+            parts["raw"].append(np.asarray(out["native_probs_uncalibrated"], dtype=np.float64))
+            if out.get("ood_score") is not None:
+                parts["score"].append(np.asarray(out["ood_score"], dtype=np.float64))
+                parts["inside"].append(np.asarray(out["in_distribution"], dtype=bool))
             bar.update(len(chunk))
-    probs = {lvl: (np.concatenate(parts[lvl]) if parts[lvl] else None) for lvl in LEVELS}
-    return Predictions(frame, probs, np.concatenate(p_mal))
+    level, tax = predictor.native_level, predictor.taxonomy
+    probs = derive_levels(np.concatenate(parts["native"]), level, tax)
+    raw = derive_levels(np.concatenate(parts["raw"]), level, tax)
+    return Predictions(
+        frame,
+        probs,
+        probs["binary"][:, tax.positive_index],
+        raw,
+        np.concatenate(parts["score"]) if parts["score"] else None,
+        np.concatenate(parts["inside"]) if parts["inside"] else None,
+    )
 
 
 def prediction_key(model_dir: Path, frame: pd.DataFrame, images_dir: Path) -> str:
     """What predictions depend on: the model's weights and config (preprocessing, TTA), the
     image list, the images directory and the data version."""
     h = hashlib.md5()
-    for name in ("model.pt", "config.json"):
-        h.update(lineage.file_md5(model_dir / name).encode())
+    for name in ("model.pt", "config.json", "ood.npz"):
+        if (model_dir / name).exists() or name != "ood.npz":
+            h.update(lineage.file_md5(model_dir / name).encode())
     h.update("\n".join(frame["image_id"]).encode())
     h.update(str(images_dir).encode())  # as given (not resolved): the same key on a GPU machine's copy
     h.update(str(lineage.data_version(LAYOUT.data_pointer).get("md5")).encode())
-    h.update(b"evaluate-predictions/1")
+    h.update(b"evaluate-predictions/2")
     return h.hexdigest()
 
 
@@ -83,8 +99,14 @@ def _cached(path: Path, frame: pd.DataFrame) -> Predictions | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             if list(z["image_id"]) == list(frame["image_id"]):
+                get = lambda key: z[key] if key in z.files else None  # noqa: E731
                 return Predictions(
-                    frame, {lvl: (z[lvl] if lvl in z.files else None) for lvl in LEVELS}, z["p_malignant"]
+                    frame,
+                    {lvl: get(lvl) for lvl in LEVELS},
+                    z["p_malignant"],
+                    {lvl: get(f"raw_{lvl}") for lvl in LEVELS},
+                    get("ood_score"),
+                    get("in_distribution"),
                 )
     except (OSError, ValueError, KeyError):
         pass  # unreadable cache entry: predict again
@@ -114,11 +136,14 @@ def cached_predictions(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
+        extra = {"ood_score": pred.ood_score, "in_distribution": pred.in_distribution}
         np.savez_compressed(
             tmp,
             image_id=np.asarray(frame["image_id"], dtype=str),
             p_malignant=pred.p_malignant,
             **{lvl: v for lvl, v in pred.probs.items() if v is not None},
+            **{f"raw_{lvl}": v for lvl, v in pred.uncalibrated.items() if v is not None},
+            **{k: v for k, v in extra.items() if v is not None},
         )
         tmp.replace(path)
         for old in sorted(path.parent.glob("*.npz"), key=lambda q: q.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
@@ -128,9 +153,23 @@ def cached_predictions(
 
 def prediction_table(pred: Predictions, tax: Taxonomy, threshold: float) -> pd.DataFrame:
     """One prediction row per image (:mod:`pipeline.core.predictions`): ids, the truth at every
-    level, every class probability, the predicted classes and the decision at ``threshold``."""
+    level, every class probability (full precision: metrics recomputed from the file agree with
+    the evaluation's exactly), the predicted classes and the decision at ``threshold``."""
     f = pred.frame.reset_index(drop=True)
     ids = f[["image_id", "lesion_id"]]
     return pd.concat(
-        [ids, truth_frame(f["dx"], tax), prediction_frame(pred.probs, tax, pred.p_malignant, threshold)], axis=1
+        [
+            ids,
+            truth_frame(f["dx"], tax),
+            prediction_frame(
+                pred.probs,
+                tax,
+                pred.p_malignant,
+                threshold,
+                digits=None,
+                in_distribution=pred.in_distribution,
+                ood_score=pred.ood_score,
+            ),
+        ],
+        axis=1,
     )

@@ -29,6 +29,21 @@ BINARY_HEADLINE = (
     "pauc_above_sensitivity_80",
 )
 OPERATING_POINT = ("sensitivity", "specificity", "ppv", "npv")
+#: The evaluation's DVC metrics (``reports/evaluate/metrics.json``): the few numbers that decide
+#: whether a model may ship, referral first. Every other number is in ``scores.json``.
+KEY_METRICS = (
+    "binary.sensitivity_at_operating_point",
+    "binary.specificity_at_operating_point",
+    "binary.roc_auc",
+    "binary.pr_auc",
+    "binary.ece",
+    "dx.balanced_accuracy",
+    "dx.roc_auc_macro",
+    "dx.ece",
+    "risk.balanced_accuracy",
+    "ood.auroc",
+    "ood.test_flagged_share",
+)
 
 
 def _statistic(a: Any, b: Any) -> Any:
@@ -98,6 +113,17 @@ def confidence(full: Mapping[str, Any]) -> dict[str, Any]:
         for lvl, rep in full.items()
         if "ci" in rep
     }
+
+
+def key_metrics(head: Mapping[str, Any], names: tuple[str, ...] = KEY_METRICS) -> dict[str, Any]:
+    """The :data:`KEY_METRICS` of a headline (nested ``level -> metric``), in that order."""
+    out: dict[str, Any] = {}
+    for name in names:
+        group, metric = name.split(".", 1)
+        value = (head.get(group) or {}).get(metric)
+        if value is not None:
+            out.setdefault(group, {})[metric] = value
+    return out
 
 
 def flat_for_gates(head: Mapping[str, Any]) -> dict[str, float]:

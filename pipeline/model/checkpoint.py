@@ -2,8 +2,9 @@
 ever unpickled) plus ``config.json`` (everything else, plain JSON). The one owner of that format.
 
 ``config.json`` holds the architecture (enough to rebuild the model without downloading anything),
-the classes and taxonomy, the preprocessing, the metadata vocabulary the model accepts, the
-inference settings (TTA), every training parameter, the validation metrics, the device and the
+the classes and taxonomy, the preprocessing, the metadata vocabulary and image sizes the model
+accepts, the inference settings (TTA), the calibration temperature and the out-of-distribution
+detector (its statistics in ``ood.npz``), every training parameter, the validation metrics, the device and the
 full lineage (git commit, data md5, params, split-file md5s, library versions): torchvision's
 "the full configuration saved with every checkpoint".
 
@@ -18,8 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.core import fsutil
 from pipeline.core.errors import LesionflowError
+from pipeline.core.formats import SizeLimits
 from pipeline.core.params import MetadataParams, TrainParams, to_dict
 from pipeline.core.taxonomy import Taxonomy
 
@@ -40,10 +44,13 @@ def model_config(
     architecture: Mapping[str, Any],
     preprocessing: Mapping[str, Any],
     vocabulary: MetadataParams,
+    input_limits: SizeLimits,
     lineage: Mapping[str, Any],
     result: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The config.json of a model trained with ``p`` (``result``: the training's final metrics)."""
+    """The config.json of a model trained with ``p`` (``result``: the training's final metrics;
+    ``input_limits``: the image sizes its training data met). The train stage adds
+    ``calibration`` and ``ood`` (:mod:`pipeline.model.trust`)."""
     from pipeline.model.augment import TTA_VIEWS
 
     return {
@@ -59,6 +66,7 @@ def model_config(
             "scale": "uint8 / 255 then (x - mean) / std",
         },
         "metadata_vocabulary": to_dict(vocabulary),
+        "input_limits": input_limits.to_dict(),
         "inference": {"tta": p.tta, "tta_views": list(TTA_VIEWS) if p.tta else []},
         "train_params": to_dict(p),
         "metrics": {k: v for k, v in result.items() if k.startswith("val_") or k in ("best_epoch", "epochs_run")},
@@ -67,15 +75,35 @@ def model_config(
     }
 
 
-def save(model_dir: Path | str, state: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
-    """Write ``model.pt`` + ``config.json`` into ``model_dir``, replaced whole only when both are
+def save(
+    model_dir: Path | str,
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> Path:
+    """Write ``model.pt`` + ``config.json`` (+ ``arrays``: file name -> named NumPy arrays, saved as
+    ``.npz``, e.g. the OOD statistics) into ``model_dir``, replaced whole only when everything is
     written (a crash leaves the previous model in place)."""
     import torch
 
     with fsutil.staged_dir(model_dir) as stage:
         torch.save(dict(state), stage / MODEL_FILE)
+        for name, named in (arrays or {}).items():
+            np.savez(stage / name, **dict(named))
         fsutil.write_json(stage / CONFIG_FILE, config)
     return Path(model_dir)
+
+
+def load_arrays(model_dir: Path | str, name: str) -> dict[str, np.ndarray]:
+    """The named arrays of ``model_dir/name`` (an ``.npz`` read with ``allow_pickle=False``)."""
+    path = Path(model_dir) / name
+    if not path.exists():
+        raise ModelLoadError(f"{path}: not found (the model's {CONFIG_FILE} refers to it)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot be read as plain arrays ({exc})") from None
 
 
 def read_config(model_dir: Path | str) -> dict[str, Any]:

@@ -4,11 +4,19 @@ monitoring, so that what is evaluated is exactly what is served.
     predictor = load_model("artifacts/model")            # state_dict (weights_only) + config.json
     out = predictor.predict([rgb_uint8_hxwx3, ...], metadata=df_or_None)
     out["dx_probs"], out["risk_probs"], out["binary_probs"], out["p_malignant"], out["embeddings"]
+    out["in_distribution"], out["ood_score"]             # None for a model without an OOD detector
 
 The model is trained on one label level (``out["native_level"]``: ``dx`` by default, or ``risk``
 or ``binary``); the coarser levels are derived by summing probabilities through the taxonomy
 (:mod:`pipeline.core.taxonomy`), so every level's probabilities sum to one. A finer level than the
 native one cannot be derived: it is ``None`` (e.g. ``dx_probs`` of a model trained on ``risk``).
+
+Trust: the probabilities are temperature-scaled (:mod:`pipeline.model.calibration`; ``T`` from
+``config.json`` ``calibration``, 1 when absent) and every image gets an out-of-distribution score
+and verdict (:mod:`pipeline.model.ood`; ``config.json`` ``ood`` + ``ood.npz``), so that evaluate,
+the service, ``lesionflow predict`` and monitoring agree. ``size_limits``
+(:class:`pipeline.core.formats.SizeLimits`, ``config.json`` ``input_limits``) are the image sizes
+the model can judge; callers that take images from users check them.
 
 Loading never unpickles: ``torch.load(..., weights_only=True)`` on the state_dict and JSON for
 everything else. Imports only torch/numpy (pandas is optional) so it runs anywhere.
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.core.formats import SizeLimits
 from pipeline.core.images import fit_to_size
 from pipeline.core.taxonomy import LEVELS, Taxonomy
 from pipeline.model import checkpoint
@@ -41,6 +50,7 @@ from pipeline.model.checkpoint import ModelLoadError
 from pipeline.model.classifier import LesionClassifier, from_architecture, missing_metadata
 from pipeline.model.metadata import MetadataEncoder
 from pipeline.model.onnx import OnnxForward, export_onnx, onnx_available
+from pipeline.model.ood import OOD_FILE, OodDetector
 
 __all__ = ["ENGINES", "ModelLoadError", "Predictor", "derive_levels", "level_matrix", "load_model"]
 
@@ -87,6 +97,7 @@ class Predictor:
         config: Mapping[str, Any],
         device: torch.device | str = "cpu",
         engine: str = "torch",
+        ood_arrays: Mapping[str, np.ndarray] | None = None,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -102,6 +113,13 @@ class Predictor:
         arch = config["architecture"]
         self.metadata_encoder = MetadataEncoder.from_dict(arch["metadata"]) if arch.get("metadata") else None
         self.default_tta: bool = bool(config.get("inference", {}).get("tta", False))
+        self.temperature: float = float((config.get("calibration") or {}).get("temperature", 1.0))
+        self.size_limits = SizeLimits.from_dict(config.get("input_limits"))
+        self._ood_arrays = dict(ood_arrays or {})
+        entry = config.get("ood")
+        self.ood: OodDetector | None = (
+            OodDetector.from_config(entry, self._ood_arrays, self.temperature) if entry else None
+        )
         self.engine = "torch"
         self._onnx: OnnxForward | None = None
         self.set_engine(engine)
@@ -154,7 +172,7 @@ class Predictor:
         """An independent predictor on a deep copy of the model (e.g. for Grad-CAM hooks)."""
         import copy
 
-        return Predictor(copy.deepcopy(self.model), self.config, self.device, engine=engine)
+        return Predictor(copy.deepcopy(self.model), self.config, self.device, engine, self._ood_arrays)
 
     # -- access for explanations ---------------------------------------------------------------
     @property
@@ -205,18 +223,21 @@ class Predictor:
         return self.model.head(emb), emb
 
     @torch.no_grad()
-    def logits_and_embeddings(
-        self, x: torch.Tensor, meta: torch.Tensor | None, tta: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax probabilities (averaged over flips with ``tta``) and embeddings of the plain view."""
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of every view ``(views, n, k)`` (the four flips with ``tta``, all in one forward
+        pass) and the embeddings of the plain view ``(n, d)``."""
         n = x.shape[0]
         views = flip_views(x) if tta else [x]
-        batch = torch.cat(views) if len(views) > 1 else x  # every view in one forward pass
+        batch = torch.cat(views) if len(views) > 1 else x
         metas = None if meta is None else (torch.cat([meta] * len(views)) if len(views) > 1 else meta)
         forward = self._onnx if self._onnx is not None else self._torch_forward
         logits, emb = forward(batch, metas)
-        probs = torch.softmax(logits.float(), dim=1).view(len(views), n, -1).mean(0)
-        return probs, emb[:n].float()
+        return logits.float().view(len(views), n, -1), emb[:n].float()
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Mean over views of ``softmax(logits / T)`` (``T`` = 1 when not ``calibrated``)."""
+        t = self.temperature if calibrated else 1.0
+        return torch.softmax(logits / t, dim=2).mean(0)
 
     def predict(
         self,
@@ -233,33 +254,42 @@ class Predictor:
         (default: the model's configured default).
 
         Returns ``dx_probs`` (n, 7; None if the model is coarser), ``risk_probs``,
-        ``binary_probs`` (class order in ``classes``), ``p_malignant``, ``embeddings``,
-        ``native_level``, ``native_probs`` and ``classes`` (level -> class names).
+        ``binary_probs`` (class order in ``classes``), ``p_malignant`` (all calibrated),
+        ``embeddings``, ``native_level``, ``native_probs``, ``native_probs_uncalibrated``,
+        ``logits`` (views, n, k), ``ood_score`` and ``in_distribution`` (None without a
+        detector) and ``classes`` (level -> class names).
         """
         tta = self.default_tta if tta is None else tta
         u8 = self.resize(images)
         n = u8.shape[0]
         meta = self.encode_metadata(metadata, n)
-        probs, embs = [], []
+        logits, embs = [], []
         for s in range(0, n, batch_size):
             x = self.normalize(u8[s : s + batch_size])
             m = meta[s : s + batch_size] if meta is not None else None
-            p, e = self.logits_and_embeddings(x, m, tta)
-            probs.append(p.cpu().numpy())
+            z, e = self.forward(x, m, tta)
+            logits.append(z.cpu())
             embs.append(e.cpu().numpy())
         k = len(self.classes)
-        native = np.concatenate(probs).astype(np.float64) if probs else np.zeros((0, k))
+        z = torch.cat(logits, dim=1) if logits else torch.zeros((4 if tta else 1, 0, k))
+        native = self.probabilities(z).numpy().astype(np.float64)
+        raw = native if self.temperature == 1.0 else self.probabilities(z, calibrated=False).numpy().astype(np.float64)
         emb = np.concatenate(embs) if embs else np.zeros((0, self.model.embedding_dim), np.float32)
         levels = derive_levels(native, self.native_level, self.taxonomy)
         binary = levels["binary"]
+        score = self.ood.score(emb, z.numpy()) if self.ood is not None else None
         return {
             "native_level": self.native_level,
             "native_probs": native,
+            "native_probs_uncalibrated": raw,
+            "logits": z.numpy(),
             "dx_probs": levels["dx"],
             "risk_probs": levels["risk"],
             "binary_probs": binary,
             "p_malignant": binary[:, self.taxonomy.positive_index] if binary is not None else None,
             "embeddings": emb,
+            "ood_score": score,
+            "in_distribution": self.ood.in_distribution(score) if score is not None else None,
             "classes": {lvl: list(self.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")},
         }
 
@@ -279,4 +309,11 @@ def load_model(model_dir: Path | str, device: torch.device | str | None = None, 
         ) from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Predictor(model, cfg, device, engine=engine)
+    entry = cfg.get("ood")
+    arrays = checkpoint.load_arrays(model_dir, OOD_FILE) if (entry or {}).get("file") else None
+    if entry:
+        try:
+            OodDetector.from_config(entry, arrays or {}, 1.0)
+        except (ValueError, KeyError) as exc:  # an inconsistent ood entry
+            raise ModelLoadError(f"{model_dir / checkpoint.CONFIG_FILE}: ood: {exc}") from None
+    return Predictor(model, cfg, device, engine, arrays)

@@ -48,7 +48,7 @@ import pandas as pd
 
 from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import FIELDS
-from pipeline.core.predictions import DECISION, P_MALIGNANT, pred_column, prob_column
+from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
 from pipeline.features.imagestats import image_statistics
 from pipeline.monitoring.profile import PROJECTION_FILE, embedding_columns, read_feature_config
 
@@ -148,6 +148,10 @@ def _prediction_part(prediction: Mapping[str, Any], row: int = 0) -> dict[str, A
     out["p_malignant"] = _clean(float(p_mal)) if p_mal is not None else None
     decision = prediction.get("decision")
     out["decision"] = None if decision is None else str(decision)
+    inside = prediction.get("in_distribution")
+    if inside is not None and np.ndim(inside) > 0:
+        inside = np.asarray(inside)[row]
+    out["in_distribution"] = None if inside is None else bool(inside)
     return out
 
 
@@ -388,7 +392,8 @@ def _day_files(log_dir: Path, start: datetime | None, end: datetime | None) -> l
 
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     """One record as a flat row: statistics and metadata under their own names, the prediction as
-    prediction columns (``p_<level>_<class>``, ``<level>_pred``, ``p_malignant``, ``decision``) and
+    prediction columns (``p_<level>_<class>``, ``<level>_pred``, ``p_malignant``, ``decision``,
+    ``in_distribution``) and
     the projected embedding as ``emb_00``..."""
     row: dict[str, Any] = {
         "timestamp": record.get("timestamp"),
@@ -408,6 +413,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
             row[prob_column(level, cls)] = p
     row[P_MALIGNANT] = pred.get("p_malignant")
     row[DECISION] = pred.get("decision")
+    row[IN_DISTRIBUTION] = pred.get("in_distribution")
     emb = record.get("embedding")
     if emb is not None:
         row.update(zip(embedding_columns(len(emb)), emb))

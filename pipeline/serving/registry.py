@@ -15,7 +15,7 @@ The store lives under ``$BENTOML_HOME`` (the Makefile sets ``.lesionflow/bentoml
 temporary directory); it is read from the environment at every call, so a process can switch
 homes. A saved model directory holds ``model.pt``, ``config.json`` (what
 :func:`pipeline.model.inference.load_model` reads), ``operating_point.json``, ``gates.json``,
-``metrics.json`` and ``lesionflow.json`` (the full lineage record, readable without BentoML).
+``scores.json`` and ``lesionflow.json`` (the full lineage record, readable without BentoML).
 """
 
 from __future__ import annotations
@@ -35,17 +35,22 @@ from pipeline.core.errors import LesionflowError
 from pipeline.core.fsutil import read_json, require_json, staged_dir, write_json
 from pipeline.core.layout import Layout
 from pipeline.model.checkpoint import CONFIG_FILE, MODEL_FILE
+from pipeline.model.ood import OOD_FILE
 
 MODEL_NAME = "lesionflow-classifier"
 BENTO_NAME = "lesionflow"
 
 OPERATING_POINT_FILE = "operating_point.json"
 GATES_FILE = "gates.json"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "scores.json"  # every headline test number (reports/evaluate/scores.json)
 CONFIDENCE_FILE = "confidence.json"
 RECORD_FILE = "lesionflow.json"
 #: What a champion export (and the service) needs.
 SERVING_FILES = (MODEL_FILE, CONFIG_FILE, OPERATING_POINT_FILE)
+#: Files a model may carry beside them (the OOD detector's statistics, pipeline.model.ood).
+OPTIONAL_MODEL_FILES = (OOD_FILE,)
+#: Where external validations of a stored model are recorded (``lesionflow validate-external``).
+EXTERNAL_DIR = "external"
 
 
 class RegistryError(LesionflowError, RuntimeError):
@@ -268,6 +273,9 @@ def _copy_files(ev: Evaluated, dest: Path, root: Path) -> None:
     shutil.copy2(ev.model_dir / MODEL_FILE, dest / MODEL_FILE)
     shutil.copy2(ev.model_dir / CONFIG_FILE, dest / CONFIG_FILE)
     shutil.copy2(ev.evaluate_dir / OPERATING_POINT_FILE, dest / OPERATING_POINT_FILE)
+    for name in OPTIONAL_MODEL_FILES:
+        if (ev.model_dir / name).exists():
+            shutil.copy2(ev.model_dir / name, dest / name)
     for name in (GATES_FILE, METRICS_FILE, CONFIDENCE_FILE):
         if (ev.reports_dir / name).exists():
             shutil.copy2(ev.reports_dir / name, dest / name)
@@ -282,7 +290,7 @@ def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_r
     """Save the evaluated model of ``model_dir`` into the BentoML model store; return its tag.
 
     Reads ``model_dir/{model.pt,config.json}``, ``evaluate_dir/operating_point.json`` and
-    ``reports_dir/{gates.json,metrics.json,confidence.json}``. Refuses (:class:`RegistryError`) a
+    ``reports_dir/{gates.json,scores.json,confidence.json}``. Refuses (:class:`RegistryError`) a
     model whose gate verdict did not pass, or whose evaluation was of another model (md5 mismatch),
     so the store only ever holds gated models and the newest one is the champion.
     """
@@ -329,6 +337,9 @@ def export_champion(dest: Path) -> str | None:
             if not (src / name).exists():
                 raise RegistryError(f"{src / name}: missing from the champion {champ['tag']} (store corrupted?)")
             shutil.copy2(src / name, stage / name)
+        for name in OPTIONAL_MODEL_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, stage / name)
         if (src / "reference").is_dir():
             shutil.copytree(src / "reference", stage / "reference")
         write_json(
@@ -459,4 +470,20 @@ def describe(tag: str) -> dict[str, Any]:
         "model": md.get("model"),
         "restore": _restore_commands(commit, data_md5),
         "notes": _notes(git),
+        "external_validations": external_validations(Path(rec["path"])),
     }
+
+
+def record_external(tag: str, name: str, summary: dict[str, Any]) -> Path:
+    """Keep an external validation's summary with a stored model (``external/<name>.json`` in its
+    directory), so that :func:`describe` and ``lesionflow trace`` show it. Returns the file."""
+    model, _ = _resolve(tag)
+    path = Path(model.path) / EXTERNAL_DIR / f"{name}.json"
+    write_json(path, summary)
+    return path
+
+
+def external_validations(model_path: Path) -> list[dict[str, Any]]:
+    """The external validations recorded with a stored model, oldest first."""
+    found = [read_json(f) for f in sorted((Path(model_path) / EXTERNAL_DIR).glob("*.json"))]
+    return sorted((f for f in found if f), key=lambda d: str(d.get("created_at", "")))

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from pipeline.core import images
+from pipeline.core.formats import SizeLimits
 from pipeline.core.metadata import FIELDS
 from pipeline.core.params import MetadataParams
 
@@ -120,25 +121,36 @@ def check_fields(keys: list[str], allowed: tuple[str, ...]) -> None:
 
 
 def image_error(exc: images.ImageError, field: str) -> ApiError:
-    """The HTTP status of an image problem: 415 unsupported format, 413 too large, else 400."""
+    """The HTTP status of an image problem: 415 unsupported format, 413 too large, 422 a size the
+    model cannot judge (too small or too elongated), else 400."""
     reason = exc.reason
     if "unsupported format" in reason:
         status = 415
     elif "too large" in reason:
         status = 413
+    elif "too small" in reason or "too elongated" in reason:
+        status = 422
     else:
         status = 400
     return ApiError(status, field, reason)
 
 
 def decode_image(
-    data: bytes, field: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+    data: bytes,
+    field: str,
+    limits: SizeLimits | None = None,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """(H, W, 3) uint8 via :func:`pipeline.core.images.decode_rgb`, or :class:`ApiError`."""
+    """(H, W, 3) uint8 via :func:`pipeline.core.images.decode_rgb`, checked against the model's
+    size ``limits`` (:func:`pipeline.core.images.check_size`), or :class:`ApiError`."""
     if len(data) > max_bytes:
         raise ApiError(413, field, f"image of {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes")
     try:
-        return images.decode_rgb(data, field, max_pixels=max_pixels)
+        rgb = images.decode_rgb(data, field, max_pixels=max_pixels)
+        if limits is not None:
+            images.check_size(rgb, limits, field)
+        return rgb
     except images.ImageError as exc:
         raise image_error(exc, field) from None
 

@@ -11,7 +11,9 @@ Endpoints (JSON responses):
   ``/classify?age=45&sex=female``). JPEG or PNG of any size. Returns the 7 diagnosis
   probabilities, the risk class and its probabilities, the malignancy probability and the
   referral decision at the model's operating threshold, the model tag, the data version and a
-  disclaimer.
+  disclaimer. An image the model cannot judge (its out-of-distribution check,
+  :mod:`pipeline.model.ood`) gets ``in_distribution: false``, a message and no risk estimate or
+  decision; its probabilities stay under ``withheld_probabilities``.
 * ``POST /classify_batch``: several images in one multipart request (repeated ``image`` fields;
   metadata fields given once for all or once per image), same result per image.
 * ``POST /infer``: a batchable BentoML API (BentoML's adaptive batching across requests) for
@@ -29,7 +31,8 @@ dropped connections (``ServerDisconnectedError``) at 32 concurrent clients. Both
 * ``GET /``: a web page for clinicians (``pipeline/serving/web/``: upload an image, see the answer of
   ``/classify`` and the overlay of ``/gradcam``). ``POST /gradcam``: the request of ``/classify``;
   answers a PNG, the image's own size, with the Grad-CAM heatmap (:mod:`pipeline.model.explain`) of the
-  predicted class. BentoML's own API-docs page, usually at ``/``, is hidden by the web page.
+  predicted class. ``GET /docs``: the browsable API documentation; ``GET /docs.json``: the OpenAPI
+  document of every endpoint (:mod:`pipeline.serving.routes`, :mod:`pipeline.serving.openapi`).
 * ``GET /model``: model tag, data version, threshold, classes, limits. ``GET /health``: JSON
   readiness (200 once the model is loaded and warmed up, else 503). BentoML's own ``/livez``
   (= ``/healthz``), ``/readyz`` (also reflects the model being loaded: ``__is_ready__``) and
@@ -59,7 +62,6 @@ counted in ``/model``).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gc
 import json
@@ -69,19 +71,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import anyio
 import bentoml
 import numpy as np
-from pydantic import BaseModel
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from pipeline.core import images
 from pipeline.core.metadata import FIELDS
+from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.monitoring import inferencelog
+from pipeline.serving import routes
 from pipeline.serving.batching import Batcher
 from pipeline.serving.logqueue import BackgroundLog
 from pipeline.serving.registry import MODEL_NAME, OPERATING_POINT_FILE
@@ -92,10 +89,10 @@ from pipeline.serving.requests import (
     MAX_REQUEST_BYTES,
     ApiError,
     decode_image,
-    parse_request,
     validate_metadata,
     vocabulary,
 )
+from pipeline.serving.schemas import InferItem
 
 logger = logging.getLogger("lesionflow.service")
 
@@ -130,116 +127,13 @@ def model_tag() -> str:
     return str(tag) if tag else f"{MODEL_NAME}:latest"
 
 
-class InferItem(BaseModel):
-    """One preprocessed image for :meth:`LesionflowService.infer`: the uint8 (3, H, W) tensor at
-    the model's input size (``pipeline.model.inference.Predictor.resize``), base64, plus metadata."""
-
-    pixels: str
-    age: float | None = None
-    sex: str | None = None
-    localization: str | None = None
-
-
-async def classify(request: Request) -> JSONResponse:
-    return await _handle(request, batch=False)
-
-
-async def classify_batch(request: Request) -> JSONResponse:
-    return await _handle(request, batch=True)
-
-
-async def _handle(request: Request, batch: bool) -> JSONResponse:
-    svc: LesionflowService = bentoml.get_current_service()
-    try:
-        items = await parse_request(request, svc.vocab, batch)
-        prepared = [await anyio.to_thread.run_sync(svc.prepare, field, data, meta) for field, data, meta in items]
-    except ApiError as exc:
-        return exc.response()
-    try:
-        preds = await asyncio.gather(*(svc.batcher.submit(item) for item, _ in prepared))
-    except Exception:
-        logger.exception("inference failed")
-        return JSONResponse(
-            {"error": "internal error while predicting; see the server log", "status": 500}, status_code=500
-        )
-    results = [svc.finalise(pred, info) for (_, info), pred in zip(prepared, preds)]
-    if batch:
-        return JSONResponse(
-            {
-                "results": results,
-                "n": len(results),
-                "model_tag": svc.tag,
-                "data_version": svc.data_version,
-                "disclaimer": DISCLAIMER,
-            }
-        )
-    return JSONResponse(results[0])
-
-
-async def model_info(request: Request) -> JSONResponse:
-    svc: LesionflowService = bentoml.get_current_service()
-    return JSONResponse(svc.info())
-
-
-async def health(request: Request) -> JSONResponse:
-    svc: LesionflowService = bentoml.get_current_service()
-    ready = svc.__is_ready__()
-    return JSONResponse(
-        {"status": "ok" if ready else "loading", "ready": ready, "model_tag": svc.tag},
-        status_code=200 if ready else 503,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# the clinicians' web page (static files in pipeline/serving/web/, calling /model, /classify and /gradcam
-# with fetch) and its Grad-CAM overlay (pipeline.model.explain, the evaluation's implementation)
-
-WEB_DIR = Path(__file__).resolve().parent / "web"
-
-
-async def web_page(request: Request) -> Response:
-    """``GET /``: the web page (``pipeline/serving/web/index.html``; its CSS/JS under ``/web/``)."""
-    return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
-
-async def gradcam_overlay(request: Request) -> Response:
-    """``POST /gradcam``: the same request as ``/classify`` (multipart or raw body, same metadata
-    and the same 4xx JSON errors); answers a PNG of the image's own size: the Grad-CAM heatmap of
-    the predicted class over the image. Header ``X-Gradcam-Class``: that class."""
-    svc: LesionflowService = bentoml.get_current_service()
-    try:
-        field, data, meta = (await parse_request(request, svc.vocab, batch=False))[0]
-        png, target = await anyio.to_thread.run_sync(svc.gradcam_png, field, data, meta)
-    except ApiError as exc:
-        return exc.response()
-    except Exception:
-        logger.exception("Grad-CAM failed")
-        return JSONResponse(
-            {"error": "internal error while computing Grad-CAM; see the server log", "status": 500}, status_code=500
-        )
-    return Response(png, media_type="image/png", headers={"X-Gradcam-Class": target, "Cache-Control": "no-store"})
-
-
-routes = Starlette(
-    routes=[
-        Route("/classify", classify, methods=["POST"]),
-        Route("/classify_batch", classify_batch, methods=["POST"]),
-        Route("/model", model_info, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/gradcam", gradcam_overlay, methods=["POST"]),
-        Route("/", web_page, methods=["GET"]),  # before BentoML's own index page (its API docs)
-        Mount("/web", StaticFiles(directory=WEB_DIR), name="web"),
-    ]
-)
-
-
 @bentoml.service(
     name="lesionflow",
     workers=WORKERS,
     traffic={"timeout": 60},
     http={"cors": {"enabled": False}},
 )
-@bentoml.asgi_app(routes, path="/")
+@bentoml.asgi_app(routes.app, path="/")
 class LesionflowService:
     """Skin-lesion classification with the champion model (see the module docstring)."""
 
@@ -290,6 +184,8 @@ class LesionflowService:
             self.predictor.engine,
         )
 
+    disclaimer = DISCLAIMER
+
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "_ready", False))
 
@@ -297,7 +193,7 @@ class LesionflowService:
     def prepare(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[tuple[np.ndarray, dict], dict[str, Any]]:
         """Decode + resize one image (pipeline.core.images + pipeline.model.inference); raises ApiError.
         Returns the model input ``(uint8 (3, H, W) array, metadata)`` and the request info."""
-        rgb = decode_image(data, field)
+        rgb = decode_image(data, field, self.predictor.size_limits)
         u8 = self.predictor.resize([rgb])[0].numpy()
         info = {
             **meta,
@@ -326,6 +222,8 @@ class LesionflowService:
                 "risk": None if pred["risk_probs"] is None else pred["risk_probs"][j].tolist(),
                 "binary": pred["binary_probs"][j].tolist(),
                 "p_malignant": float(pred["p_malignant"][j]),
+                "in_distribution": None if pred["in_distribution"] is None else bool(pred["in_distribution"][j]),
+                "ood_score": None if pred["ood_score"] is None else float(pred["ood_score"][j]),
                 "embedding": pred["embeddings"][j],  # penultimate embedding (numpy), for monitoring; not sent back
             }
             for j in range(len(items))
@@ -367,33 +265,47 @@ class LesionflowService:
         """Build the response of one image. Every prediction of /classify and /classify_batch
         passes here exactly once: the place to append it to the inference log for drift
         monitoring. ``pred`` also holds the penultimate ``embedding``; ``request_info`` holds the
-        validated metadata, the decoded ``rgb`` image, its size and byte count."""
+        validated metadata, the decoded ``rgb`` image, its size and byte count.
+
+        An image out of distribution gets no risk estimate: the probability fields, ``refer`` and
+        ``decision`` are null, ``message`` says why, and the probabilities are kept under
+        ``withheld_probabilities`` for API clients."""
         p_mal = float(pred["p_malignant"])
-        refer = bool(p_mal >= self.threshold)
-        dx = pred.get("dx")
-        risk = pred.get("risk")
-        result = {
+        dx, risk = pred.get("dx"), pred.get("risk")
+        probs = {
             "dx_probabilities": None if dx is None else dict(zip(self.classes["dx"], dx)),
-            "dx_top": None if dx is None else self.classes["dx"][int(np.argmax(dx))],
-            "risk_class": None if risk is None else self.classes["risk"][int(np.argmax(risk))],
             "risk_probabilities": None if risk is None else dict(zip(self.classes["risk"], risk)),
             "binary_probabilities": dict(zip(self.classes["binary"], pred["binary"])),
             "p_malignant": p_mal,
+        }
+        inside = pred.get("in_distribution")
+        withheld = inside is False
+        refer = bool(p_mal >= self.threshold)
+        ood = self.predictor.ood
+        result = {
+            "in_distribution": inside,
+            "ood_score": pred.get("ood_score"),
+            "ood_threshold": None if ood is None else float(ood.threshold),
+            "message": OOD_MESSAGE if withheld else None,
+            **(dict.fromkeys(probs) if withheld else probs),
+            "dx_top": None if dx is None or withheld else self.classes["dx"][int(np.argmax(dx))],
+            "risk_class": None if risk is None or withheld else self.classes["risk"][int(np.argmax(risk))],
             "threshold": self.threshold,
-            "refer": refer,
-            "decision": REFER if refer else NO_REFER,
+            "refer": None if withheld else refer,
+            "decision": None if withheld else (REFER if refer else NO_REFER),
+            "withheld_probabilities": probs if withheld else None,
             "metadata": {k: request_info.get(k) for k in FIELDS},
             "model_tag": self.tag,
             "data_version": self.data_version,
             "disclaimer": DISCLAIMER,
         }
-        # drift monitoring: image statistics, metadata and prediction (never the image, unless
-        # LESIONFLOW_LOG_IMAGES=1) go to the inference log, written by a background thread;
-        # logging never fails or delays a request
+        # drift monitoring: image statistics, metadata and prediction (the probabilities even when
+        # withheld; never the image, unless LESIONFLOW_LOG_IMAGES=1) go to the inference log,
+        # written by a background thread; logging never fails or delays a request
         self.inference_log.submit(
             request_info["rgb"],
             result["metadata"],
-            {**result, "embedding": pred.get("embedding")},
+            {**result, **probs, "embedding": pred.get("embedding")},
             self.tag,
             source=request_info.get("field"),
         )
@@ -414,7 +326,7 @@ class LesionflowService:
 
         from pipeline.model import explain
 
-        rgb = decode_image(data, field)
+        rgb = decode_image(data, field, self.predictor.size_limits)
         frame = pd.DataFrame([{k: meta.get(k) for k in FIELDS}])
         with self._explain_lock:
             if getattr(self, "_explainer", None) is None:
@@ -437,6 +349,9 @@ class LesionflowService:
             "input_size": list(self.predictor.input_size),
             "tta": self.predictor.default_tta,
             "engine": self.predictor.engine,
+            "input_limits": self.predictor.size_limits.to_dict(),
+            "calibration": self.predictor.config.get("calibration"),
+            "ood": self.predictor.config.get("ood"),
             "metadata_fields": {
                 "age": f"number of years, {self.vocab.age_min:g}-{self.vocab.age_max:g}",
                 "sex": list(self.vocab.sex) if self.vocab.sex is not None else "any text",

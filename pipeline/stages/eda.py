@@ -106,7 +106,8 @@ def run(args: Namespace, p: params.EdaParams, tax: Taxonomy, lineage_params: dic
     model_features = [f for f in numeric if f not in analysis.NOT_IN_BASELINE] + ["seg_ok"]
     baseline = fit_baseline(table.assign(seg_ok=table["seg_ok"].astype(float)), model_features, tax, p)
     stats = analysis.statistics(table, numeric, tax, ranking, baseline.metrics, baseline.importances)
-    metrics = analysis.metrics(stats, seconds)
+    stats["throughput"] = analysis.throughput(len(table), seconds)
+    metrics = analysis.metrics(stats)
     lin = lineage.lineage(
         params=lineage_params, files=[LAYOUT.split_file(s, args.splits) for s in SPLITS] + [args.metadata]
     )
@@ -119,7 +120,7 @@ def run(args: Namespace, p: params.EdaParams, tax: Taxonomy, lineage_params: dic
     fsutil.write_json(args.reports / "statistics.json", stats)
     fsutil.write_json(args.reports / "lineage.json", lin)
     fsutil.write_json(args.reports / "summary.json", metrics, sort_keys=False)
-    return {**metrics, "top_features": [t["feature"] for t in stats["top_features"][:5]]}
+    return {**metrics, **stats["throughput"], "top_features": [t["feature"] for t in stats["top_features"][:5]]}
 
 
 def body(args: Namespace) -> int:

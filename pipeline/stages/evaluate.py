@@ -12,10 +12,11 @@ the flow exports to ``artifacts/champion``) and the EDA stage's feature-table cl
     model), ``metrics_full.json`` (per-class metrics, confusion matrices, curves, calibration bins,
     baselines, champion), ``lineage.json``.
 ``reports/evaluate/`` (for people; DVC metrics and plots)
-    ``metrics.json`` (the headline test metrics per taxonomy, numbers only: the DVC metrics),
-    ``confidence.json`` (their 95 % lesion-bootstrap CIs), ``lineage.json``, ``gates.json`` +
-    ``gates.md`` (the verdict), ``subgroups.csv``, ``baselines.csv``, ``plots/*.csv`` (DVC plots),
-    ``figures/*.png``, ``gradcam/<class>.png``, ``model_card.md`` + ``model_card.html``.
+    ``metrics.json`` (the DVC metrics: the key test numbers, referral first), ``scores.json``
+    (every headline test number per taxonomy), ``confidence.json`` (their 95 % lesion-bootstrap
+    CIs), ``lineage.json``, ``gates.json`` + ``gates.md`` (the verdict), ``subgroups.csv``,
+    ``baselines.csv``, ``plots/*.csv`` (DVC plots), ``figures/*.png``, ``gradcam/<class>.png``,
+    ``model_card.md`` + ``model_card.html``.
 
 The stage exits 0 when the gates fail: the verdict (``passed: false``) is data that the flow acts
 on. It exits 2 on a user-causable error (missing model, split or image; bad params) with a message
@@ -39,7 +40,7 @@ from pipeline.core.errors import EXIT_OK, LesionflowError
 from pipeline.core.layout import LAYOUT
 from pipeline.core.taxonomy import LEVELS, Taxonomy
 from pipeline.data import splits
-from pipeline.evaluation import baselines, figures, gates, metrics, modelcard, subgroups, summary
+from pipeline.evaluation import baselines, figures, gates, metrics, modelcard, oodsets, subgroups, summary, trust
 from pipeline.evaluation.champion import evaluate_champion
 from pipeline.evaluation.predictions import Predictions, binary_truth, cached_predictions, prediction_table
 from pipeline.model import checkpoint, explain, inference
@@ -77,6 +78,8 @@ class Evaluation:
     baselines: pd.DataFrame | None = None
     curves: dict[str, Any] = field(default_factory=dict)
     eda_note: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None
     subgroups: pd.DataFrame | None = None
     attribution: dict[str, float] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -130,10 +133,22 @@ def operating_point(ev: Evaluation, args: Namespace, tax: Taxonomy, p: params.Ev
     ev.op_test = metrics.at_threshold(truth["test"], ev.preds["test"].p_malignant, ev.threshold)
 
 
+def measure_trust(ev: Evaluation, tax: Taxonomy, p: params.EvaluateParams) -> None:
+    """Calibration before/after on test, and the OOD detector against non-dermoscopic images."""
+    ev.calibration = trust.calibration_effect(ev.preds["test"], tax, p.calibration_bins)
+    ev.ood = trust.ood_effect(ev.predictor, ev.preds["test"], oodsets.ood_images(p.seed))
+
+
 def judge(ev: Evaluation, args: Namespace, tax: Taxonomy, p: params.EvaluateParams) -> None:
     """Test metrics with CIs, the champion on the same split, and the gates' verdict."""
     ev.full = summary.level_metrics(ev.preds["test"], tax, ev.threshold, p)
     ev.head = summary.headline(ev.full)
+    ood_block, ece_before = trust.headline(ev.calibration, ev.ood)
+    for lvl, value in ece_before.items():
+        if lvl in ev.head:
+            ev.head[lvl]["ece_before_calibration"] = value
+    if ood_block is not None:
+        ev.head["ood"] = ood_block
     ev.champion = evaluate_champion(
         args.champion,
         args.model,
@@ -223,12 +238,13 @@ def write_artifacts(ev: Evaluation, out: Path, tax: Taxonomy, op_record: dict, l
             "champion": ev.champion,
             "eda_note": ev.eda_note,
             "metadata_attribution": ev.attribution,
+            "trust": {"calibration": ev.calibration, "ood": ev.ood},
         },
     )
 
 
-def dvc_metrics(ev: Evaluation) -> dict[str, Any]:
-    """``metrics.json``: numbers only, the referral decision first."""
+def scores(ev: Evaluation) -> dict[str, Any]:
+    """``scores.json``: every headline number of the test split (what the model's record keeps)."""
     return {
         **ev.head,
         "gates_passed": int(bool(ev.verdict["passed"])),
@@ -240,8 +256,14 @@ def dvc_metrics(ev: Evaluation) -> dict[str, Any]:
     }
 
 
+def dvc_metrics(ev: Evaluation) -> dict[str, Any]:
+    """``metrics.json`` (the DVC metrics): the key numbers only (:data:`summary.KEY_METRICS`)."""
+    return {**summary.key_metrics(ev.head), "gates_passed": int(bool(ev.verdict["passed"]))}
+
+
 def write_tables(ev: Evaluation, rep: Path, lin: dict) -> None:
     fsutil.write_json(rep / "metrics.json", dvc_metrics(ev), sort_keys=False)
+    fsutil.write_json(rep / "scores.json", scores(ev), sort_keys=False)
     fsutil.write_json(rep / "confidence.json", summary.confidence(ev.full))
     fsutil.write_json(rep / "lineage.json", lin)
     fsutil.write_json(rep / "gates.json", ev.verdict)
@@ -289,6 +311,16 @@ def write_plots(ev: Evaluation, rep: Path, tax: Taxonomy, table: pd.DataFrame) -
     pd.DataFrame(rows).to_csv(rep / "plots" / "calibration.csv", index=False)
     figures.plot_roc_pr(ev.curves, ev.op_test, rep / "figures" / "roc_pr.png")
     figures.plot_reliability(cals, rep / "figures" / "reliability.png")
+    before_after = {
+        f"{name}, {when} calibration": ev.calibration[key]["reliability"][when]
+        for key, name in (("dx", "7 diagnoses"), ("p_malignant", "p(malignant)"))
+        if key in ev.calibration
+        for when in ("before", "after")
+    }
+    if before_after:
+        figures.plot_reliability(before_after, rep / "figures" / "calibration_before_after.png")
+    if ev.ood is not None:
+        figures.plot_ood_scores(ev.ood, rep / "figures" / "ood_scores.png")
     if ev.attribution:
         figures.plot_attribution(ev.attribution, rep / "figures" / "metadata_attribution.png")
 
@@ -327,6 +359,8 @@ def write_card(
             subgroup_min_positives=p.subgroup_min_positives,
             gradcam=gradcam,
             attribution=ev.attribution,
+            calibration=ev.calibration,
+            ood=ev.ood,
         )
     )
     fsutil.atomic_write_text(rep / "model_card.md", card)
@@ -359,6 +393,7 @@ def run(args: Namespace, p: params.EvaluateParams, tax: Taxonomy, lineage_params
     steps = (
         ("predict", lambda: predict(ev, args, p)),
         ("operating_point", lambda: operating_point(ev, args, tax, p)),
+        ("trust", lambda: measure_trust(ev, tax, p)),
         ("judge", lambda: judge(ev, args, tax, p)),
         ("compare", lambda: compare(ev, args, tax, p)),
         ("attribute", lambda: attribute(ev, args, p)),

@@ -44,7 +44,7 @@ def write_outputs(df: pd.DataFrame, p: params.SplitParams, args: Namespace) -> d
     splitting.plot_counts(
         counts, reports / "split_counts.png", f"Split of {summary['images']:,} images (seed {p.seed})"
     )
-    fsutil.write_json(reports / "summary.json", summary, sort_keys=False)
+    fsutil.write_json(reports / "summary.json", splitting.dvc_metrics(summary), sort_keys=False)
     fsutil.write_json(
         reports / "lineage.json",
         lineage.lineage(

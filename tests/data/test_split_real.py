@@ -48,11 +48,11 @@ def test_real_split_is_leakage_free_and_deterministic(real_metadata, tmp_path):
     merged = df.merge(index, on="image_id")
     assert (merged.groupby("md5")["split"].nunique() == 1).all()
     summary = json.loads((tmp_path / "a" / "report" / "summary.json").read_text())
-    assert list(summary)[:2] == ["lesions_spanning_splits", "max_class_share_deviation"]  # DVC metrics: key first
+    assert list(summary) == ["lesions_spanning_splits", "max_class_share_deviation", "sizes"]  # DVC: key only
     assert all(isinstance(v, (int, float)) for v in _leaves(summary)), "DVC metrics hold numbers only"
     assert summary["lesions_spanning_splits"] == 0
     assert summary["max_class_share_deviation"] < 0.02
-    assert abs(summary["fractions"]["train"] - 0.70) < 0.01
+    assert abs(summary["sizes"]["train"] / len(df) - 0.70) < 0.01
     assert (tmp_path / "a" / "report" / "split_counts.png").stat().st_size > 10_000
 
 

@@ -223,6 +223,15 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     assert "dx.balanced_accuracy" in by_key["lesionflow-retrain"]["data"], "key metrics published"
     link = by_key["lesionflow-report-model-card"]["data"]
     assert (ws.root / "reports/evaluate/model_card.html").as_uri() in link, link
+    # the packaged model carries its calibration and OOD detector; the card reports both
+    card = (ws.root / "reports/evaluate/model_card.md").read_text()
+    for text in ("Images the model cannot judge", "AUROC vs test", "Test images flagged", "before calibration"):
+        assert text in card, text
+    head_metrics = json.loads((ws.root / "reports/evaluate/scores.json").read_text())
+    assert {"auroc", "test_flagged_share"} <= set(head_metrics["ood"])
+    assert "ece_before_calibration" in head_metrics["dx"]
+    cfg = json.loads((ws.root / "artifacts/model/config.json").read_text())
+    assert cfg["calibration"]["temperature"] > 0 and cfg["ood"]["method"] == "mahalanobis"
     unknown = lesionflow(ws.root, "trace", "lesionflow-classifier:nosuchversion", timeout=300)
     assert unknown.returncode == 2 and "unknown tag" in unknown.stdout
 

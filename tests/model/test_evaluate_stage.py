@@ -150,14 +150,21 @@ def test_stage_writes_everything_and_succeeds_when_gates_fail(workspace, first_r
     assert (val.loc[malignant, "p_malignant"] >= op["threshold"] - 1e-6).mean() >= op["target_sensitivity"]
     assert op["val"]["sensitivity"] >= op["target_sensitivity"]
 
-    # DVC's views: numbers only, the referral decision first; the CIs beside them
+    # DVC's views: the key numbers only, the referral decision first; every number in scores.json,
+    # the CIs beside them
     m = json.loads((rep / "metrics.json").read_text())
-    assert list(m)[:3] == ["binary", "dx", "risk"] and m["gates_passed"] == 0
-    assert list(m["binary"])[:2] == ["sensitivity_at_operating_point", "specificity_at_operating_point"]
-    numbers = [v for lvl in ("binary", "dx", "risk") for v in m[lvl].values()] + [
-        v for v in m.values() if not isinstance(v, dict)
+    assert list(m) == ["binary", "dx", "risk", "gates_passed"] and m["gates_passed"] == 0
+    assert list(m["binary"]) == [
+        "sensitivity_at_operating_point",
+        "specificity_at_operating_point",
+        "roc_auc",
+        "pr_auc",
+        "ece",
     ]
-    assert all(isinstance(v, int | float) for v in numbers)
+    assert list(m["dx"]) == ["balanced_accuracy", "roc_auc_macro", "ece"] and list(m["risk"]) == ["balanced_accuracy"]
+    scores = json.loads((rep / "scores.json").read_text())
+    assert scores["binary"]["roc_auc"] == m["binary"]["roc_auc"] and "macro_f1" in scores["dx"]
+    assert "ece_before_calibration" in scores["dx"] and "ood" not in scores  # an untrained model: no OOD detector
     ci = json.loads((rep / "confidence.json").read_text())
     assert ci["binary"]["roc_auc"]["low"] <= m["binary"]["roc_auc"] <= ci["binary"]["roc_auc"]["high"]
     lin = json.loads((rep / "lineage.json").read_text())

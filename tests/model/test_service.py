@@ -8,106 +8,21 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import struct
-import subprocess
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.core import images, lineage
 from pipeline.model import inference
-from pipeline.serving import bento, registry
-from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
-
-IMAGES_DIR = PROJECT_ROOT / "data" / "images"
-MAX_BYTES = 1_000_000  # the server's LESIONFLOW_MAX_IMAGE_BYTES in this module
-THRESHOLD = 0.3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _real_images(n: int) -> list[Path]:
-    found = sorted(IMAGES_DIR.glob("ISIC_*.jpg"))[:n]
-    if len(found) < n:
-        pytest.fail(f"real data missing under {IMAGES_DIR}: run `make test` (it pulls data with DVC)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base URL, packaged tag, model dir) of a running `bentoml serve` of pipeline.serving.service."""
-    tmp = tmp_path_factory.mktemp("service")
-    home = tmp / "bentoml"
-    model_dir = write_model_dir(tmp / "model", backbone="small_cnn", input_size=(48, 64), metadata_fusion=True)
-    write_evaluation(model_dir, tmp / "evaluate", tmp / "reports", threshold=THRESHOLD)
-    old = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(home)
-    try:
-        tag = registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=PROJECT_ROOT)
-    finally:
-        if old is None:
-            os.environ.pop("BENTOML_HOME", None)
-        else:
-            os.environ["BENTOML_HOME"] = old
-    port = _free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES),
-        "LESIONFLOW_TORCH_THREADS": "1",
-        "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log"),
-    }
-    env.pop("LESIONFLOW_MODEL_TAG", None)
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(
-        bento.serve_command(port=port),
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 90 s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield base, tag, model_dir
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server[0], timeout=30) as c:
-        yield c
+from tests.registry_fixtures import PROJECT_ROOT
+from tests.service_fixtures import MAX_BYTES, THRESHOLD
+from tests.service_fixtures import real_images as _real_images
 
 
 def _check_probabilities(body: dict) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import copy_sample
 ROOT = Path(__file__).resolve().parents[2]
 TAX = Taxonomy.default()
 VOCABULARY = params.load_section("metadata", ROOT / "params.yaml")
+LIMITS = params.load_section("validate", ROOT / "params.yaml").size_limits()
 
 
 def make_splits(data: Path, dest: Path, val_lesions: int = 2) -> Path:
@@ -94,7 +95,7 @@ def trained(sample, splits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     args = args_for(tmp, sample, splits)
-    result = train.train(tiny_params(augment={"enabled": False}), TAX, VOCABULARY, args)
+    result = train.train(tiny_params(augment={"enabled": False}), TAX, VOCABULARY, LIMITS, args)
     return args, result
 
 
@@ -110,8 +111,10 @@ def test_one_epoch_improves_validation_loss_over_the_untrained_model(trained):
     assert list(hist["epoch"]) == [0, 1]
     assert hist["val_loss"].iloc[1] < hist["val_loss"].iloc[0] - 0.02
     metrics = json.loads((args.reports / "metrics.json").read_text())
+    assert list(metrics) == ["val_balanced_accuracy", "val_macro_auc", "best_epoch"]  # DVC: the key numbers
+    run = json.loads((args.reports / "run.json").read_text())
     for key in ("best_epoch", "val_balanced_accuracy", "val_macro_auc", "images_per_s", "wall_time_s"):
-        assert key in metrics and np.isfinite(metrics[key])
+        assert np.isfinite(run["result"][key]), key
     assert (args.reports / "curves.png").stat().st_size > 10_000
 
 
@@ -130,7 +133,8 @@ def test_saved_model_reloads_weights_only_and_reproduces_the_validation_outputs(
     b = inference.load_model(args.out, device="cpu").predict(imgs, tta=False)
     assert np.array_equal(a["dx_probs"], b["dx_probs"]) and np.array_equal(a["embeddings"], b["embeddings"])
     # the reloaded model, through THE inference path, gives the validation loss measured in training
-    loss = -np.mean(np.log(a["dx_probs"][np.arange(len(y)), y]))
+    # (before calibration: the temperature is fitted after the last epoch)
+    loss = -np.mean(np.log(a["native_probs_uncalibrated"][np.arange(len(y)), y]))
     assert loss == pytest.approx(result["val_loss"], abs=1e-4)
     assert np.allclose(a["risk_probs"].sum(1), 1) and np.allclose(a["binary_probs"].sum(1), 1)
 
@@ -144,7 +148,9 @@ def test_a_crash_while_writing_leaves_the_previous_model_in_place(trained, monke
 
     monkeypatch.setattr(checkpoint.fsutil, "write_json", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        train.train(tiny_params(backbone="small_cnn", pretrained=False, input_size=[32, 40]), TAX, VOCABULARY, args)
+        train.train(
+            tiny_params(backbone="small_cnn", pretrained=False, input_size=[32, 40]), TAX, VOCABULARY, LIMITS, args
+        )
     after = {f.name: f.read_bytes() for f in args.out.iterdir()}
     assert after == before
     assert not [p for p in args.out.parent.iterdir() if ".staging-" in p.name]
@@ -159,7 +165,11 @@ def test_missing_image_is_named(sample, splits, tmp_path):
     (bad / "val.csv").write_text((splits / "val.csv").read_text())
     with pytest.raises(ImageError, match=r"train.csv: row 3 \(image_id ISIC_9999999\)"):
         train.train(
-            tiny_params(backbone="small_cnn", pretrained=False), TAX, VOCABULARY, args_for(tmp_path, sample, bad)
+            tiny_params(backbone="small_cnn", pretrained=False),
+            TAX,
+            VOCABULARY,
+            LIMITS,
+            args_for(tmp_path, sample, bad),
         )
 
 
@@ -287,3 +297,18 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
     assert np.allclose(h_ddp["val_loss"], h_one["val_loss"], atol=0.02)
     moved = abs(h_one["val_loss"].iloc[0] - h_one["val_loss"].iloc[-1])
     assert moved > 0.05, f"two epochs moved the validation loss by only {moved:.3f}: the 0.02 tolerance says little"
+
+
+def test_training_fits_calibration_and_an_ood_detector_that_travel_with_the_model(trained):
+    """The train stage fits the temperature on val and the OOD detector on train (threshold on
+    val); both are saved with the model and reload without pickle into THE prediction path."""
+    args, _ = trained
+    cfg = json.loads((args.out / "config.json").read_text())
+    cal, det = cfg["calibration"], cfg["ood"]
+    assert cal["method"] == "temperature" and cal["val_nll_after"] <= cal["val_nll_before"]
+    assert det["method"] == "mahalanobis" and det["pass_share"] == 0.99 and (args.out / "ood.npz").exists()
+    assert cfg["input_limits"] == LIMITS.to_dict()
+    p = inference.load_model(args.out, device="cpu")
+    assert p.temperature == cal["temperature"] and p.ood is not None and p.ood.threshold == det["threshold"]
+    with np.load(args.out / "ood.npz", allow_pickle=False) as z:
+        assert z["whitener"].shape == (p.model.embedding_dim, p.model.embedding_dim)

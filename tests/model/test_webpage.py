@@ -1,10 +1,12 @@
 """The clinicians' web page of the Bento, end to end in a real headless browser (Debian's
 ``chromium`` driven by Playwright), against a real `bentoml serve` on 127.0.0.1 (the ``server``
-fixture of test_service.py: a tiny untrained model packaged into a temporary BENTOML_HOME).
+and ``trusted_server`` fixtures of tests/model/conftest.py: tiny untrained models packaged into a
+temporary BENTOML_HOME, the second with a temperature and an OOD detector).
 
 The page, using only the service's public endpoints with fetch, shows a risk class, the seven
 diagnosis probabilities, the referral decision and the Grad-CAM overlay of a real image, and the
-service's own error text for a text file renamed ``.jpg``; the drop zone works from the keyboard;
+service's own error text for a text file renamed ``.jpg``, and for a photograph that is not
+dermoscopy a warning and no referral; the drop zone works from the keyboard;
 nothing overflows at phone width. Screenshots of each state go to the test's ``tmp_path``.
 ``POST /gradcam`` answers a PNG of the input's own size. No browser: the tests FAIL (CI must
 install ``chromium``), they never skip.
@@ -22,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.model.test_service import MAX_BYTES, THRESHOLD, _real_images, client, server  # noqa: F401 (fixtures)
+from tests.service_fixtures import IMAGES_DIR, MAX_BYTES, THRESHOLD
+from tests.service_fixtures import real_images as _real_images
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -282,3 +285,38 @@ def test_page_and_assets_are_served(server):
         assert r.status_code == 200 and ctype in r.headers["content-type"], asset
     assert httpx.get(base + "/web/missing.js", timeout=10).status_code == 404
     assert httpx.get(base + "/health", timeout=10).status_code == 200  # the APIs are still there
+
+
+def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
+    trusted_server, trusted_client, browser, pages, tmp_path
+):
+    """An image the model cannot judge: a visible warning with the service's message, and no risk
+    class, no probabilities and no referral box; a dermoscopic image afterwards is shown as usual."""
+    from pipeline.evaluation import oodsets
+    from tests.model.conftest import trust_sample
+
+    coffee = next(o for o in oodsets.photographs() if o.name == "coffee")
+    photo = tmp_path / "coffee.jpg"
+    Image.fromarray(coffee.rgb).save(photo, quality=90)
+    api = trusted_client.post("/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
+    assert api["in_distribution"] is False
+    page, js_errors = _open(browser, pages, trusted_server[0])
+    page.set_input_files("#image", str(photo))
+    page.click("#submit")
+    page.wait_for_selector("#ood-warning:not([hidden])")
+    page.wait_for_function("document.getElementById('form').getAttribute('aria-busy') === 'false'")
+    warning = page.locator("#ood-warning").inner_text()
+    assert "does not look like the dermoscopic images the model was trained on" in warning
+    assert "no risk estimate is given" in warning
+    for hidden in ("#decision", "#risk", "#dx-bars"):
+        assert not page.locator(hidden).is_visible(), hidden
+    assert "refer" not in page.locator("#result").inner_text().lower().replace("referral", "")
+    page.screenshot(path=tmp_path / "ood-desktop.png", full_page=True)
+
+    # a dermoscopic image next: the usual result, no warning
+    ham = IMAGES_DIR / f"{trust_sample()['image_id'][0]}.jpg"
+    page.set_input_files("#image", str(ham))
+    page.click("#submit")
+    _wait_for_result(page)
+    assert not page.locator("#ood-warning").is_visible() and page.locator("#decision").is_visible()
+    assert js_errors == []

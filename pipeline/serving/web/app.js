@@ -137,7 +137,24 @@ function renderBars(probs) {
   }
 }
 
+function renderWithheld(res) {
+  // the model cannot judge this image: no risk class, no probability, no referral box
+  $("ood-message").textContent = res.message.replace(/^./, (c) => c.toUpperCase()) + ".";
+  $("ood-detail").textContent =
+    " (out-of-distribution score " + res.ood_score.toFixed(2) + ", threshold " + res.ood_threshold.toFixed(2) + ")";
+  $("ood-warning").hidden = false;
+  $("summary").hidden = true;
+  $("model-tag").textContent = res.model_tag;
+  $("data-version").textContent = res.data_version;
+}
+
 function renderResult(res) {
+  $("ood-warning").hidden = true;
+  $("summary").hidden = false;
+  if (res.in_distribution === false) {
+    renderWithheld(res);
+    return;
+  }
   const risk = res.risk_class;
   const riskBox = $("risk");
   riskBox.className = "risk risk-" + (risk || "none");
@@ -216,8 +233,12 @@ async function analyse(ev) {
     $("preview").src = previewUrl;
     renderResult(res);
     $("result").hidden = false;
-    $("status").textContent = "Computing the Grad-CAM overlay…";
-    await loadOverlay(fetch("/gradcam", { method: "POST", body: formData() }));
+    if (res.in_distribution === false) {
+      $("overlay-status").textContent = "no overlay: the image was not judged";
+    } else {
+      $("status").textContent = "Computing the Grad-CAM overlay…";
+      await loadOverlay(fetch("/gradcam", { method: "POST", body: formData() }));
+    }
     $("result-title").focus({ preventScroll: true });
   } catch (e) {
     showError("The service could not be reached (" + e.message + ").");

@@ -1,0 +1,121 @@
+"""The service's API contract: Pydantic models of every response (and of the error body), from
+which the OpenAPI document (:mod:`pipeline.serving.routes`, ``GET /docs.json``) takes its schemas.
+The service builds its responses as plain dicts (:meth:`pipeline.serving.service.LesionflowService.finalise`);
+a test checks that they validate against these models."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiErrorBody(BaseModel):
+    """Every 4xx/5xx answer of the service's own endpoints."""
+
+    error: str = Field(description="what is wrong, naming the field: \"field 'age': must be ...\"")
+    field: str | None = Field(None, description="the offending request field (image, image[2], age, sex, ...)")
+    status: int = Field(description="the HTTP status code, repeated")
+
+
+class Metadata(BaseModel):
+    """The validated metadata of a request (null: not given or unknown)."""
+
+    age: float | None = None
+    sex: str | None = None
+    localization: str | None = None
+
+
+class WithheldProbabilities(BaseModel):
+    """The model's probabilities for an image it cannot judge (out of distribution): kept for API
+    clients that need them, never shown to a person as a risk estimate."""
+
+    dx_probabilities: dict[str, float] | None
+    risk_probabilities: dict[str, float] | None
+    binary_probabilities: dict[str, float]
+    p_malignant: float
+
+
+class Classification(BaseModel):
+    """The answer for one image. When ``in_distribution`` is false the risk estimate is withheld:
+    the probability fields, ``refer`` and ``decision`` are null, ``message`` says why and the
+    probabilities are under ``withheld_probabilities``."""
+
+    in_distribution: bool | None = Field(description="false: the image does not look like the training images")
+    ood_score: float | None = Field(description="out-of-distribution score (higher: more unusual)")
+    ood_threshold: float | None = Field(description="scores above this are out of distribution")
+    message: str | None = Field(description="why no risk estimate is given (out of distribution), else null")
+    dx_probabilities: dict[str, float] | None
+    dx_top: str | None
+    risk_class: str | None
+    risk_probabilities: dict[str, float] | None
+    binary_probabilities: dict[str, float] | None
+    p_malignant: float | None
+    threshold: float = Field(description="the operating threshold on p_malignant, chosen on validation data")
+    refer: bool | None = Field(description="p_malignant >= threshold (null when withheld)")
+    decision: str | None
+    withheld_probabilities: WithheldProbabilities | None
+    metadata: Metadata
+    model_tag: str
+    data_version: str
+    disclaimer: str
+
+
+class BatchClassification(BaseModel):
+    """The answers for several images, in request order."""
+
+    results: list[Classification]
+    n: int
+    model_tag: str
+    data_version: str
+    disclaimer: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading"]
+    ready: bool
+    model_tag: str
+
+
+class ModelInfo(BaseModel):
+    """What the service serves and accepts (vocabularies, sizes, limits, threshold, OOD check)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_tag: str
+    data_version: str
+    threshold: float
+    decision_rule: str
+    native_level: str
+    classes: dict[str, list[str]]
+    input_size: list[int]
+    input_limits: dict[str, float]
+    calibration: dict[str, Any] | None
+    ood: dict[str, Any] | None
+    metadata_fields: dict[str, Any]
+    limits: dict[str, Any]
+    disclaimer: str
+
+
+class InferItem(BaseModel):
+    """One preprocessed image for ``POST /infer``: the uint8 (3, H, W) tensor at the model's input
+    size (:meth:`pipeline.model.inference.Predictor.resize`), base64, plus metadata."""
+
+    pixels: str
+    age: float | None = None
+    sex: str | None = None
+    localization: str | None = None
+
+
+class InferResult(BaseModel):
+    """The probabilities of one ``/infer`` item, or ``error`` for an item that is not a valid tensor."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str | None = None
+    dx: list[float] | None = None
+    risk: list[float] | None = None
+    binary: list[float] | None = None
+    p_malignant: float | None = None
+    in_distribution: bool | None = None
+    ood_score: float | None = None

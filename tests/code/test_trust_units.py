@@ -1,0 +1,116 @@
+"""Trust units on synthetic data: the size limits a model can judge, temperature scaling, the
+Mahalanobis out-of-distribution score and its threshold, withheld decisions in prediction rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from pipeline.core import images
+from pipeline.core.formats import SizeLimits
+from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, prediction_frame
+from pipeline.core.taxonomy import Taxonomy
+from pipeline.model import calibration, checkpoint, ood
+
+LIMITS = SizeLimits(64, 64, 4.0)
+
+
+@pytest.mark.parametrize(
+    "w, h, words",
+    [
+        (1, 1, ["1x1", "at least 64x64"]),
+        (20, 20, ["20x20", "at least 64x64"]),
+        (63, 200, ["63x200", "at least 64x64"]),
+        (400, 64, ["400x64", "6.2:1", "at most 4:1"]),
+    ],
+)
+def test_images_a_model_cannot_judge_are_refused_naming_size_and_limit(w, h, words):
+    with pytest.raises(images.ImageError) as err:
+        images.check_size(np.zeros((h, w, 3), np.uint8), LIMITS, "upload.png")
+    assert err.value.source == "upload.png" and all(word in err.value.reason for word in words)
+
+
+@pytest.mark.parametrize("w, h", [(64, 64), (600, 450), (450, 600), (256, 64)])
+def test_images_within_the_limits_pass_in_either_orientation(w, h):
+    images.check_size(np.zeros((h, w, 3), np.uint8), LIMITS, "ok.jpg")
+
+
+def _overconfident(n: int = 3000, k: int = 5, scale: float = 3.0, seed: int = 0):
+    """Labels drawn from softmax(z) and logits scale * z: a model over-confident by ``scale``."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 1.5, (n, k))
+    y = np.array([rng.choice(k, p=p) for p in softmax(z, axis=1)])
+    return scale * z, y
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_ranking():
+    logits, y = _overconfident()
+    t = calibration.fit_temperature(logits, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert calibration.nll(logits, y, t) < calibration.nll(logits, y) - 0.05
+    before, after = calibration.probabilities(logits), calibration.probabilities(logits, t)
+    assert np.array_equal(before.argmax(1), after.argmax(1))
+    rec = calibration.calibration_record(logits, y)
+    assert rec["val_nll_after"] < rec["val_nll_before"] and rec["temperature"] == pytest.approx(t, rel=1e-5)
+
+
+def test_temperature_with_tta_views_fits_the_averaged_probabilities():
+    logits, y = _overconfident(n=2000, seed=1)
+    views = np.stack([logits, logits + np.random.default_rng(2).normal(0, 0.3, logits.shape)])
+    t = calibration.fit_temperature(views, y)
+    grid = np.exp(np.linspace(np.log(0.5), np.log(8), 400))
+    best = grid[np.argmin([calibration.nll(views, y, g) for g in grid])]
+    assert t == pytest.approx(best, rel=0.02)
+
+
+def _clusters(n: int, seed: int, shift: float = 0.0):
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0] * 8, [4.0] + [0.0] * 7, [0.0, 4.0] + [0.0] * 6])
+    y = rng.integers(0, 3, n)
+    return means[y] + rng.normal(0, 1, (n, 8)) + shift, y
+
+
+def test_mahalanobis_score_separates_far_points_and_threshold_passes_the_share(tmp_path):
+    train, y = _clusters(3000, 0)
+    val, _ = _clusters(1000, 1)
+    far, _ = _clusters(200, 2, shift=6.0)
+    det, val_scores = ood.fit("mahalanobis", train, y, val, np.zeros((1000, 3)), pass_share=0.95)
+    assert np.mean(det.in_distribution(val_scores)) == pytest.approx(0.95, abs=0.002)
+    assert np.mean(~det.in_distribution(det.score(far, None))) > 0.99
+    # the score is the distance to the nearest class mean under the shared covariance
+    near = det.score(np.array([[4.0] + [0.0] * 7]), None)[0]
+    assert near < det.score(np.array([[2.0, -2.0] + [0.0] * 6]), None)[0]
+    # stored as plain arrays and read back without pickle
+    checkpoint.save(tmp_path / "m", {}, {"ood": det.record(0.95, val_scores)}, {ood.OOD_FILE: det.arrays})
+    arrays = checkpoint.load_arrays(tmp_path / "m", ood.OOD_FILE)
+    again = ood.OodDetector.from_config(det.record(0.95, val_scores), arrays, 1.0)
+    assert np.allclose(again.score(far, None), det.score(far, None))
+    with pytest.raises(ValueError, match="ood.npz"):
+        ood.OodDetector.from_config({"method": "mahalanobis", "threshold": 1.0}, {}, 1.0)
+
+
+def test_energy_score_is_higher_for_flat_logits():
+    peaked, flat = np.array([[10.0, 0, 0]]), np.array([[0.1, 0, 0]])
+    assert ood.energy(flat)[0] > ood.energy(peaked)[0]
+
+
+def test_prediction_rows_withhold_the_decision_of_an_image_out_of_distribution():
+    tax = Taxonomy.default()
+    probs = np.full((2, 7), 1 / 7)
+    binary = np.array([[0.2, 0.8], [0.2, 0.8]])
+    rows = prediction_frame(
+        {"dx": probs, "binary": binary}, tax, binary[:, 1], 0.5, in_distribution=[True, False], ood_score=[1.0, 9.0]
+    )
+    assert rows[DECISION].tolist() == ["malignant", "malignant"]  # evaluate keeps both
+    shown = prediction_frame(
+        {"dx": probs, "binary": binary},
+        tax,
+        binary[:, 1],
+        0.5,
+        in_distribution=[True, False],
+        ood_score=[1.0, 9.0],
+        withhold=True,
+    )
+    assert shown[DECISION].tolist() == ["malignant", None] and shown[IN_DISTRIBUTION].tolist() == [True, False]
+    assert shown["p_malignant"].tolist() == [0.8, 0.8]  # the probabilities stay

@@ -1,0 +1,59 @@
+"""Servers for the service tests (tests/service_fixtures.py), one per test module that uses them.
+
+* ``server``: an untrained fusion model (metadata used), no calibration and no OOD detector;
+* ``trusted_server``: an untrained image-only model with what the train stage fits after
+  training (temperature, OOD detector), here fitted on 80 real HAM10000 images; non-dermoscopic
+  photographs fall far outside them.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pandas as pd
+import pytest
+
+from pipeline.core import images
+from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
+from tests.service_fixtures import serving
+
+#: The real images the trusted model's OOD detector was fitted on (they pass its check).
+TRUST_IMAGES = 80
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, packaged tag, model dir) of a running service of an untrained fusion model."""
+    tmp = tmp_path_factory.mktemp("service")
+    model_dir = write_model_dir(tmp / "model", backbone="small_cnn", input_size=(48, 64), metadata_fusion=True)
+    with serving(model_dir, tmp) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c
+
+
+def trust_sample() -> pd.DataFrame:
+    """The rows of the images the trusted model's calibration and OOD detector are fitted on."""
+    meta = pd.read_csv(PROJECT_ROOT / "data" / "HAM10000_metadata.csv")
+    return meta.sample(TRUST_IMAGES, random_state=0).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def trusted_server(tmp_path_factory):
+    """(base URL, packaged tag, model dir) of a running service of a model with a temperature and
+    an OOD detector."""
+    tmp = tmp_path_factory.mktemp("trusted")
+    rows = trust_sample()
+    imgs = [images.decode_rgb(PROJECT_ROOT / "data" / "images" / f"{i}.jpg") for i in rows["image_id"]]
+    model_dir = write_model_dir(tmp / "model", trust_images=imgs, trust_labels=list(rows["dx"]))
+    with serving(model_dir, tmp) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def trusted_client(trusted_server):
+    with httpx.Client(base_url=trusted_server[0], timeout=30) as c:
+        yield c

@@ -1,0 +1,157 @@
+"""The service refuses what its model cannot judge and says so, against a real `bentoml serve`
+(``trusted_server``: a model with a temperature and an OOD detector, tests/model/conftest.py):
+
+* images smaller than the data contract's minimum or too elongated get a 422 naming the size and
+  the limit;
+* a non-dermoscopic photograph is answered with ``in_distribution: false``, a message and no risk
+  estimate or referral (the probabilities only under ``withheld_probabilities``), and reaches the
+  inference log as such;
+* calibrated probabilities are the same through the service and through the evaluation's path;
+* the API contract: ``/docs.json`` documents every endpoint with request, response and error
+  schemas, ``/docs`` browses it, and schemathesis (examples and fuzzing, bounded) finds no 5xx and
+  no response outside its schema.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.core import params
+from pipeline.evaluation import oodsets
+from pipeline.evaluation.predictions import predict_split
+from pipeline.model.inference import load_model
+from pipeline.monitoring import inferencelog
+from pipeline.serving.schemas import Classification, ModelInfo
+from tests.model.conftest import trust_sample
+from tests.registry_fixtures import PROJECT_ROOT
+
+IMAGES_DIR = PROJECT_ROOT / "data" / "images"
+
+
+def _png(w: int, h: int, colour=(180, 120, 100)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _photo() -> tuple[str, bytes]:
+    coffee = next(o for o in oodsets.photographs() if o.name == "coffee")
+    buf = io.BytesIO()
+    Image.fromarray(coffee.rgb).save(buf, format="JPEG", quality=90)
+    return "coffee.jpg", buf.getvalue()
+
+
+@pytest.mark.parametrize("w, h", [(1, 1), (20, 20)])
+def test_images_below_the_contracts_minimum_get_a_422_naming_size_and_minimum(trusted_client, w, h):
+    r = trusted_client.post("/classify", files={"image": ("tiny.png", _png(w, h), "image/png")})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == "image" and f"{w}x{h}" in body["error"] and "at least 64x64" in body["error"]
+
+
+def test_a_64x64_image_is_judged_and_an_elongated_one_is_refused(trusted_client):
+    ok = trusted_client.post("/classify", files={"image": ("small.png", _png(64, 64), "image/png")})
+    assert ok.status_code == 200, ok.text
+    long = trusted_client.post("/classify", files={"image": ("strip.png", _png(600, 100), "image/png")})
+    assert long.status_code == 422 and "at most 4:1" in long.json()["error"]
+
+
+def test_a_photo_that_is_not_dermoscopy_gets_no_risk_estimate(trusted_server, trusted_client):
+    name, data = _photo()
+    r = trusted_client.post("/classify", files={"image": (name, data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = Classification.model_validate(r.json()).model_dump()
+    assert body["in_distribution"] is False and body["ood_score"] > body["ood_threshold"]
+    assert "does not look like the dermoscopic images" in body["message"]
+    for key in ("dx_probabilities", "risk_probabilities", "p_malignant", "refer", "decision", "risk_class"):
+        assert body[key] is None, key
+    withheld = body["withheld_probabilities"]
+    assert withheld["p_malignant"] == pytest.approx(withheld["binary_probabilities"]["malignant"])
+    # a training-like image is judged as usual
+    image_id = trust_sample()["image_id"][0]
+    r = trusted_client.post("/classify", files={"image": ("x.jpg", (IMAGES_DIR / f"{image_id}.jpg").read_bytes())})
+    ok = r.json()
+    assert ok["in_distribution"] is True and ok["refer"] in (True, False) and ok["message"] is None
+    # the inference log keeps the flag (and the probabilities) for monitoring
+    log_dir = trusted_server[2].parent / "inference-log"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = inferencelog.read(log_dir) if log_dir.exists() else pd.DataFrame()
+        if len(rows) >= 2 and set(rows["source"]) >= {"image"} and rows["in_distribution"].notna().sum() >= 2:
+            break
+        time.sleep(0.3)
+    flagged = rows[rows["in_distribution"] == False]  # noqa: E712
+    assert len(flagged) >= 1 and flagged["p_malignant"].notna().all() and flagged["decision"].isna().all()
+
+
+def test_service_and_evaluation_give_the_same_calibrated_probabilities(trusted_server, trusted_client):
+    rows = trust_sample().head(3)
+    served = [
+        trusted_client.post("/classify", files={"image": ("x.jpg", (IMAGES_DIR / f"{i}.jpg").read_bytes())}).json()
+        for i in rows["image_id"]
+    ]
+    predictor = load_model(trusted_server[2], device="cpu")
+    assert predictor.temperature != 1.0
+    evaluated = predict_split(predictor, rows[["image_id", "lesion_id", "dx"]], IMAGES_DIR, 8, "test", False)
+    dx = np.array([[s["dx_probabilities"][c] for c in predictor.taxonomy.classes("dx")] for s in served])
+    assert np.allclose(dx, evaluated.level("dx"), atol=1e-5)
+    assert np.allclose([s["ood_score"] for s in served], evaluated.ood_score, atol=1e-3)
+
+
+def test_model_info_states_limits_calibration_and_ood(trusted_client):
+    info = ModelInfo.model_validate(trusted_client.get("/model").json())
+    limits = params.load_section("validate", PROJECT_ROOT / "params.yaml")
+    assert info.input_limits == {
+        "min_width": limits.min_width,
+        "min_height": limits.min_height,
+        "max_aspect_ratio": 4.0,
+    }
+    assert info.calibration["method"] == "temperature" and info.ood["method"] == "mahalanobis"
+
+
+def test_openapi_documents_every_endpoint_and_docs_page_browses_it(trusted_client):
+    spec = trusted_client.get("/docs.json").json()
+    paths = spec["paths"]
+    for path, method in [
+        ("/classify", "post"),
+        ("/classify_batch", "post"),
+        ("/gradcam", "post"),
+        ("/model", "get"),
+        ("/health", "get"),
+        ("/infer", "post"),
+        ("/livez", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ]:
+        assert method in paths.get(path, {}), path
+    classify = paths["/classify"]["post"]
+    assert {"200", "400", "413", "415", "422"} <= set(classify["responses"])
+    multipart = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert multipart["properties"]["sex"]["enum"] == ["male", "female", "unknown"]
+    assert {"Classification", "ApiErrorBody", "WithheldProbabilities"} <= set(spec["components"]["schemas"])
+    page = trusted_client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/docs.json" in page.text
+    assert trusted_client.get("/static_content/swagger-ui-bundle.js").status_code == 200
+    assert "<title>lesionflow" in trusted_client.get("/").text  # the clinician page stays at /
+
+
+def test_schemathesis_finds_no_server_error_and_no_response_outside_its_schema(trusted_server, tmp_path):
+    base = trusted_server[0]
+    cmd = [
+        *(sys.executable, "-m", "schemathesis.cli", "run", f"{base}/docs.json"),
+        "--checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        *("--phases", "examples,fuzzing", "--max-examples", "10", "--workers", "1", "--seed", "1"),
+        *("--max-time", "60", "--request-timeout", "30", "--no-color", "--generation-database", "none"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "10 selected / 10 total" in proc.stdout, proc.stdout[-3000:]  # every documented operation
+    assert "Examples" in proc.stdout and "Fuzzing" in proc.stdout

@@ -1,0 +1,99 @@
+"""A real `bentoml serve` of pipeline.serving.service on 127.0.0.1 around a packaged test model (a
+temporary BENTOML_HOME), started and stopped by pid; shared by the service, web-page and API
+contract tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.serving import bento, registry
+from tests.registry_fixtures import PROJECT_ROOT, write_evaluation
+
+IMAGES_DIR = PROJECT_ROOT / "data" / "images"
+MAX_BYTES = 1_000_000  # the servers' LESIONFLOW_MAX_IMAGE_BYTES
+THRESHOLD = 0.3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def real_images(n: int) -> list[Path]:
+    found = sorted(IMAGES_DIR.glob("ISIC_*.jpg"))[:n]
+    if len(found) < n:
+        pytest.fail(f"real data missing under {IMAGES_DIR}: run `make test` (it pulls data with DVC)")
+    return found
+
+
+def package(model_dir: Path, tmp: Path, home: Path) -> str:
+    """Evaluate-stage files for ``model_dir`` (passing gates, THRESHOLD) and package it into ``home``."""
+    write_evaluation(model_dir, tmp / "evaluate", tmp / "reports", threshold=THRESHOLD)
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    try:
+        return registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=PROJECT_ROOT)
+    finally:
+        if old is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = old
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, tmp: Path) -> Iterator[tuple[str, str, Path]]:
+    """(base URL, packaged tag, model dir) of a running service of the packaged ``model_dir``."""
+    home = tmp / "bentoml"
+    tag = package(model_dir, tmp, home)
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES),
+        "LESIONFLOW_TORCH_THREADS": "1",
+        "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log"),
+    }
+    env.pop("LESIONFLOW_MODEL_TAG", None)
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(
+        bento.serve_command(port=port),
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 90 s:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield base, tag, model_dir
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
