@@ -9,7 +9,8 @@ Tasks, in order (each DVC stage is ``dvc repro --single-item <stage>`` in a subp
 streamed line by line into the Prefect log, its exit code checked; DVC decides what is up to date,
 so a re-run after a crash resumes at the stage that failed and skips what had finished)::
 
-    validate -> split -> eda -> train -> export-champion -> evaluate -> package -> build-bento
+    validate -> split -> eda -> train -> retrieval -> reference -> export-champion -> evaluate
+        -> package -> build-bento
 
 * **Retries** only for transient failures (:func:`flows.stages.retry_on_transient`: DVC's repository lock held
   by another process, a busy or temporarily unavailable resource, a failure to start ``dvc``);
@@ -22,7 +23,8 @@ so a re-run after a crash resumes at the stage that failed and skips what had fi
   verdict (``reports/evaluate/gates.json``) is not the current one, ``evaluate`` is forced.
 * **gates**: a failing verdict ends the flow in a ``GateFailed`` state (type FAILED) naming each
   failing metric, its value and its threshold; nothing is packaged and the champion is unchanged.
-  When every gate passes and the candidate is not already the champion (model md5), the model is
+  When every gate passes and the candidate is not already the champion (same weights, config and
+  OOD statistics: :func:`pipeline.model.checkpoint.fingerprint`), the model is
   packaged into the BentoML store (:func:`pipeline.serving.registry.package`) and a Bento is built.
 * **one flow per workspace**: an exclusive lock on ``.lesionflow/retrain.lock`` (``fcntl``; the OS
   releases it if the process dies). A second flow waits up to ``lock_timeout_seconds`` and then
@@ -63,13 +65,14 @@ from pipeline.core import fsutil, lineage
 from pipeline.core.errors import EXIT_USER_ERROR
 from pipeline.core.fsutil import read_json
 from pipeline.core.layout import LAYOUT, Layout
+from pipeline.model import checkpoint
 
 FLOW_NAME = "lesionflow-retrain"
 DEPLOYMENT_NAME = "lesionflow-retrain-scheduled"
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 (in DEFAULT_TIMEZONE)
 DEFAULT_TIMEZONE = "UTC"
 
-STAGES = ("validate", "split", "eda", "train", "reference", "evaluate")
+STAGES = ("validate", "split", "eda", "train", "retrieval", "reference", "evaluate")
 #: Reports linked from the flow run (those that exist), for people: name -> (stage, path).
 REPORTS = {
     "validation": ("validate", LAYOUT.reports("validation") / "report.md"),
@@ -322,7 +325,9 @@ def _retrain_locked(root: Path, retries: int, retry_delay_seconds: float, packag
             ),
             verdict,
         )
-    if candidate_md5 is not None and candidate_md5 == champion_md5:
+    # the same weights, calibration, OOD detector and lineage as the champion: nothing new to serve
+    same = checkpoint.fingerprint(run.layout.model_dir) == checkpoint.fingerprint(run.layout.champion_dir)
+    if candidate_md5 is not None and candidate_md5 == champion_md5 and same:
         message = f"Gates passed; the candidate is already the champion {champion_tag}: nothing new to package."
         if package and bentos.latest_bento_model() != champion_tag:  # e.g. the last run crashed while building it
             failed = _built(run, verdict, f"the Bento build for champion {champion_tag} failed")

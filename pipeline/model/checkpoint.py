@@ -106,6 +106,28 @@ def load_arrays(model_dir: Path | str, name: str) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{path}: cannot be read as plain arrays ({exc})") from None
 
 
+#: Files beside the weights that change what a model answers (its OOD detector's statistics).
+EXTRA_FILES = ("ood.npz",)
+
+
+def fingerprint(model_dir: Path | str) -> str | None:
+    """The identity of what a model answers: md5 over ``model.pt``, ``config.json`` (calibration,
+    OOD threshold, size limits, TTA, lineage) and the extra files present; None without weights.
+    Two model folders with the same fingerprint serve the same answers."""
+    import hashlib
+
+    from pipeline.core.lineage import file_md5
+
+    d = Path(model_dir)
+    if not (d / MODEL_FILE).exists():
+        return None
+    h = hashlib.md5()
+    for name in (MODEL_FILE, CONFIG_FILE, *EXTRA_FILES):
+        if (d / name).exists():
+            h.update(f"{name}:{file_md5(d / name)};".encode())
+    return h.hexdigest()
+
+
 def read_config(model_dir: Path | str) -> dict[str, Any]:
     """``config.json`` of a model directory, checked for the keys every model has."""
     path = Path(model_dir) / CONFIG_FILE

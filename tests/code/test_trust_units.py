@@ -114,3 +114,20 @@ def test_prediction_rows_withhold_the_decision_of_an_image_out_of_distribution()
     )
     assert shown[DECISION].tolist() == ["malignant", None] and shown[IN_DISTRIBUTION].tolist() == [True, False]
     assert shown["p_malignant"].tolist() == [0.8, 0.8]  # the probabilities stay
+
+
+def test_fingerprint_tells_apart_models_that_answer_differently(tmp_path):
+    """Same weights but a new temperature or OOD detector is a different model to serve; a copy is not."""
+    import json
+    import shutil
+
+    checkpoint.save(tmp_path / "a", {}, {"calibration": {"temperature": 1.0}})
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert checkpoint.fingerprint(tmp_path / "a") == checkpoint.fingerprint(tmp_path / "copy")
+    checkpoint.save(tmp_path / "b", {}, {"calibration": {"temperature": 0.57}})
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    assert checkpoint.fingerprint(tmp_path / "a") != checkpoint.fingerprint(tmp_path / "b")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    checkpoint.save(tmp_path / "c", {}, cfg, {ood.OOD_FILE: {"whitener": np.eye(2, dtype=np.float32)}})
+    assert checkpoint.fingerprint(tmp_path / "c") != checkpoint.fingerprint(tmp_path / "a")
+    assert checkpoint.fingerprint(tmp_path / "missing") is None
