@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--images", type=int, default=64, help="distinct real images cycled through")
     ap.add_argument("--images-dir", type=Path, default=ROOT / "data/images")
-    ap.add_argument("--servers", default="bento,plain", help="comma-separated: bento, bento-wN (N workers), plain")
+    ap.add_argument(
+        "--servers",
+        default="bento,plain",
+        help="comma-separated: bento, bento-wN (N workers), bento-similar (/classify?similar=6), plain",
+    )
     ap.add_argument(
         "--tta",
         choices=("config", "on", "off"),
@@ -224,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.servers.split(","):
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            if name == "bento" or name.startswith("bento-w"):  # bento-wN: N worker processes
+            route = "/classify"
+            if name == "bento-similar":  # the same service, each answer with the 6 most similar cases
+                cmd = bento.serve_command(port=port)
+                env = {**env, "LESIONFLOW_WORKERS": "1"}
+                ready, route = f"{base}/readyz", "/classify?similar=6"
+            elif name == "bento" or name.startswith("bento-w"):  # bento-wN: N worker processes
                 cmd = bento.serve_command(port=port)
                 env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name != "bento" else "1"}
                 ready = f"{base}/readyz"
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 env = {**env, "LESIONFLOW_BENCH_MODEL_DIR": str(stored)}
                 ready = f"{base}/ready"
             else:
-                raise SystemExit(f"unknown server {name!r} (bento, plain)")
+                raise SystemExit(f"unknown server {name!r} (bento, bento-wN, bento-similar, plain)")
             print(f"[{name}] starting: {' '.join(cmd[2:])}", flush=True)
             t0 = time.perf_counter()
             proc = start(cmd, env, ready, tmp / f"{name}.log")
@@ -258,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(+{a.warmup:.0f} s warm-up)",
                     flush=True,
                 )
-                res = asyncio.run(load(f"{base}/classify", blobs, a.clients, a.duration, a.warmup))
+                res = asyncio.run(load(f"{base}{route}", blobs, a.clients, a.duration, a.warmup))
+                res["route"] = route
                 res["startup_s"] = round(startup, 1)
                 res["loadavg_1m_before"] = round(load_before[0], 2)
                 res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,10 +53,13 @@ def package(model_dir: Path, tmp: Path, home: Path) -> str:
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, tmp: Path) -> Iterator[tuple[str, str, Path]]:
-    """(base URL, packaged tag, model dir) of a running service of the packaged ``model_dir``."""
+def serving(model_dir: Path, tmp: Path, retrieval_dir: Path | None = None) -> Iterator[tuple[str, str, Path]]:
+    """(base URL, packaged tag, model dir) of a running service of the packaged ``model_dir``
+    (with the retrieval index ``retrieval_dir`` stored beside it, as packaging does)."""
     home = tmp / "bentoml"
     tag = package(model_dir, tmp, home)
+    if retrieval_dir is not None:
+        shutil.copytree(retrieval_dir, home / "models" / tag.replace(":", "/") / registry.RETRIEVAL_DIR)
     port = free_port()
     env = {
         **os.environ,

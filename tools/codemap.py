@@ -45,7 +45,7 @@ LAYERS: dict[str, int] = {
     "pipeline.cli": 7,
 }
 #: The stages in pipeline order.
-STAGE_ORDER = ("validate", "split", "eda", "train", "reference", "evaluate")
+STAGE_ORDER = ("validate", "split", "eda", "train", "retrieval", "reference", "evaluate")
 _CMD = re.compile(r"python -m ([\w.]+)")
 
 

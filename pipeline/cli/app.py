@@ -9,11 +9,12 @@ lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:
 lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
 lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
 lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # external validation
+lesionflow similar IMAGE [--k 6] [--sheet cases.png]   # the most similar confirmed training cases
 """
 
 from __future__ import annotations
 
-from pipeline.cli import external, predict, registry_views, run, serve  # noqa: F401  (registers the commands)
+from pipeline.cli import external, predict, registry_views, run, serve, similar  # noqa: F401  (registers the commands)
 from pipeline.cli.base import app
 
 __all__ = ["app", "main"]

@@ -86,6 +86,11 @@ class Layout:
         return self.artifacts("reference")
 
     @property
+    def retrieval_dir(self) -> Path:
+        """The retrieval index of the training split (stage ``retrieval``, packaged with the model)."""
+        return self.artifacts("retrieval")
+
+    @property
     def evaluate_dir(self) -> Path:
         return self.artifacts("evaluate")
 
@@ -152,6 +157,12 @@ class Layout:
                 "out": self.model_dir,
                 "reports": self.reports("train"),
             },
+            "retrieval": {
+                "model": self.model_dir,
+                "splits": self.splits_dir,
+                "images": self.images_dir,
+                "out": self.retrieval_dir,
+            },
             "reference": {
                 "model": self.model_dir,
                 "splits": self.splits_dir,
@@ -164,6 +175,7 @@ class Layout:
                 "splits": self.splits_dir,
                 "images": self.images_dir,
                 "eda": self.eda_dir,
+                "retrieval": self.retrieval_dir,
                 "out": self.evaluate_dir,
                 "reports": self.reports("evaluate"),
             },

@@ -338,6 +338,28 @@ class TrainParams:
         # the backbone name is checked against the registry by the train stage (pipeline.model)
 
 
+@section("retrieval")
+@dataclasses.dataclass(frozen=True)
+class RetrievalParams:
+    """Similar confirmed cases (stage ``retrieval``, the service's ``/similar``, evaluate's kNN
+    evidence): how many cases, and the thumbnails packaged with the model."""
+
+    k: int = 6
+    thumbnail_size: list[int] = dataclasses.field(default_factory=lambda: [75, 100])
+    thumbnail_quality: int = 80
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 50:
+            fail("k", f"must be in [1, 50], got {self.k}")
+        if len(self.thumbnail_size) != 2 or min(self.thumbnail_size) < 16:
+            fail("thumbnail_size", f"must be [height, width], each at least 16, got {self.thumbnail_size}")
+        if not 10 <= self.thumbnail_quality <= 95:
+            fail("thumbnail_quality", f"must be in [10, 95], got {self.thumbnail_quality}")
+        if self.batch_size < 1:
+            fail("batch_size", f"must be at least 1, got {self.batch_size}")
+
+
 @section("eda")
 @dataclasses.dataclass(frozen=True)
 class EdaParams:

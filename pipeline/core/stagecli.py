@@ -31,6 +31,7 @@ FLAGS: dict[str, str] = {
     "splits": "folder of the split files train/val/test.csv",
     "eda": "the eda stage's artifacts (feature table, baseline)",
     "model": "model folder (model.pt + config.json)",
+    "retrieval": "the retrieval index of the training split (stage retrieval)",
     "out": "output folder for machines (artifacts/<stage>)",
     "reports": "output folder for people (reports/<stage>)",
 }

@@ -46,6 +46,8 @@ class CardInputs:
     attribution: Mapping[str, float] | None
     calibration: Mapping[str, Any]  # trust.calibration_effect
     ood: Mapping[str, Any] | None  # trust.ood_effect
+    retrieval: Mapping[str, Any] | None = None  # retrieval.knn_evidence
+    retrieval_note: str = ""
 
 
 def _fmt3(value: Any) -> str:
@@ -99,6 +101,8 @@ def model_card(c: CardInputs) -> str:
         temperature=(c.config.get("calibration") or {}).get("temperature"),
         ood=c.ood,
         ood_config=c.config.get("ood"),
+        retrieval=c.retrieval,
+        retrieval_note=c.retrieval_note,
         train_lineage=c.config.get("lineage"),
         evaluate_params=json.dumps(c.lineage["params"].get("evaluate", {}), sort_keys=True)[:2000],
     )

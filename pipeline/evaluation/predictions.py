@@ -35,6 +35,7 @@ class Predictions:
     uncalibrated: dict[str, np.ndarray | None] = field(default_factory=dict)
     ood_score: np.ndarray | None = None
     in_distribution: np.ndarray | None = None
+    embeddings: np.ndarray | None = None  # the penultimate embeddings (plain view), for retrieval
 
     def level(self, level: str) -> np.ndarray | None:
         return self.probs.get(level)
@@ -54,7 +55,7 @@ def predict_split(
     from pipeline.model.inference import derive_levels
 
     files = splits.image_files(frame, images_dir, desc)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("native", "raw", "score", "inside")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("native", "raw", "score", "inside", "emb")}
     meta_cols = [c for c in FIELDS if c in frame.columns]
     with tqdm(total=len(frame), desc=desc, unit="img", leave=False, disable=not progress) as bar:
         for s in range(0, len(frame), batch_size):
@@ -64,6 +65,7 @@ def predict_split(
             out = predictor.predict(imgs, metadata=meta, batch_size=batch_size)
             parts["native"].append(np.asarray(out["native_probs"], dtype=np.float64))
             parts["raw"].append(np.asarray(out["native_probs_uncalibrated"], dtype=np.float64))
+            parts["emb"].append(np.asarray(out["embeddings"], dtype=np.float32))
             if out.get("ood_score") is not None:
                 parts["score"].append(np.asarray(out["ood_score"], dtype=np.float64))
                 parts["inside"].append(np.asarray(out["in_distribution"], dtype=bool))
@@ -78,6 +80,7 @@ def predict_split(
         raw,
         np.concatenate(parts["score"]) if parts["score"] else None,
         np.concatenate(parts["inside"]) if parts["inside"] else None,
+        np.concatenate(parts["emb"]) if parts["emb"] else None,
     )
 
 
@@ -91,7 +94,7 @@ def prediction_key(model_dir: Path, frame: pd.DataFrame, images_dir: Path) -> st
     h.update("\n".join(frame["image_id"]).encode())
     h.update(str(images_dir).encode())  # as given (not resolved): the same key on a GPU machine's copy
     h.update(str(lineage.data_version(LAYOUT.data_pointer).get("md5")).encode())
-    h.update(b"evaluate-predictions/2")
+    h.update(b"evaluate-predictions/3")
     return h.hexdigest()
 
 
@@ -107,6 +110,7 @@ def _cached(path: Path, frame: pd.DataFrame) -> Predictions | None:
                     {lvl: get(f"raw_{lvl}") for lvl in LEVELS},
                     get("ood_score"),
                     get("in_distribution"),
+                    get("embeddings"),
                 )
     except (OSError, ValueError, KeyError):
         pass  # unreadable cache entry: predict again
@@ -136,7 +140,7 @@ def cached_predictions(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        extra = {"ood_score": pred.ood_score, "in_distribution": pred.in_distribution}
+        extra = {"ood_score": pred.ood_score, "in_distribution": pred.in_distribution, "embeddings": pred.embeddings}
         np.savez_compressed(
             tmp,
             image_id=np.asarray(frame["image_id"], dtype=str),

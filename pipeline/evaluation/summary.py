@@ -151,3 +151,39 @@ def confusion_csv(table: pd.DataFrame, level: str) -> pd.DataFrame | None:
     if actual is None or pred is None:
         return None
     return pd.DataFrame({"actual": actual, "predicted": pred})
+
+
+def plot_frames(full: Mapping[str, Any], table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The DVC plot data (``plots/<name>``): confusion per level, ROC and PR of p(malignant), and
+    the reliability bins of every level."""
+    out: dict[str, pd.DataFrame] = {}
+    for lvl in full:
+        cc = confusion_csv(table, lvl)
+        if cc is not None:
+            out[f"confusion_{lvl}.csv"] = cc
+    out["roc.csv"] = pd.DataFrame(full["binary"]["binary"]["curves"]["roc"])
+    out["pr.csv"] = pd.DataFrame(full["binary"]["binary"]["curves"]["pr"])
+    rows = []
+    for lvl, cal in zip(full, calibration_panels(full).values()):
+        rows += [
+            {
+                "level": lvl,
+                "mean_probability": round(b["mean_probability"], 6),
+                "observed_frequency": round(b["observed_frequency"], 6),
+                "count": b["count"],
+            }
+            for b in cal["bins"]
+            if b["count"]
+        ]
+    out["calibration.csv"] = pd.DataFrame(rows)
+    return out
+
+
+def calibration_panels(full: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The reliability data of each level, titled: p(malignant) for binary, top-label otherwise."""
+    return {
+        ("p(malignant), binary" if lvl == "binary" else f"top-label confidence, {lvl}"): (
+            rep["binary"]["calibration"] if lvl == "binary" else rep["calibration"]
+        )
+        for lvl, rep in full.items()
+    }

@@ -41,9 +41,10 @@ def _metadata_properties() -> dict[str, Any]:
     }
 
 
-def image_request(batch: bool) -> dict[str, Any]:
+def image_request(batch: bool, similar: bool = False) -> dict[str, Any]:
     """The ``requestBody`` (and query parameters) of a route that takes images: multipart with
-    ``image`` (repeated for a batch) and optional metadata fields, or (one image) the raw body."""
+    ``image`` (repeated for a batch) and optional metadata fields, or (one image) the raw body;
+    ``similar``: the ``?similar=K`` option."""
     image = {"type": "array", "items": _BINARY, "minItems": 1} if batch else _BINARY
     content: dict[str, Any] = {
         "multipart/form-data": {
@@ -71,16 +72,30 @@ def image_request(batch: bool) -> dict[str, Any]:
             }
             for k, v in _metadata_properties().items()
         ]
+    if similar:
+        extra.setdefault("parameters", []).append(
+            {
+                "name": "similar",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 50},
+                "description": "add that many similar confirmed training cases (one per lesion)",
+                "example": 6,
+            }
+        )
     return {"requestBody": {"required": True, "content": content}, **extra}
 
 
 def _metadata_schemas(op: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``(field, schema)`` of every metadata field of an operation: query parameters and multipart
     properties."""
-    found = [(p["name"], p["schema"]) for p in op.get("parameters", []) if p.get("in") == "query"]
+    fields = ("age", "sex", "localization")
+    found = [
+        (p["name"], p["schema"]) for p in op.get("parameters", []) if p.get("in") == "query" and p["name"] in fields
+    ]
     for media in op.get("requestBody", {}).get("content", {}).values():
         props = media.get("schema", {}).get("properties", {})
-        found += [(k, props[k]) for k in ("age", "sex", "localization") if k in props]
+        found += [(k, props[k]) for k in fields if k in props]
     return found
 
 

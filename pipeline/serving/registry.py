@@ -51,6 +51,8 @@ SERVING_FILES = (MODEL_FILE, CONFIG_FILE, OPERATING_POINT_FILE)
 OPTIONAL_MODEL_FILES = (OOD_FILE,)
 #: Where external validations of a stored model are recorded (``lesionflow validate-external``).
 EXTERNAL_DIR = "external"
+#: Where a stored model keeps its retrieval index of training cases (pipeline.model.retrieval).
+RETRIEVAL_DIR = "retrieval"
 
 
 class RegistryError(LesionflowError, RuntimeError):
@@ -279,11 +281,15 @@ def _copy_files(ev: Evaluated, dest: Path, root: Path) -> None:
     for name in (GATES_FILE, METRICS_FILE, CONFIDENCE_FILE):
         if (ev.reports_dir / name).exists():
             shutil.copy2(ev.reports_dir / name, dest / name)
-    # the drift-monitoring reference profile of this very model (stage `reference`), if built
-    ref_dir = Layout(root).reference_dir
-    profile = read_json(ref_dir / "profile.json") or {}
+    # the drift-monitoring reference profile and the retrieval index of this very model (stages
+    # `reference` and `retrieval`), if built
+    layout = Layout(root)
+    profile = read_json(layout.reference_dir / "profile.json") or {}
     if (profile.get("model") or {}).get("model_md5") == ev.model_md5:
-        shutil.copytree(ref_dir, dest / "reference")
+        shutil.copytree(layout.reference_dir, dest / "reference")
+    index = read_json(layout.retrieval_dir / "index.json") or {}
+    if index.get("model_md5") == ev.model_md5:
+        shutil.copytree(layout.retrieval_dir, dest / RETRIEVAL_DIR)
 
 
 def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_root: Path = Path(".")) -> str:

@@ -29,6 +29,9 @@ MAX_REQUEST_BYTES = int(os.environ.get("LESIONFLOW_MAX_REQUEST_BYTES", str(100 *
 MULTIPART_SLACK = 64 * 1024  # multipart framing + metadata fields on top of the image bytes
 RAW_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "image/jpg")
 IMAGE_FIELDS = ("image", "file")
+#: Query parameters that are options of the request, not metadata (``/classify?similar=6``).
+QUERY_OPTIONS = ("similar",)
+MAX_SIMILAR = 50
 _AGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MetadataParams) if f.name in ("age_min", "age_max")}
 
 
@@ -111,6 +114,17 @@ def validate_metadata(raw: dict[str, Any], vocab: Vocabulary, where: str = "") -
             raise ApiError(422, f"{name}{where}", f"{value!r} is not accepted (accepted: {', '.join(accepted)})")
         out[name] = None if norm == vocab.unknown else norm
     return out
+
+
+def similar_count(request: Request, default: int | None = None) -> int | None:
+    """The ``similar`` query parameter: how many similar cases to return (None: not asked), or
+    :class:`ApiError` (422) naming it."""
+    raw = request.query_params.get("similar")
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SIMILAR:
+        raise ApiError(422, "similar", f"must be a whole number of cases from 1 to {MAX_SIMILAR}, got {raw!r}")
+    return int(raw)
 
 
 def check_fields(keys: list[str], allowed: tuple[str, ...]) -> None:
@@ -232,7 +246,7 @@ async def parse_request(request: Request, vocab: Vocabulary, batch: bool) -> lis
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in RAW_TYPES and not batch:
         body = await read_body(request, MAX_IMAGE_BYTES)
-        query = dict(request.query_params)
+        query = {k: v for k, v in request.query_params.items() if k not in QUERY_OPTIONS}
         check_fields(list(query), FIELDS)
         if not body:
             raise ApiError(400, "image", "empty request body (0 bytes): send a JPEG or PNG image")

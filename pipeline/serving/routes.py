@@ -19,14 +19,16 @@ from typing import Any
 import anyio
 import bentoml
 from fastapi import FastAPI
+from fastapi import Path as FastApiPath
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from pipeline.core.metadata import FIELDS
+from pipeline.model.retrieval import ATTRIBUTION
 from pipeline.serving import openapi
-from pipeline.serving.requests import ApiError, parse_request
-from pipeline.serving.schemas import BatchClassification, Classification, Health, ModelInfo
+from pipeline.serving.requests import ApiError, parse_request, similar_count
+from pipeline.serving.schemas import ApiErrorBody, BatchClassification, Classification, Health, ModelInfo, SimilarCases
 
 logger = logging.getLogger("lesionflow.service")
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -38,7 +40,16 @@ def _internal_error(what: str) -> JSONResponse:
     return JSONResponse({"error": f"internal error while {what}; see the server log", "status": 500}, status_code=500)
 
 
-async def _handle(request: Request, batch: bool) -> JSONResponse:
+def _similar_requested(request: Request, svc: Any, default: int | None = None) -> int | None:
+    """How many similar cases the request asks for (``?similar=K``), or ApiError."""
+    k = similar_count(request, default)
+    if k is not None and svc.retrieval is None:
+        raise ApiError(503, "similar", "this model was packaged without a retrieval index of training cases")
+    return k
+
+
+async def _predict(request: Request, batch: bool, similar: int | None) -> list[dict[str, Any]] | JSONResponse:
+    """The responses of the request's images (``finalise``), or the error response."""
     svc: Any = bentoml.get_current_service()
     try:
         items = await parse_request(request, svc.vocab, batch)
@@ -50,7 +61,18 @@ async def _handle(request: Request, batch: bool) -> JSONResponse:
     except Exception:
         logger.exception("inference failed")
         return _internal_error("predicting")
-    results = [svc.finalise(pred, info) for (_, info), pred in zip(prepared, preds)]
+    return [svc.finalise(pred, info, similar) for (_, info), pred in zip(prepared, preds)]
+
+
+async def _handle(request: Request, batch: bool) -> JSONResponse:
+    svc: Any = bentoml.get_current_service()
+    try:
+        similar = _similar_requested(request, svc)
+    except ApiError as exc:
+        return exc.response()
+    results = await _predict(request, batch, similar)
+    if isinstance(results, JSONResponse):
+        return results
     if batch:
         return JSONResponse(
             {
@@ -69,7 +91,7 @@ async def _handle(request: Request, batch: bool) -> JSONResponse:
     summary="Classify one dermoscopic image",
     response_model=Classification,
     responses=openapi.ERRORS,
-    openapi_extra=openapi.image_request(batch=False),
+    openapi_extra=openapi.image_request(batch=False, similar=True),
 )
 async def classify(request: Request) -> JSONResponse:
     """One JPEG or PNG image (multipart field ``image``, or the raw body with metadata as query
@@ -83,12 +105,62 @@ async def classify(request: Request) -> JSONResponse:
     summary="Classify several images",
     response_model=BatchClassification,
     responses=openapi.ERRORS,
-    openapi_extra=openapi.image_request(batch=True),
+    openapi_extra=openapi.image_request(batch=True, similar=True),
 )
 async def classify_batch(request: Request) -> JSONResponse:
     """Several images in one multipart request (repeated ``image`` fields; each metadata field
     given once for all or once per image); one result per image, in order."""
     return await _handle(request, batch=True)
+
+
+@app.post(
+    "/similar",
+    summary="The most similar confirmed training cases",
+    response_model=SimilarCases,
+    responses={**openapi.ERRORS, 503: {"model": ApiErrorBody, "description": "no retrieval index packaged"}},
+    openapi_extra=openapi.image_request(batch=False, similar=True),
+)
+async def similar(request: Request) -> JSONResponse:
+    """The request of ``/classify``; the ``k`` (``?similar=K``, default the index's) training
+    lesions most similar to the image by the model's own embeddings, one image per lesion, each
+    with its confirmed diagnosis, how it was confirmed, the similarity and a thumbnail URL. None for
+    an image out of distribution."""
+    svc: Any = bentoml.get_current_service()
+    try:
+        k = _similar_requested(request, svc, default=(svc.retrieval.meta.get("k", 6) if svc.retrieval else 6))
+    except ApiError as exc:
+        return exc.response()
+    results = await _predict(request, False, k)
+    if isinstance(results, JSONResponse):
+        return results
+    r = results[0]
+    keep = ("in_distribution", "message", "similar", "model_tag", "data_version", "disclaimer")
+    return JSONResponse({**{key: r[key] for key in keep}, "k": k, "attribution": ATTRIBUTION})
+
+
+@app.get(
+    "/cases/{name:path}",
+    summary="Thumbnail of a training case: /cases/<image_id>.jpg",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+        404: {
+            "model": ApiErrorBody,
+            "description": "no such training case (JSON); a path the router cannot match at all, e.g. one "
+            "with control characters, gets the web framework's plain-text 404",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def case_thumbnail(name: str = FastApiPath(description="<image_id>.jpg, e.g. ISIC_0024306.jpg")) -> Response:
+    """The JPEG thumbnail (``<image_id>.jpg``) of a training case returned by ``/similar``
+    (HAM10000, CC BY-NC-SA 4.0)."""
+    svc: Any = bentoml.get_current_service()
+    image_id = name[: -len(".jpg")] if name.endswith(".jpg") else None
+    jpeg = svc.retrieval.thumbnail(image_id) if svc.retrieval is not None and image_id else None
+    if jpeg is None:
+        return ApiError(404, "name", f"no training case {name!r} in this model's retrieval index").response()
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
 
 @app.post(

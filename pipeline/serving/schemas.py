@@ -36,6 +36,22 @@ class WithheldProbabilities(BaseModel):
     p_malignant: float
 
 
+class SimilarCase(BaseModel):
+    """A confirmed training case similar to the query image."""
+
+    image_id: str
+    lesion_id: str
+    dx: str
+    diagnosis: str
+    dx_type: str
+    confirmation: str = Field(description="how the diagnosis was confirmed: histopathology, follow-up, ...")
+    similarity: float = Field(description="cosine similarity of the model's embeddings (1 = identical)")
+    age: float | None
+    sex: str | None
+    localization: str | None
+    thumbnail_url: str
+
+
 class Classification(BaseModel):
     """The answer for one image. When ``in_distribution`` is false the risk estimate is withheld:
     the probability fields, ``refer`` and ``decision`` are null, ``message`` says why and the
@@ -55,10 +71,26 @@ class Classification(BaseModel):
     refer: bool | None = Field(description="p_malignant >= threshold (null when withheld)")
     decision: str | None
     withheld_probabilities: WithheldProbabilities | None
+    similar: list[SimilarCase] | None = Field(
+        None, description="with ?similar=K: the most similar confirmed training cases (empty when withheld)"
+    )
     metadata: Metadata
     model_tag: str
     data_version: str
     disclaimer: str
+
+
+class SimilarCases(BaseModel):
+    """The answer of ``/similar``: the similar confirmed cases of one image."""
+
+    in_distribution: bool | None
+    message: str | None
+    similar: list[SimilarCase]
+    k: int
+    model_tag: str
+    data_version: str
+    disclaimer: str
+    attribution: str
 
 
 class BatchClassification(BaseModel):
@@ -92,6 +124,7 @@ class ModelInfo(BaseModel):
     input_limits: dict[str, float]
     calibration: dict[str, Any] | None
     ood: dict[str, Any] | None
+    similar_cases: dict[str, Any] | None = Field(None, description="the retrieval index: size, default k, route")
     metadata_fields: dict[str, Any]
     limits: dict[str, Any]
     disclaimer: str

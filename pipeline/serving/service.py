@@ -74,14 +74,16 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from pipeline.core import images
+from pipeline.core import images, lineage
 from pipeline.core.metadata import FIELDS
+from pipeline.core.taxonomy import DIAGNOSIS_NAMES
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
+from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import inferencelog
 from pipeline.serving import routes
 from pipeline.serving.batching import Batcher
 from pipeline.serving.logqueue import BackgroundLog
-from pipeline.serving.registry import MODEL_NAME, OPERATING_POINT_FILE
+from pipeline.serving.registry import MODEL_NAME, OPERATING_POINT_FILE, RETRIEVAL_DIR
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
@@ -164,6 +166,7 @@ class LesionflowService:
             inferencelog.InferenceLog.from_env(self.path), max_queue_bytes=int(LOG_QUEUE_MB * (1 << 20))
         )
         self.vocab = vocabulary(self.predictor.config)
+        self.retrieval = self._load_retrieval()
         self.classes = {lvl: list(self.predictor.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")}
         h, w = self.predictor.input_size
         self._shape = (3, h, w)
@@ -185,6 +188,17 @@ class LesionflowService:
         )
 
     disclaimer = DISCLAIMER
+
+    def _load_retrieval(self) -> RetrievalIndex | None:
+        """The model's index of similar confirmed training cases, when packaged with it."""
+        folder = self.path / RETRIEVAL_DIR
+        if not folder.is_dir():
+            return None
+        try:
+            return RetrievalIndex.load(folder, model_md5=lineage.file_md5(self.path / "model.pt"))
+        except RetrievalError as exc:
+            logger.warning("similar cases disabled: %s", exc)
+            return None
 
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "_ready", False))
@@ -261,7 +275,23 @@ class LesionflowService:
         return out
 
     # -- the one place a prediction becomes a response -----------------------------------------
-    def finalise(self, pred: dict[str, Any], request_info: dict[str, Any]) -> dict[str, Any]:
+    def similar_cases(self, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The ``k`` most similar confirmed training cases (one per lesion), each with its
+        thumbnail's URL; ApiError (503) when the model carries no retrieval index."""
+        if self.retrieval is None:
+            raise ApiError(503, "similar", "this model was packaged without a retrieval index of training cases")
+        return [
+            {
+                **case.to_dict(),
+                "diagnosis": DIAGNOSIS_NAMES.get(case.dx, case.dx),
+                "thumbnail_url": f"/cases/{case.image_id}.jpg",
+            }
+            for case in self.retrieval.query(embedding, k)[0]
+        ]
+
+    def finalise(
+        self, pred: dict[str, Any], request_info: dict[str, Any], similar: int | None = None
+    ) -> dict[str, Any]:
         """Build the response of one image. Every prediction of /classify and /classify_batch
         passes here exactly once: the place to append it to the inference log for drift
         monitoring. ``pred`` also holds the penultimate ``embedding``; ``request_info`` holds the
@@ -269,7 +299,8 @@ class LesionflowService:
 
         An image out of distribution gets no risk estimate: the probability fields, ``refer`` and
         ``decision`` are null, ``message`` says why, and the probabilities are kept under
-        ``withheld_probabilities`` for API clients."""
+        ``withheld_probabilities`` for API clients. ``similar``: add that many similar confirmed
+        cases (none for an image out of distribution)."""
         p_mal = float(pred["p_malignant"])
         dx, risk = pred.get("dx"), pred.get("risk")
         probs = {
@@ -294,6 +325,9 @@ class LesionflowService:
             "refer": None if withheld else refer,
             "decision": None if withheld else (REFER if refer else NO_REFER),
             "withheld_probabilities": probs if withheld else None,
+            "similar": None
+            if similar is None
+            else ([] if withheld else self.similar_cases(pred["embedding"], similar)),
             "metadata": {k: request_info.get(k) for k in FIELDS},
             "model_tag": self.tag,
             "data_version": self.data_version,
@@ -358,6 +392,9 @@ class LesionflowService:
                 "localization": list(self.vocab.localization) if self.vocab.localization is not None else "any text",
             },
             "uses_metadata": self.predictor.metadata_encoder is not None,
+            "similar_cases": None
+            if self.retrieval is None
+            else {"index_size": len(self.retrieval), "k": self.retrieval.meta.get("k", 6), "route": "/similar"},
             "batching": self.batcher.stats(),
             "inference_log": {"enabled": self.inference_log.enabled, **self.inference_log.counters()},
             "limits": {

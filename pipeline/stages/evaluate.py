@@ -43,7 +43,9 @@ from pipeline.data import splits
 from pipeline.evaluation import baselines, figures, gates, metrics, modelcard, oodsets, subgroups, summary, trust
 from pipeline.evaluation.champion import evaluate_champion
 from pipeline.evaluation.predictions import Predictions, binary_truth, cached_predictions, prediction_table
+from pipeline.evaluation.retrieval import knn_evidence
 from pipeline.model import checkpoint, explain, inference
+from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 
 #: Columns of baselines.csv shown in the model card.
 BASELINE_COLUMNS = [
@@ -80,6 +82,8 @@ class Evaluation:
     eda_note: str = ""
     calibration: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] | None = None
+    retrieval: dict[str, Any] | None = None
+    retrieval_note: str = ""
     subgroups: pd.DataFrame | None = None
     attribution: dict[str, float] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -190,6 +194,16 @@ def compare(ev: Evaluation, args: Namespace, tax: Taxonomy, p: params.EvaluatePa
     )
 
 
+def similar_cases(ev: Evaluation, args: Namespace, tax: Taxonomy, k: int) -> None:
+    """The retrieval index's kNN evidence on the test split, beside the softmax."""
+    try:
+        index = RetrievalIndex.load(args.retrieval, model_md5=ev.model_md5)
+    except RetrievalError as exc:
+        ev.retrieval_note = str(exc)
+        return
+    ev.retrieval = knn_evidence(index, ev.preds["test"], tax, k)
+
+
 def attribute(ev: Evaluation, args: Namespace, p: params.EvaluateParams) -> None:
     """Metadata attribution (fusion models only) on a seeded sample of 64 test images."""
     parts = explain.explain_parts(ev.predictor)
@@ -239,14 +253,26 @@ def write_artifacts(ev: Evaluation, out: Path, tax: Taxonomy, op_record: dict, l
             "eda_note": ev.eda_note,
             "metadata_attribution": ev.attribution,
             "trust": {"calibration": ev.calibration, "ood": ev.ood},
+            "retrieval": ev.retrieval or {"note": ev.retrieval_note},
         },
     )
 
 
 def scores(ev: Evaluation) -> dict[str, Any]:
     """``scores.json``: every headline number of the test split (what the model's record keeps)."""
+    r = ev.retrieval
+    similar = {}
+    if r:
+        similar = {
+            "similar_cases": {
+                "knn_balanced_accuracy": round(r["knn"]["balanced_accuracy"], 6),
+                "knn_binary_roc_auc": round(r["knn"]["binary_roc_auc"], 6),
+                "precision_at_k": round(r["precision_at_k"], 6),
+            }
+        }
     return {
         **ev.head,
+        **similar,
         "gates_passed": int(bool(ev.verdict["passed"])),
         "gates_failed": len(ev.verdict["failed"]),
         "val_sensitivity_at_operating_point": ev.op_val["sensitivity"],
@@ -276,41 +302,19 @@ def write_plots(ev: Evaluation, rep: Path, tax: Taxonomy, table: pd.DataFrame) -
     """DVC plot data (``plots/*.csv``) and the PNG figures."""
     (rep / "plots").mkdir()
     (rep / "figures").mkdir()
-    f = ev.frames["test"]
+    for name, frame in summary.plot_frames(ev.full, table).items():
+        frame.to_csv(rep / "plots" / name, index=False)
+    y = ev.frames["test"]["dx"]
     for lvl in ev.full:
-        cc = summary.confusion_csv(table, lvl)
-        if cc is not None:
-            cc.to_csv(rep / "plots" / f"confusion_{lvl}.csv", index=False)
         report, note = ev.full[lvl], "argmax"
         if lvl == "binary":  # the confusion at the operating point, not at argmax
             decided = np.where(ev.preds["test"].p_malignant >= ev.threshold, tax.positive_index, 1 - tax.positive_index)
-            report = metrics.multiclass_report(tax.encode(f["dx"], "binary"), np.eye(2)[decided], tax.classes("binary"))
+            report = metrics.multiclass_report(tax.encode(y, "binary"), np.eye(2)[decided], tax.classes("binary"))
             note = f"binary decision at the operating point (p >= {ev.threshold:.3f})"
-        figures.plot_confusion(
-            report,
-            f"Confusion matrix, {modelcard.LEVEL_TITLES[lvl]} (test)",
-            rep / "figures" / f"confusion_{lvl}.png",
-            note,
-        )
-    pd.DataFrame(ev.full["binary"]["binary"]["curves"]["roc"]).to_csv(rep / "plots" / "roc.csv", index=False)
-    pd.DataFrame(ev.full["binary"]["binary"]["curves"]["pr"]).to_csv(rep / "plots" / "pr.csv", index=False)
-    cals, rows = {}, []
-    for lvl, r in ev.full.items():
-        cal = r["binary"]["calibration"] if lvl == "binary" else r["calibration"]
-        cals["p(malignant), binary" if lvl == "binary" else f"top-label confidence, {lvl}"] = cal
-        rows += [
-            {
-                "level": lvl,
-                "mean_probability": round(b["mean_probability"], 6),
-                "observed_frequency": round(b["observed_frequency"], 6),
-                "count": b["count"],
-            }
-            for b in cal["bins"]
-            if b["count"]
-        ]
-    pd.DataFrame(rows).to_csv(rep / "plots" / "calibration.csv", index=False)
+        title = f"Confusion matrix, {modelcard.LEVEL_TITLES[lvl]} (test)"
+        figures.plot_confusion(report, title, rep / "figures" / f"confusion_{lvl}.png", note)
     figures.plot_roc_pr(ev.curves, ev.op_test, rep / "figures" / "roc_pr.png")
-    figures.plot_reliability(cals, rep / "figures" / "reliability.png")
+    figures.plot_reliability(summary.calibration_panels(ev.full), rep / "figures" / "reliability.png")
     before_after = {
         f"{name}, {when} calibration": ev.calibration[key]["reliability"][when]
         for key, name in (("dx", "7 diagnoses"), ("p_malignant", "p(malignant)"))
@@ -361,6 +365,8 @@ def write_card(
             attribution=ev.attribution,
             calibration=ev.calibration,
             ood=ev.ood,
+            retrieval=ev.retrieval,
+            retrieval_note=ev.retrieval_note,
         )
     )
     fsutil.atomic_write_text(rep / "model_card.md", card)
@@ -386,8 +392,9 @@ def write_outputs(ev: Evaluation, args: Namespace, tax: Taxonomy, p: params.Eval
 # the stage
 
 
-def run(args: Namespace, p: params.EvaluateParams, tax: Taxonomy, lineage_params: dict[str, Any]) -> Evaluation:
-    """Evaluate the model of ``args.model``; write every output; return the evaluation."""
+def run(args: Namespace, p: params.EvaluateParams, tax: Taxonomy, lineage_params: dict[str, Any], k: int) -> Evaluation:
+    """Evaluate the model of ``args.model`` (``k``: similar cases per query); write every output;
+    return the evaluation."""
     t0 = time.perf_counter()
     ev = load(args)
     steps = (
@@ -396,6 +403,7 @@ def run(args: Namespace, p: params.EvaluateParams, tax: Taxonomy, lineage_params
         ("trust", lambda: measure_trust(ev, tax, p)),
         ("judge", lambda: judge(ev, args, tax, p)),
         ("compare", lambda: compare(ev, args, tax, p)),
+        ("similar_cases", lambda: similar_cases(ev, args, tax, k)),
         ("attribute", lambda: attribute(ev, args, p)),
     )
     for name, step in steps:
@@ -469,7 +477,8 @@ def body(args: Namespace) -> int:
     if args.predict_only:
         return predict_only(args, p)
     tax = params.load_taxonomy(args.params)
-    ev = run(args, p, tax, {"evaluate": params.to_dict(p), "labels": tax.to_dict()})
+    k = params.load_section("retrieval", args.params).k
+    ev = run(args, p, tax, {"evaluate": params.to_dict(p), "labels": tax.to_dict(), "retrieval": {"k": k}}, k)
     print_summary(ev, args)
     return EXIT_OK
 

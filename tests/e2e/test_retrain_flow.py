@@ -36,7 +36,7 @@ from tests.conftest import make_project, plain_env, project_env
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["validate", "split", "eda", "train", "reference", "evaluate"]
+STAGES = ["validate", "split", "eda", "train", "retrieval", "reference", "evaluate"]
 # tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
 TINY = {
     "train.backbone": "small_cnn",
@@ -216,6 +216,8 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
         assert rec["tag"] == tag and rec["data_md5"] == data_md5 and rec["git_commit"] == head
         assert rec["gates"]["passed"] is True and rec["params"]["train"]["backbone"] == "small_cnn"
         assert f"git checkout {head}" in rec["restore"]
+    stored = Path(rec["path"])
+    assert (stored / "ood.npz").exists() and (stored / "retrieval" / "index.json").exists(), "packaged with the model"
     assert flow_run_state(ws, last["flow_run_id"]) == ("COMPLETED", "Completed")
     arts = api(ws, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["flow_run_id"]]}}})
     by_key = {a["key"]: a for a in arts}
@@ -225,7 +227,14 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     assert (ws.root / "reports/evaluate/model_card.html").as_uri() in link, link
     # the packaged model carries its calibration and OOD detector; the card reports both
     card = (ws.root / "reports/evaluate/model_card.md").read_text()
-    for text in ("Images the model cannot judge", "AUROC vs test", "Test images flagged", "before calibration"):
+    for text in (
+        "Images the model cannot judge",
+        "AUROC vs test",
+        "Test images flagged",
+        "before calibration",
+        "Similar confirmed cases",
+        "Precision@6",
+    ):
         assert text in card, text
     head_metrics = json.loads((ws.root / "reports/evaluate/scores.json").read_text())
     assert {"auroc", "test_flagged_share"} <= set(head_metrics["ood"])
@@ -262,6 +271,7 @@ def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
         "split": False,
         "eda": False,
         "train": True,
+        "retrieval": True,
         "reference": True,
         "evaluate": True,
     }

@@ -3,7 +3,7 @@
 * ``server``: an untrained fusion model (metadata used), no calibration and no OOD detector;
 * ``trusted_server``: an untrained image-only model with what the train stage fits after
   training (temperature, OOD detector), here fitted on 80 real HAM10000 images; non-dermoscopic
-  photographs fall far outside them.
+  photographs fall far outside them; and the retrieval index of those 80 images (similar cases).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from pipeline.core import images
+from pipeline.core import images, lineage, params
+from pipeline.model import retrieval
+from pipeline.model.inference import load_model
 from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
 from tests.service_fixtures import serving
 
@@ -49,7 +51,11 @@ def trusted_server(tmp_path_factory):
     rows = trust_sample()
     imgs = [images.decode_rgb(PROJECT_ROOT / "data" / "images" / f"{i}.jpg") for i in rows["image_id"]]
     model_dir = write_model_dir(tmp / "model", trust_images=imgs, trust_labels=list(rows["dx"]))
-    with serving(model_dir, tmp) as running:
+    files = [PROJECT_ROOT / "data" / "images" / f"{i}.jpg" for i in rows["image_id"]]
+    meta = {"model_md5": lineage.file_md5(model_dir / "model.pt")}
+    p = params.load_section("retrieval", PROJECT_ROOT / "params.yaml")
+    retrieval.build_index(load_model(model_dir, device="cpu"), rows, files, tmp / "retrieval", p, meta, False)
+    with serving(model_dir, tmp, tmp / "retrieval") as running:
         yield running
 
 

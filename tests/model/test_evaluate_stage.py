@@ -101,6 +101,7 @@ def _argv(ws, out: Path, rep: Path, params_file: Path | None = None, model: Path
         *("--images", str(ws["images"])),
         *("--eda", str(ws["eda"])),
         *("--champion", str(ws["champion"])),
+        *("--retrieval", str(ws["root"] / "no-retrieval-index")),
         *("--out", str(out)),
         *("--reports", str(rep)),
         *("--device", "cpu", "--no-cache", "--no-progress"),

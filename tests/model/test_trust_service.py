@@ -9,7 +9,10 @@
 * calibrated probabilities are the same through the service and through the evaluation's path;
 * the API contract: ``/docs.json`` documents every endpoint with request, response and error
   schemas, ``/docs`` browses it, and schemathesis (examples and fuzzing, bounded) finds no 5xx and
-  no response outside its schema.
+  no response outside its schema;
+* similar confirmed cases (``/similar``, ``/classify?similar=K``, ``/cases/<id>.jpg``): the query's
+  own lesion first with similarity ~1, one image per lesion, k respected, none for an OOD image,
+  and a clear 503 from a model packaged without an index (the ``server`` fixture's).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pipeline.evaluation import oodsets
 from pipeline.evaluation.predictions import predict_split
 from pipeline.model.inference import load_model
 from pipeline.monitoring import inferencelog
-from pipeline.serving.schemas import Classification, ModelInfo
+from pipeline.serving.schemas import Classification, ModelInfo, SimilarCases
 from tests.model.conftest import trust_sample
 from tests.registry_fixtures import PROJECT_ROOT
 
@@ -130,6 +133,8 @@ def test_openapi_documents_every_endpoint_and_docs_page_browses_it(trusted_clien
         ("/livez", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),
+        ("/similar", "post"),
+        ("/cases/{name}", "get"),
     ]:
         assert method in paths.get(path, {}), path
     classify = paths["/classify"]["post"]
@@ -153,5 +158,53 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_its_schema(t
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "10 selected / 10 total" in proc.stdout, proc.stdout[-3000:]  # every documented operation
+    assert "12 selected / 12 total" in proc.stdout, proc.stdout[-3000:]  # every documented operation
     assert "Examples" in proc.stdout and "Fuzzing" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# similar confirmed cases
+
+
+def test_similar_returns_the_query_itself_first_with_thumbnails(trusted_client):
+    rows = trust_sample()
+    image_id = rows["image_id"][5]
+    r = trusted_client.post("/similar", files={"image": ("x.jpg", (IMAGES_DIR / f"{image_id}.jpg").read_bytes())})
+    assert r.status_code == 200, r.text
+    body = SimilarCases.model_validate(r.json())
+    assert body.k == 6 and len(body.similar) == 6 and "HAM10000" in body.attribution
+    first = body.similar[0]
+    lesion = rows.set_index("image_id").loc[image_id, "lesion_id"]
+    assert first.lesion_id == lesion and first.similarity == pytest.approx(1.0, abs=1e-3)
+    assert len({c.lesion_id for c in body.similar}) == 6  # one image per lesion
+    assert all(a.similarity >= b.similarity for a, b in zip(body.similar, body.similar[1:]))
+    assert first.dx == rows.set_index("image_id").loc[image_id, "dx"] and first.confirmation
+    thumb = trusted_client.get(first.thumbnail_url)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size[0] <= 100
+    missing = trusted_client.get("/cases/ISIC_9999999.jpg")
+    assert missing.status_code == 404 and missing.json()["field"] == "name"
+
+
+def test_classify_adds_k_similar_cases_when_asked_and_none_for_a_photo(trusted_client):
+    image_id = trust_sample()["image_id"][7]
+    data = (IMAGES_DIR / f"{image_id}.jpg").read_bytes()
+    plain = trusted_client.post("/classify", files={"image": ("x.jpg", data)}).json()
+    assert plain["similar"] is None
+    asked = trusted_client.post("/classify?similar=3", files={"image": ("x.jpg", data)}).json()
+    assert [c["image_id"] for c in asked["similar"]][:1] == [image_id] and len(asked["similar"]) == 3
+    raw = trusted_client.post("/classify?similar=2&age=50", content=data, headers={"Content-Type": "image/jpeg"})
+    assert raw.status_code == 200 and len(raw.json()["similar"]) == 2 and raw.json()["metadata"]["age"] == 50
+    name, photo = _photo()
+    ood = trusted_client.post("/similar", files={"image": (name, photo, "image/jpeg")}).json()
+    assert ood["in_distribution"] is False and ood["similar"] == [] and ood["message"]
+    bad = trusted_client.post("/classify?similar=0", files={"image": ("x.jpg", data)})
+    assert bad.status_code == 422 and bad.json()["field"] == "similar"
+
+
+def test_a_model_without_an_index_says_so(client):
+    data = (IMAGES_DIR / f"{trust_sample()['image_id'][0]}.jpg").read_bytes()
+    r = client.post("/similar", files={"image": ("x.jpg", data)})
+    assert r.status_code == 503 and "without a retrieval index" in r.json()["error"]
+    assert client.post("/classify?similar=3", files={"image": ("x.jpg", data)}).status_code == 503
+    assert client.post("/classify", files={"image": ("x.jpg", data)}).json()["similar"] is None

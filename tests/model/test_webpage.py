@@ -313,10 +313,34 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     assert "refer" not in page.locator("#result").inner_text().lower().replace("referral", "")
     page.screenshot(path=tmp_path / "ood-desktop.png", full_page=True)
 
-    # a dermoscopic image next: the usual result, no warning
+    assert not page.locator("#similar").is_visible(), "no similar cases for an image the model cannot judge"
+
+    # a dermoscopic image next: the usual result, no warning, and its similar confirmed cases
     ham = IMAGES_DIR / f"{trust_sample()['image_id'][0]}.jpg"
     page.set_input_files("#image", str(ham))
     page.click("#submit")
     _wait_for_result(page)
     assert not page.locator("#ood-warning").is_visible() and page.locator("#decision").is_visible()
-    assert js_errors == []
+    cases = page.locator("#similar-grid .case")
+    assert page.locator("#similar-title").inner_text() == "Most similar training lesions (confirmed diagnoses)"
+    assert cases.count() == 6 and "HAM10000" in page.locator("#similar .attribution").inner_text()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#similar-grid img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    names = {"Melanoma", "Melanocytic nevus", "Benign keratosis", "Basal cell carcinoma", "Dermatofibroma"}
+    for i in range(cases.count()):
+        text = cases.nth(i).inner_text()
+        assert "similarity" in text and any(n.lower() in text.lower() for n in names | {"keratosis", "vascular"}), text
+    cases.first.focus()  # keyboard: each case takes the focus and is announced whole
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('case')")
+    assert "confirmed by" in page.evaluate("document.activeElement.getAttribute('aria-label')")
+    page.screenshot(path=tmp_path / "similar-desktop.png", full_page=True)
+    phone, phone_errors = _open(browser, pages, trusted_server[0], width=390, height=844)
+    phone.set_input_files("#image", str(ham))
+    phone.click("#submit")
+    _wait_for_result(phone)
+    assert phone.locator("#similar-grid .case").count() == 6
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    phone.screenshot(path=tmp_path / "similar-phone.png", full_page=True)
+    assert js_errors == [] and phone_errors == []

@@ -31,6 +31,43 @@ function fillSelect(select, values) {
   }
 }
 
+let similarK = 0;  // similar confirmed cases shown under a result (0: the model has no index)
+
+function renderSimilar(cases) {
+  const section = $("similar"), grid = $("similar-grid");
+  grid.textContent = "";
+  if (!cases || !cases.length) {
+    section.hidden = true;
+    return;
+  }
+  for (const c of cases) {
+    const li = document.createElement("li");
+    li.className = "case";
+    li.tabIndex = 0;  // keyboard: Tab moves from case to case, each read out whole
+    li.dataset.dx = c.dx;
+    const label = (DX_NAMES[c.dx] || c.diagnosis) + ", confirmed by " + c.confirmation +
+      ", similarity " + pct(c.similarity);
+    li.setAttribute("aria-label", label);
+    const img = document.createElement("img");
+    img.src = c.thumbnail_url;
+    img.alt = "Training case " + c.image_id + ": " + (DX_NAMES[c.dx] || c.diagnosis);
+    img.loading = "lazy";
+    const caption = document.createElement("div");
+    caption.className = "case-caption";
+    const dx = document.createElement("strong");
+    dx.textContent = DX_NAMES[c.dx] || c.diagnosis;
+    const how = document.createElement("span");
+    how.textContent = c.confirmation;
+    const sim = document.createElement("span");
+    sim.className = "case-similarity";
+    sim.textContent = "similarity " + pct(c.similarity);
+    caption.append(dx, how, sim);
+    li.append(img, caption);
+    grid.appendChild(li);
+  }
+  section.hidden = false;
+}
+
 async function loadModelInfo() {
   try {
     const r = await fetch("/model");
@@ -43,6 +80,7 @@ async function loadModelInfo() {
     const fields = info.metadata_fields || {};
     fillSelect($("sex"), fields.sex);
     fillSelect($("localization"), fields.localization);
+    similarK = info.similar_cases ? info.similar_cases.k : 0;
   } catch (e) {
     $("model-tag").textContent = "unavailable (" + e.message + ")";
     $("data-version").textContent = "unavailable";
@@ -151,6 +189,7 @@ function renderWithheld(res) {
 function renderResult(res) {
   $("ood-warning").hidden = true;
   $("summary").hidden = false;
+  renderSimilar(res.similar);  // none for an image the model cannot judge
   if (res.in_distribution === false) {
     renderWithheld(res);
     return;
@@ -221,7 +260,8 @@ async function analyse(ev) {
   $("overlay-status").hidden = false;
   $("overlay-status").textContent = "computing…";
   try {
-    const classify = fetch("/classify", { method: "POST", body: formData() });
+    const url = similarK ? "/classify?similar=" + similarK : "/classify";
+    const classify = fetch(url, { method: "POST", body: formData() });
     const r = await classify;
     if (!r.ok) {
       showError(await errorText(r));
