@@ -53,9 +53,12 @@ def package(model_dir: Path, tmp: Path, home: Path) -> str:
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, tmp: Path, retrieval_dir: Path | None = None) -> Iterator[tuple[str, str, Path]]:
+def serving(
+    model_dir: Path, tmp: Path, retrieval_dir: Path | None = None, env_extra: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, Path]]:
     """(base URL, packaged tag, model dir) of a running service of the packaged ``model_dir``
-    (with the retrieval index ``retrieval_dir`` stored beside it, as packaging does)."""
+    (with the retrieval index ``retrieval_dir`` stored beside it, as packaging does; ``env_extra``:
+    more environment for the service, e.g. where its inference log goes)."""
     home = tmp / "bentoml"
     tag = package(model_dir, tmp, home)
     if retrieval_dir is not None:
@@ -68,6 +71,7 @@ def serving(model_dir: Path, tmp: Path, retrieval_dir: Path | None = None) -> It
         "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES),
         "LESIONFLOW_TORCH_THREADS": "1",
         "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log"),
+        **(env_extra or {}),
     }
     env.pop("LESIONFLOW_MODEL_TAG", None)
     log = open(tmp / "serve.log", "w")

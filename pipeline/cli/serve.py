@@ -14,18 +14,20 @@ from pipeline.core.layout import Layout
 
 def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
     """The served process's environment: unless ``$LESIONFLOW_INFERENCE_LOG`` is set, the
-    inference log goes to the project's ``monitor.log_dir`` (params.yaml; default logs/inference)
-    as an absolute path: a Bento runs from its own folder in the BentoML store, where a relative
-    path would hide the log from the monitoring flow."""
+    inference log goes to the project's ``monitor.log_url`` (params.yaml; default logs/inference),
+    a local path made absolute: a Bento runs from its own folder in the BentoML store, where a
+    relative path would hide the log from the monitoring flow. An object-store URL is kept."""
     env = dict(env)
     if not env.get("LESIONFLOW_INFERENCE_LOG"):
-        log_dir = Path("logs/inference")
+        from pipeline.monitoring import logstore
+
+        location = "logs/inference"
         params_file = Layout(project_root).params_file
         if params_file.exists():
             from pipeline.core import params
 
-            log_dir = Path(params.load_section("monitor", params_file).log_dir)
-        env["LESIONFLOW_INFERENCE_LOG"] = str(log_dir if log_dir.is_absolute() else (project_root / log_dir).resolve())
+            location = params.load_section("monitor", params_file).log_url
+        env["LESIONFLOW_INFERENCE_LOG"] = logstore.resolve(location, project_root)
     return env
 
 

@@ -421,7 +421,7 @@ class MonitorParams:
     embedding_drift_share: float = 0.25
     embedding_auc_threshold: float = 0.6
     embedding_max_rows: int = 1000
-    log_dir: str = "logs/inference"
+    log_url: str = "logs/inference"
     window_hours: float = 24.0
     retrain_deployment: str = "lesionflow-retrain/lesionflow-retrain-scheduled"
 

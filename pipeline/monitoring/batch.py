@@ -159,8 +159,8 @@ def current_from_folder(
     return frame, errors
 
 
-def current_from_log(log_dir: Path | str, start: Any = None, end: Any = None) -> pd.DataFrame:
+def current_from_log(location: Path | str, start: Any = None, end: Any = None) -> pd.DataFrame:
     """The current batch from the service's inference log for ``[start, end)``."""
     from pipeline.monitoring import inferencelog
 
-    return inferencelog.read(log_dir, start, end)
+    return inferencelog.read(location, start, end)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.core import params
 from pipeline.core.layout import Layout
-from pipeline.monitoring import batch, drift, inferencelog, profile
+from pipeline.monitoring import batch, drift, inferencelog, logstore, profile
 
 
 def resolve_reference(root: Path, model_dir: Path, reference_dir: str | Path | None) -> Path:
@@ -54,6 +54,7 @@ def check_workspace(
         source = {"kind": "folder", "path": str(folder), "metadata_csv": metadata_csv}
     else:
         start, end = inferencelog.window(hours or p.window_hours)
-        current, skipped = batch.current_from_log(root / p.log_dir, start, end), []
-        source = {"kind": "log", "path": str(root / p.log_dir), "window": [start.isoformat(), end.isoformat()]}
+        location = logstore.resolve(p.log_url, root)
+        current, skipped = batch.current_from_log(location, start, end), []
+        source = {"kind": "log", "path": location, "window": [start.isoformat(), end.isoformat()]}
     return drift.run_check(ref, current, p, layout.monitoring_reports, source, skipped_images=skipped)

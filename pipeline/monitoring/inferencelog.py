@@ -1,17 +1,18 @@
 """The service's inference log: one JSON line per prediction, read back by drift monitoring.
 
 Every request the service answers appends one record (:func:`record_for` builds it, :func:`append`
-writes it) to ``<log_dir>/inference-YYYY-MM-DD.jsonl`` (one file per UTC day, named by the
-record's timestamp). A record holds the timestamp, a request id, the model tag, the image
-statistics of :func:`pipeline.features.imagestats.image_statistics` (the EDA statistics plus
-sharpness), the metadata (age, sex, localization), the prediction
-(class probabilities, predicted class, malignancy probability, decision) and, when the model was
+writes it) to the log's location (:mod:`pipeline.monitoring.logstore`): a local folder of day files
+``inference-YYYY-MM-DD.jsonl``, or an object-store URL (``s3://bucket/prefix``) where each replica
+writes its own append-only segment objects per UTC day. A record holds the timestamp, a request
+id, the model tag, the image statistics of :func:`pipeline.features.imagestats.image_statistics`
+(the EDA statistics plus sharpness), the metadata (age, sex, localization), the prediction (class
+probabilities, predicted class, malignancy probability, decision) and, when the model was
 packaged with its reference profile, the penultimate embedding reduced by the profile's fixed
 random projection (32 numbers). The image itself is stored only when asked (``image_bytes``).
 
-Appends are atomic at the line level: the line is written with a single ``write`` on a file opened
-``O_APPEND`` while holding an exclusive ``flock``, so concurrent workers (threads or processes)
-never interleave. :func:`read` returns the records of a time window as one flat DataFrame with the
+Locally, appends are atomic at the line level (one ``write`` under ``flock``), so concurrent
+workers never interleave; on object storage no object is ever shared or overwritten.
+:func:`read` returns the records of a time window, from every writer, as one flat DataFrame with the
 column names of the reference profile (statistics, metadata, prediction rows as
 :mod:`pipeline.core.predictions` names them, ``emb_XX``; a torn last line after a crash is skipped
 with a warning naming the file and line).
@@ -19,27 +20,26 @@ with a warning naming the file and line).
     from pipeline.monitoring import inferencelog
     log = inferencelog.InferenceLog("logs/inference", reference_dir=model_path / "reference")
     log.write(log.record(stats=log.stats(rgb), metadata=meta, prediction=result, model_tag=tag))
-    df = inferencelog.read("logs/inference", start=datetime(...), end=None)
+    df = inferencelog.read("logs/inference", start=datetime(...), end=None)   # or "s3://bucket/log"
 
 The service logs through :class:`pipeline.serving.logqueue.BackgroundLog`, a background thread,
 so that no answer waits for its log record.
 
-Depends on NumPy, SciPy and pandas only (no Evidently, no torch): the service imports it.
+Depends on NumPy, SciPy and pandas only (fsspec for an object-store URL; no Evidently, no torch):
+the service imports it.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import math
 import os
-import re
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +50,14 @@ from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import FIELDS
 from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
 from pipeline.features.imagestats import image_statistics
+from pipeline.monitoring import logstore
 from pipeline.monitoring.profile import PROJECTION_FILE, embedding_columns, read_feature_config
 
-try:  # POSIX; on other systems appends rely on O_APPEND alone
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
 SCHEMA = 1
-FILE_PREFIX = "inference-"
-FILE_SUFFIX = ".jsonl"
-_FILE_RE = re.compile(r"^inference-(\d{4}-\d{2}-\d{2})\.jsonl$")
+#: Records an object-store writer buffers before it puts a segment, and its oldest record's age at most.
+ROLL_RECORDS = int(os.environ.get("LESIONFLOW_LOG_ROLL_RECORDS", "500"))
+ROLL_SECONDS = float(os.environ.get("LESIONFLOW_LOG_ROLL_SECONDS", "60"))
+_writers: dict[str, logstore.SegmentWriter] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +102,8 @@ def _clean(value: Any) -> Any:
 
 
 def log_file(log_dir: Path | str, when: datetime) -> Path:
-    """The day file of ``when`` (UTC)."""
-    return Path(log_dir) / f"{FILE_PREFIX}{as_utc(when).date().isoformat()}{FILE_SUFFIX}"
+    """The local day file of ``when`` (UTC)."""
+    return logstore.day_file(log_dir, as_utc(when).date())
 
 
 def project(embedding: Any, projection: np.ndarray | None) -> list[float] | None:
@@ -231,32 +228,24 @@ def record_for(
 # writing
 
 
-def append(record: Mapping[str, Any], log_dir: Path | str) -> Path:
-    """Append ``record`` as one JSON line to its UTC day file under ``log_dir``; return the file.
+def segment_writer(url: str) -> logstore.SegmentWriter:
+    """This process's writer of an object-store log (one per URL)."""
+    if url not in _writers:
+        _writers[url] = logstore.SegmentWriter(url, ROLL_RECORDS, ROLL_SECONDS)
+    return _writers[url]
 
-    One ``write`` of the whole line on an ``O_APPEND`` descriptor under an exclusive ``flock``:
-    concurrent writers never interleave and a reader never sees half a record (except a line torn
-    by a crash, which :func:`read` skips)."""
+
+def append(record: Mapping[str, Any], location: Path | str) -> str:
+    """Append ``record`` as one JSON line for its UTC day at ``location`` (a local folder: its day
+    file, under ``flock``; an object-store URL: this process's buffered segment); returns the file
+    or object name."""
     if "timestamp" not in record:
         raise InferenceLogError("record: missing field 'timestamp'")
-    when = as_utc(record["timestamp"])
+    day = as_utc(record["timestamp"]).date()
     line = (json.dumps(record, allow_nan=False, separators=(",", ":"), default=_clean) + "\n").encode("utf-8")
-    path = log_file(log_dir, when)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    finally:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-    return path
+    if logstore.is_url(location):
+        return segment_writer(str(location)).append(day, line)
+    return str(logstore.append_local(location, day, line))
 
 
 class InferenceLog:
@@ -275,7 +264,7 @@ class InferenceLog:
         store_images: bool = False,
         enabled: bool = True,
     ):
-        self.log_dir = Path(log_dir)
+        self.log_dir = str(log_dir)  # a local folder or an object-store URL
         self.store_images = store_images
         self.enabled = enabled
         self.projection: np.ndarray | None = None
@@ -286,7 +275,8 @@ class InferenceLog:
 
     @classmethod
     def from_env(cls, model_path: Path | str) -> InferenceLog:
-        """``$LESIONFLOW_INFERENCE_LOG`` (a directory; ``off`` disables; default ``logs/inference``),
+        """``$LESIONFLOW_INFERENCE_LOG`` (a folder or an object-store URL; ``off`` disables; default
+        ``logs/inference``),
         ``$LESIONFLOW_LOG_IMAGES=1`` to store images; the profile under ``model_path/reference``."""
         target = os.environ.get("LESIONFLOW_INFERENCE_LOG", "logs/inference")
         enabled = target.strip().lower() not in ("off", "0", "false", "")
@@ -361,7 +351,7 @@ class InferenceLog:
             return None
         return self.write(rec)
 
-    def write(self, record: Mapping[str, Any] | None) -> Path | None:
+    def write(self, record: Mapping[str, Any] | None) -> str | None:
         if not self.enabled or record is None:
             return None
         try:
@@ -370,24 +360,25 @@ class InferenceLog:
             logger.warning("inference log: could not append to %s: %s", self.log_dir, exc)
             return None
 
+    def tick(self) -> None:
+        """Put an object-store segment whose oldest record is due (no-op for a local log)."""
+        if self.enabled and logstore.is_url(self.log_dir):
+            try:
+                segment_writer(self.log_dir).tick()
+            except Exception as exc:  # noqa: BLE001 - logging must never fail the service
+                logger.warning("inference log: could not write a segment to %s: %s", self.log_dir, exc)
+
+    def flush(self) -> None:
+        """Put the buffered object-store segment now (no-op for a local log)."""
+        if self.enabled and logstore.is_url(self.log_dir):
+            try:
+                segment_writer(self.log_dir).flush()
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("inference log: could not write a segment to %s: %s", self.log_dir, exc)
+
 
 # ----------------------------------------------------------------------------------------------
 # reading
-
-
-def _day_files(log_dir: Path, start: datetime | None, end: datetime | None) -> list[Path]:
-    out = []
-    for p in sorted(log_dir.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}")):
-        m = _FILE_RE.match(p.name)
-        if not m:
-            continue
-        day = date.fromisoformat(m.group(1))
-        if start is not None and day < start.date():
-            continue
-        if end is not None and day > end.date():
-            continue
-        out.append(p)
-    return out
 
 
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -423,29 +414,26 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime | str | None = None) -> pd.DataFrame:
-    """The records with ``start <= timestamp < end`` (either bound optional; naive = UTC) as a flat
-    DataFrame (see :func:`flatten`), sorted by time, ``timestamp`` as UTC datetimes. Lines that are
-    not valid JSON records (a line torn by a crash) are skipped with a warning naming file and line;
-    the skipped places are in ``df.attrs["skipped"]``."""
-    log_dir = Path(log_dir)
+    """The records with ``start <= timestamp < end`` (either bound optional; naive = UTC) at a local
+    folder or object-store URL, from every writer, as a flat DataFrame (see :func:`flatten`), sorted
+    by time, ``timestamp`` as UTC datetimes. Lines that are not valid JSON records (a line torn by a
+    crash) are skipped with a warning naming file and line; the skipped places are in
+    ``df.attrs["skipped"]``."""
     start_dt = as_utc(start) if start is not None else None
     end_dt = as_utc(end) if end is not None else None
     rows, skipped = [], []
-    if log_dir.is_dir():
-        for path in _day_files(log_dir, start_dt, end_dt):
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        ts = as_utc(rec["timestamp"])
-                    except (json.JSONDecodeError, KeyError, TypeError, InferenceLogError):
-                        skipped.append(f"{path}:{lineno}")
-                        continue
-                    if (start_dt is not None and ts < start_dt) or (end_dt is not None and ts >= end_dt):
-                        continue
-                    rows.append(flatten(rec))
+    for name, lineno, line in logstore.iter_lines(log_dir, start_dt, end_dt):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ts = as_utc(rec["timestamp"])
+        except (json.JSONDecodeError, KeyError, TypeError, InferenceLogError):
+            skipped.append(f"{name}:{lineno}")
+            continue
+        if (start_dt is not None and ts < start_dt) or (end_dt is not None and ts >= end_dt):
+            continue
+        rows.append(flatten(rec))
     if skipped:
         warnings.warn(
             f"inference log: skipped {len(skipped)} unreadable line(s): {', '.join(skipped[:5])}"

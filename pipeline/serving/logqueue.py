@@ -88,7 +88,12 @@ class BackgroundLog:
         with contextlib.suppress(AttributeError, OSError, PermissionError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)  # this thread only (Linux)
         while True:
-            size, ts, rgb, metadata, prediction, tag, source, image_bytes = self._queue.get()
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:  # idle: an object-store segment may be due
+                self.log.tick()
+                continue
+            size, ts, rgb, metadata, prediction, tag, source, image_bytes = item
             ok = (
                 self.log.log(rgb, metadata, prediction, tag, source=source, image_bytes=image_bytes, timestamp=ts)
                 is not None
@@ -99,11 +104,13 @@ class BackgroundLog:
             self._queue.task_done()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued record is written (or ``timeout`` seconds); True when empty."""
+        """Wait until every queued record is written (or ``timeout`` seconds), then put any
+        buffered object-store segment; True when empty."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
                 if self._queue.unfinished_tasks == 0:
+                    self.log.flush()
                     return True
             if time.monotonic() >= deadline:
                 return False

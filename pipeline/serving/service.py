@@ -200,6 +200,13 @@ class LesionflowService:
             logger.warning("similar cases disabled: %s", exc)
             return None
 
+    @bentoml.on_shutdown
+    def flush_inference_log(self) -> None:
+        """On shutdown (SIGTERM of a rolling update or scale-down): write every queued record and put
+        the buffered object-store segment, so that no answered request is missing from the log."""
+        if not self.inference_log.flush(timeout=20):
+            logger.warning("inference log: records still queued at shutdown: %s", self.inference_log.counters())
+
     def __is_ready__(self) -> bool:
         return bool(getattr(self, "_ready", False))
 
