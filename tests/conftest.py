@@ -11,8 +11,10 @@ skip, when it is missing.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -51,6 +53,21 @@ os.environ.update(
 )
 os.environ.pop("LESIONFLOW_MODEL_TAG", None)
 os.environ.pop("LESIONFLOW_INFERENCE_LOG", None)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # A flow run in this process (flows/predict.py's test) starts Prefect's temporary API server,
+    # which Prefect stops at interpreter exit with an INFO line to a console pytest has closed by
+    # then ("--- Logging error --- ValueError: I/O operation on closed file"). Stop it now, quietly.
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # the flow's logs, while the server still listens
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    for instance in list(server.SubprocessASGIServer._instances.values()):
+        instance.stop()
 
 
 def pytest_unconfigure(config) -> None:
@@ -140,7 +157,7 @@ def make_project(root: Path, data_dir: Path, params_overrides: dict | None = Non
     root.mkdir(parents=True, exist_ok=True)
     for name in ("pipeline", "flows"):
         shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", "bentofile.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "bentofile.yaml", "prefect.yaml"):
         if (PROJECT_ROOT / name).exists():
             shutil.copyfile(PROJECT_ROOT / name, root / name)
     if params_overrides:

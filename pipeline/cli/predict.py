@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import typer
@@ -19,7 +18,6 @@ from pipeline.core.predictions import (
     IN_DISTRIBUTION,
     P_MALIGNANT,
     pred_column,
-    prediction_frame,
     prob_column,
 )
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
@@ -48,42 +46,6 @@ def resolve_model(model: str | None) -> tuple[Path, str, float | None]:
     except registry.RegistryError as exc:
         raise fail(f"--model {model}: not a directory, and {exc}") from None
     return Path(d["path"]), d["tag"], d.get("threshold")
-
-
-def predict_files(
-    predictor: Any, files: list[Path], threshold: float, batch_size: int, problems: list[tuple[str, str]]
-) -> pd.DataFrame:
-    """Prediction rows (:mod:`pipeline.core.predictions`) of every readable file, with a ``file``
-    column first; unreadable files, and images too small or too elongated for the model, are added
-    to ``problems``. An image out of distribution gets no decision (its probabilities stay)."""
-    from tqdm.auto import tqdm
-
-    frames = []
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", disable=len(files) <= batch_size):
-        chunk, arrays = [], []
-        for f in files[start : start + batch_size]:
-            try:
-                rgb = images.decode_rgb(f, str(f))
-                images.check_size(rgb, predictor.size_limits, str(f))
-                arrays.append(rgb)
-                chunk.append(f)
-            except images.ImageError as exc:
-                problems.append((str(f), exc.reason))
-        if arrays:
-            res = predictor.predict(arrays, batch_size=batch_size)
-            levels = {lvl: res[f"{lvl}_probs"] for lvl in ("dx", "risk", "binary")}
-            rows = prediction_frame(
-                levels,
-                predictor.taxonomy,
-                res["p_malignant"],
-                threshold,
-                digits=None,
-                in_distribution=res["in_distribution"],
-                ood_score=res["ood_score"],
-                withhold=True,
-            )
-            frames.append(pd.concat([pd.DataFrame({"file": [str(f) for f in chunk]}), rows], axis=1))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, shown: int) -> None:
@@ -133,9 +95,16 @@ def predict(
     ),
     batch_size: int = typer.Option(32, min=1, help="Images per forward pass."),
     shown: int = typer.Option(50, "--show", min=0, help="Rows shown on screen (the CSV has them all)."),
+    dask_address: str | None = typer.Option(
+        None, "--dask-address", help="Shard the files over an existing Dask cluster (tcp://scheduler:8786)."
+    ),
+    dask_workers: int = typer.Option(
+        0, "--dask-workers", min=0, help="Shard the files over a local Dask cluster of this many worker processes."
+    ),
 ) -> None:
-    """Classify local images with the champion or --model; unreadable files are skipped."""
-    from pipeline.model import inference
+    """Classify local images with the champion or --model; unreadable files are skipped. With
+    --dask-address or --dask-workers the files are sharded over Dask workers (same rows)."""
+    from pipeline.model import batchpredict, inference
 
     model_dir, label, thr = resolve_model(model)
     thr = threshold if threshold is not None else thr
@@ -149,9 +118,15 @@ def predict(
         predictor = inference.load_model(model_dir)
     except inference.ModelLoadError as exc:
         raise fail(str(exc)) from None
-    if tta is not None:
-        predictor.default_tta = tta
-    rows = predict_files(predictor, files, float(thr), batch_size, problems)
+    if dask_address or dask_workers:
+        from flows.predict import predict_on_dask
+
+        rows, unread = predict_on_dask(
+            model_dir, files, float(thr), batch_size, tta, dask_address=dask_address, workers=dask_workers
+        )
+    else:
+        rows, unread = batchpredict.predict_files(predictor, files, float(thr), batch_size, tta=tta)
+    problems += unread
     for path, reason in problems:
         err.print(f"[yellow]skipped[/] {path}: {reason}")
     if len(rows):
