@@ -3,6 +3,7 @@
 lesionflow run                      # the retraining flow (validate ... evaluate, gates, package)
 lesionflow status                   # the stores in use, champion, last run and its verdict
 lesionflow env                      # shell exports of the same settings for prefect/bentoml/dvc
+lesionflow dvc ARGS...              # DVC's own command line with the project's interpreter on PATH
 lesionflow trace TAG                # data md5, git commit, params, metrics, gates + restore commands
 lesionflow predict PATH... [--model DIR_OR_TAG] [--out predictions.csv]
 lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:3000)

@@ -135,3 +135,21 @@ def env() -> None:
     venv_bin = Path(sys.executable).parent
     print(f'export PATH={shlex.quote(str(venv_bin))}:"$PATH"   # the project\'s python, dvc, prefect, bentoml')
     print(f"# project root: {base}")
+
+
+@app.command(
+    "dvc",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def dvc(ctx: typer.Context) -> None:
+    """DVC's own command line (dvc repro, exp run, metrics show, ...) with this project's
+    interpreter first on PATH, so that dvc.yaml's `python -m pipeline.stages.<stage>` runs the
+    project's environment from any shell: lesionflow dvc exp run -S evaluate.bootstrap=200."""
+    import subprocess
+
+    root()  # in a project (else a clear error); DVC finds the repository from the working directory
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run([sys.executable, "-m", "dvc", *ctx.args], env=env)
+    raise typer.Exit(proc.returncode)

@@ -49,3 +49,28 @@ def test_contract_violation_stops_at_validate(tiny_data, tmp_path):
     assert out.returncode != 0
     assert "dx is one of" in out.stderr + out.stdout and "'melanoma'" in out.stderr + out.stdout
     assert not (root / "artifacts/splits").exists(), "split must not run on data that violates the contract"
+
+
+def test_lesionflow_dvc_runs_the_stages_from_a_plain_shell(tiny_data, tmp_path):
+    """dvc.yaml runs `python -m pipeline.stages.<stage>`: from a shell whose PATH lacks the
+    project's environment, `lesionflow dvc` puts the project's interpreter first, so the stages run
+    (plain `dvc repro` finds no such python, or another one, there)."""
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import plain_env
+
+    root = make_project(tmp_path / "ws", tiny_data)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = plain_env(home, DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"))
+    assert str(Path(sys.executable).parent) not in env["PATH"].split(":")
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "dvc", "repro", "validate"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Running stage 'validate'" in run.stdout and (root / "artifacts/validation/images.csv").exists()
