@@ -1,0 +1,181 @@
+"""Beyond one machine, on the real engines, every server on 127.0.0.1 started and stopped by pid:
+
+* the inference log on object storage: two replicas of the service write to one bucket of a local
+  S3-compatible server (moto), each its own objects; the monitor reads every record of both, in
+  time order, none lost or duplicated;
+* a real Prefect worker: ``prefect server start``, the work pool, ``prefect deploy`` from
+  prefect.yaml, ``prefect worker start --run-once`` and ``prefect deployment run --watch`` retrain a
+  tiny workspace and package a champion;
+* DVC on object storage: that workspace's data version and stage outputs are pushed to an S3
+  remote and a fresh clone pulls them, after which ``dvc status`` is clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from pipeline.monitoring import inferencelog
+from tests.conftest import make_project, project_env
+from tests.e2e.test_retrain_flow import TINY, prefect_server
+from tests.registry_fixtures import write_model_dir
+from tests.s3_fixtures import BUCKET, s3_server
+from tests.service_fixtures import real_images, serving
+
+pytestmark = pytest.mark.e2e
+
+
+def test_two_replicas_log_to_one_bucket_and_the_monitor_reads_every_record(tmp_path):
+    with s3_server(tmp_path / "moto.log") as s3:
+        log_url = f"s3://{BUCKET}/lesionflow/inference"
+        env = {**s3, "LESIONFLOW_INFERENCE_LOG": log_url, "LESIONFLOW_LOG_ROLL_RECORDS": "4"}
+        env["LESIONFLOW_LOG_ROLL_SECONDS"] = "1"
+        model = write_model_dir(tmp_path / "model")
+        images = real_images(12)
+        with contextlib.ExitStack() as stack:
+            replicas = []
+            for i in (0, 1):
+                (tmp_path / f"replica{i}").mkdir()
+                replicas.append(stack.enter_context(serving(model, tmp_path / f"replica{i}", env_extra=env)))
+
+            def classify(k: int) -> int:
+                data = images[k % len(images)].read_bytes()
+                r = httpx.post(f"{replicas[k % 2][0]}/classify", files={"image": ("x.jpg", data)}, timeout=60)
+                assert r.status_code == 200, r.text
+                return r.status_code
+
+            with ThreadPoolExecutor(4) as pool:
+                answered = list(pool.map(classify, range(30)))
+        # both services stopped (SIGTERM): every buffered record was put as an object at exit
+        old = {k: os.environ.get(k) for k in s3}
+        os.environ.update(s3)
+        try:
+            df = inferencelog.read(log_url)
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(log_url)
+            objects = [o for day in fs.ls(root) for o in fs.ls(day)]
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    assert len(df) == len(answered) == 30, f"{len(df)} records read back of 30 answered"
+    assert df["request_id"].is_unique, "no record twice"
+    assert df["timestamp"].is_monotonic_increasing
+    writers = {o.rsplit("/", 1)[-1].rsplit("-", 1)[0] for o in objects}
+    assert len(writers) == 2, f"each replica writes its own objects: {sorted(writers)}"
+    assert all(o.endswith(".jsonl") and "/inference-" in o for o in objects)
+    assert set(df["model_tag"]) and pd.api.types.is_datetime64_any_dtype(df["timestamp"])
+
+
+def api_post(api_url: str, path: str, body: dict) -> list | dict:
+    """POST to a Prefect server's API."""
+    req = urllib.request.Request(
+        f"{api_url}/{path}", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def worked(tiny_data, tmp_path_factory):
+    """A tiny workspace retrained by a real Prefect worker: ``prefect server start``, the process
+    work pool, ``prefect deploy`` from prefect.yaml, ``prefect worker start --run-once`` and
+    ``prefect deployment run --watch`` (the commands of docs/scale-out.md)."""
+    tmp = tmp_path_factory.mktemp("worker")
+    root = make_project(tmp / "ws", tiny_data, TINY)
+    prefect = [str(Path(sys.executable).parent / "prefect"), "--no-prompt"]
+    with prefect_server(root) as api:
+        # PWD as a shell in the project root has it: prefect.yaml's pull step runs the flow there
+        env = {**project_env(root), "PREFECT_API_URL": api, "PWD": str(root)}
+        _run([*prefect, "work-pool", "create", "lesionflow", "--type", "process"], root, env)
+        _run([*prefect, "deploy", "--all"], root, env)
+        # the run is triggered and watched; a worker with --run-once picks it up, runs it and stops
+        watch = subprocess.Popen(
+            [*prefect, "deployment", "run", "lesionflow-retrain/lesionflow-retrain-pool", "--watch"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            soon = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+            due = {"flow_runs": {"expected_start_time": {"before_": soon}}, "limit": 1}  # not the cron's future runs
+            while not api_post(api, "flow_runs/filter", due):
+                assert time.monotonic() < deadline and watch.poll() is None, "the deployment run was not created"
+                time.sleep(1)
+            worker = _run([*prefect, "worker", "start", "--pool", "lesionflow", "--run-once"], root, env, timeout=1200)
+            watched = watch.communicate(timeout=300)[0]
+        finally:
+            if watch.poll() is None:
+                os.killpg(watch.pid, signal.SIGTERM)
+                watch.wait(timeout=30)
+        started = {"flow_runs": {"start_time": {"is_null_": False}}, "sort": "START_TIME_DESC", "limit": 5}
+        runs = api_post(api, "flow_runs/filter", started)
+    return {"root": root, "watch": watch, "watched": watched, "runs": runs, "worker": worker}
+
+
+def test_a_prefect_worker_runs_the_deployment_and_packages_a_champion(worked):
+    assert worked["watch"].returncode == 0, worked["watched"][-3000:] + worked["worker"].stdout[-3000:]
+    assert "Completed" in worked["watched"], worked["watched"][-2000:]
+    flow_run = worked["runs"][0]
+    assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
+    assert flow_run["deployment_id"] is not None, "the run came from the deployment, through the worker"
+    from unittest import mock
+
+    from pipeline.serving import registry
+
+    with mock.patch.dict(os.environ, {"BENTOML_HOME": str(worked["root"] / ".bentoml")}):  # project_env's store
+        champ = registry.champion()
+    assert champ is not None and (worked["root"] / ".lesionflow" / "last_run.json").exists()
+    last = json.loads((worked["root"] / ".lesionflow" / "last_run.json").read_text())
+    assert last["packaged"] == champ["tag"] and last["state"] == "Completed"
+
+
+def test_dvc_pushes_to_an_s3_remote_and_a_fresh_clone_pulls_a_clean_workspace(worked, tmp_path):
+    """The data version and every stage output go to an S3 remote; a fresh clone pulls them and
+    DVC finds nothing to do (docs/scale-out.md, "DVC on object storage")."""
+    root = worked["root"]
+    with s3_server(tmp_path / "moto.log") as s3:
+        env = {**project_env(root), **s3}
+        dvc = [str(Path(sys.executable).parent / "dvc")]
+        _run([*dvc, "remote", "add", "-d", "s3store", f"s3://{BUCKET}/dvcstore"], root, env)
+        _run([*dvc, "remote", "modify", "s3store", "endpointurl", s3["AWS_ENDPOINT_URL"]], root, env)
+        _run(["git", "add", "-A"], root, env)
+        _run(["git", "commit", "-qm", "the pipeline's outputs and an S3 remote"], root, env)
+        _run([*dvc, "push"], root, env)
+        clone = tmp_path / "clone"
+        _run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+        assert not (clone / "data").exists() and not (clone / "artifacts").exists()
+        _run([*dvc, "pull"], clone, {**env, "DVC_SITE_CACHE_DIR": str(clone / ".dvc-site-cache")})
+        same = clone / "data" / "HAM10000_metadata.csv"
+        assert same.read_bytes() == (root / "data" / "HAM10000_metadata.csv").read_bytes()
+        assert (clone / "artifacts" / "model" / "model.pt").read_bytes() == (
+            root / "artifacts/model/model.pt"
+        ).read_bytes()
+        status = _run([*dvc, "status"], clone, env)
+        assert "Data and pipelines are up to date" in status.stdout, status.stdout
