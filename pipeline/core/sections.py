@@ -105,8 +105,14 @@ class ValidateParams:
     require_rgb: bool = True
     workers: int = 0
     max_examples: int = 5
+    near_duplicates: str = "warn"  # copies of one image under two lesion_ids: warn | error | off
+    near_duplicate_min_detail: float = 0.86  # detail similarity that confirms a copy (0..1)
 
     def __post_init__(self) -> None:
+        if self.near_duplicates not in ("warn", "error", "off"):
+            fail("near_duplicates", f"must be warn, error or off, got {self.near_duplicates!r}")
+        if not 0 < self.near_duplicate_min_detail <= 1:
+            fail("near_duplicate_min_detail", f"must be in (0, 1], got {self.near_duplicate_min_detail}")
         try:
             re.compile(self.image_id_pattern)
         except re.error as exc:

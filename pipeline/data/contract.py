@@ -10,7 +10,9 @@ Two halves, one verdict (:func:`validate`):
 2. file checks that GE cannot do alone (:func:`check_files`): every ``image_id`` has a file (an
    allowed extension) that decodes fully as an RGB image of at least ``min_width`` x
    ``min_height`` and at most ``max_aspect_ratio`` elongated; no orphan files; byte-identical
-   images are reported, and a byte-identical pair spanning two lesions is a violation.
+   images are reported, and a byte-identical pair spanning two lesions is a violation; copies of
+   one image that are not byte-identical (:mod:`pipeline.data.neardup`) spanning two lesions are a
+   warning, or a violation with ``validate.near_duplicates: error``.
 
 Every failed check carries example rows or files as the user would find them (rows numbered from
 1 after the header). The ``validate`` stage writes the verdict; new data is checked by the same
@@ -27,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.core import images, params
@@ -34,7 +37,10 @@ from pipeline.core.errors import LesionflowError
 from pipeline.core.formats import SizeLimits
 from pipeline.core.reporting import md_table
 from pipeline.core.workers import map_chunks
+from pipeline.data import neardup
 
+#: The validation report's PNG of near-duplicate pairs (next to report.md).
+NEAR_SHEET = "near_duplicates.png"
 INDEX_COLUMNS = ["image_id", "file", "md5", "format", "mode", "width", "height", "error"]
 
 
@@ -64,6 +70,7 @@ class ValidationResult:
     duplicate_groups: list[list[str]]
     index: pd.DataFrame
     seconds: float = 0.0
+    near_pairs: list[neardup.Pair] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -73,9 +80,17 @@ class ValidationResult:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
+    @property
+    def warnings(self) -> list[Check]:
+        return [c for c in self.checks if c.kind == "warning"]
+
     def metrics(self) -> dict[str, Any]:
         """The DVC metrics: whether the contract passed and how many checks failed."""
-        return {"checks_failed": len(self.failed), "passed": int(self.passed)}
+        return {
+            "checks_failed": len(self.failed),
+            "near_duplicate_pairs": len(self.near_pairs),
+            "passed": int(self.passed),
+        }
 
     def details(self) -> dict[str, Any]:
         """Every check with its examples, the counts and the duplicate groups."""
@@ -85,6 +100,7 @@ class ValidationResult:
             "image_files": self.n_files,
             "checks": [asdict(c) for c in self.checks],
             "duplicates": self.duplicate_groups,
+            "near_duplicates": [asdict(p) for p in self.near_pairs],
             "seconds": round(self.seconds, 2),
         }
 
@@ -232,7 +248,8 @@ def check_metadata(
 
 
 def inspect_file(path: str, limits: SizeLimits, require_rgb: bool) -> dict[str, Any]:
-    """Read one file once: md5 of its bytes, then a full decode (and the size limits)."""
+    """Read one file once: md5 of its bytes, a full decode (and the size limits), and the
+    near-duplicate thumbnail of a good image (key ``thumb``)."""
     row: dict[str, Any] = {
         "file": path,
         "md5": None,
@@ -253,6 +270,8 @@ def inspect_file(path: str, limits: SizeLimits, require_rgb: bool) -> dict[str, 
         row.update(format=fmt, mode=mode, width=w, height=h)
         images.decode_rgb(data, path, require_rgb=require_rgb)
         row["error"] = limits.problem(w, h)
+        if row["error"] is None:
+            row["thumb"] = neardup.file_thumbnail(data)
     except images.ImageError as exc:
         row["error"] = exc.reason
     return row
@@ -262,13 +281,36 @@ def _inspect_chunk(paths: list[str], limits: SizeLimits, require_rgb: bool) -> l
     return [inspect_file(f, limits, require_rgb) for f in paths]
 
 
-def inspect_files(paths: list[Path], p: params.ValidateParams, progress: bool = True) -> pd.DataFrame:
-    """Hash and fully decode every file, in parallel over the cores, with a progress bar."""
+def inspect_files(
+    paths: list[Path], p: params.ValidateParams, progress: bool = True
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Hash and fully decode every file, in parallel over the cores, with a progress bar; the
+    per-file index and the near-duplicate thumbnails of the good images (by file)."""
     fn = partial(_inspect_chunk, limits=p.size_limits(), require_rgb=p.require_rgb)
     rows = map_chunks(
         fn, [str(f) for f in paths], chunk_size=64, workers=p.workers, progress=progress, desc="validate files"
     )
-    return pd.DataFrame(rows, columns=INDEX_COLUMNS[1:])
+    thumbs = {r["file"]: r.pop("thumb") for r in rows if "thumb" in r}
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS[1:]), thumbs
+
+
+def near_duplicates(
+    index: pd.DataFrame, thumbs: dict[str, np.ndarray], lesion_of: dict[str, Any], p: params.ValidateParams
+) -> tuple[list[neardup.Pair], list[str]]:
+    """Near-duplicate pairs among the indexed images (``validate.near_duplicates`` not off), and
+    a message per pair spanning two lesions."""
+    if p.near_duplicates == "off" or not thumbs:
+        return [], []
+    good = index[index["file"].isin(thumbs)]
+    stack = np.stack([thumbs[f] for f in good["file"]])
+    pairs = neardup.find_pairs(stack, list(good["image_id"]), min_detail=p.near_duplicate_min_detail)
+    spanning = [
+        f"{q.a} (lesion {lesion_of.get(q.a)}) and {q.b} (lesion {lesion_of.get(q.b)}) are copies of one image "
+        f"(detail similarity {q.detail:.2f})"
+        for q in pairs
+        if lesion_of.get(q.a) != lesion_of.get(q.b)
+    ]
+    return pairs, spanning
 
 
 def duplicate_groups(index: pd.DataFrame, lesion_of: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
@@ -297,18 +339,21 @@ def _visible_files(folder: Path) -> list[Path]:
 
 def check_files(
     df: pd.DataFrame, images_dir: Path, p: params.ValidateParams, progress: bool = True
-) -> tuple[list[Check], pd.DataFrame, list[list[str]]]:
-    """File checks; returns the checks, the per-image index and the byte-identical groups."""
+) -> tuple[list[Check], pd.DataFrame, list[list[str]], list[neardup.Pair]]:
+    """File checks; returns the checks, the per-image index (with ``duplicate_of`` and
+    ``near_group``), the byte-identical groups and the near-duplicate pairs."""
     allowed = tuple(e.lower() for e in p.image_extensions)
     found = images.index_images(images_dir, allowed)
     ids = [str(i) for i in df["image_id"].dropna().astype(str)] if "image_id" in df.columns else []
     id_set = set(ids)
     present = [found[i] for i in ids if i in found]
-    index = inspect_files(present, p, progress)
+    index, thumbs = inspect_files(present, p, progress)
     index.insert(0, "image_id", [f.stem for f in present])
     lesion_of = dict(zip(df["image_id"].astype(str), df["lesion_id"])) if "lesion_id" in df.columns else {}
     groups, spanning = duplicate_groups(index, lesion_of)
     index["duplicate_of"] = index["image_id"].map({m: g[0] for g in groups for m in g[1:]})
+    near_pairs, near_spanning = near_duplicates(index, thumbs, lesion_of, p)
+    index["near_group"] = index["image_id"].map(neardup.groups(near_pairs))
     kind = "RGB" if p.require_rgb else "an"
     checks = [
         _file_check(
@@ -338,7 +383,17 @@ def check_files(
             "duplicates_within_one_lesion", "byte-identical images never span two lesions", spanning, p.max_examples
         ),
     ]
-    return checks, index, groups
+    if p.near_duplicates != "off":
+        near = _file_check(
+            "near_duplicates_within_one_lesion",
+            "no copy of an image (resized, re-compressed, slightly cropped, colour-shifted) spans two lesions",
+            near_spanning,
+            p.max_examples,
+        )
+        if p.near_duplicates == "warn" and near_spanning:
+            near.passed, near.kind = True, "warning"
+        checks.append(near)
+    return checks, index, groups, near_pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,12 +423,12 @@ def validate(
     df = read_metadata_table(metadata_csv)
     checks = check_metadata(df, p, meta, dx_vocab)
     if "image_id" in df.columns:
-        file_checks, index, groups = check_files(df, images_dir, p, progress)
+        file_checks, index, groups, near = check_files(df, images_dir, p, progress)
         checks += file_checks
     else:
-        index, groups = pd.DataFrame(columns=["image_id", "file", "md5"]), []
+        index, groups, near = pd.DataFrame(columns=["image_id", "file", "md5"]), [], []
     n_files = sum(1 for f in images_dir.iterdir() if f.is_file()) if images_dir.is_dir() else 0
-    return ValidationResult(checks, len(df), n_files, groups, index, time.perf_counter() - t0)
+    return ValidationResult(checks, len(df), n_files, groups, index, time.perf_counter() - t0, near)
 
 
 def render_markdown(result: ValidationResult, metadata_csv: Path, images_dir: Path) -> str:
@@ -386,14 +441,14 @@ def render_markdown(result: ValidationResult, metadata_csv: Path, images_dir: Pa
         f"- checks: {len(result.checks)} run, {len(result.failed)} failed ({result.seconds:.1f} s)",
         "",
         md_table(
-            [(c.description, c.kind, "pass" if c.passed else "**FAIL**", c.failures) for c in result.checks],
+            [(c.description, c.kind, _verdict(c), c.failures) for c in result.checks],
             ["check", "kind", "result", "failures"],
             align="lllr",
         ),
     ]
-    if result.failed:
-        lines += ["", "## Failures", ""]
-        for c in result.failed:
+    if result.failed or result.warnings:
+        lines += ["", "## Failures and warnings", ""]
+        for c in result.failed + result.warnings:
             lines += [f"### {c.description}", *(f"- {e}" for e in c.examples), ""]
     lines += ["", "## Byte-identical images", ""]
     if result.duplicate_groups:
@@ -401,7 +456,39 @@ def render_markdown(result: ValidationResult, metadata_csv: Path, images_dir: Pa
         lines += ["", "Duplicates inside one lesion are allowed; the split keeps each group in one split."]
     else:
         lines.append("None.")
+    lines += ["", "## Near-duplicates", ""]
+    if result.near_pairs:
+        lines += [
+            md_table(
+                [(q.a, q.b, f"{q.detail:.2f}") for q in result.near_pairs[:50]],
+                ["image", "copy of", "detail similarity"],
+                align="llr",
+            ),
+            "",
+            f"{len(result.near_pairs)} pair(s); side by side in `{NEAR_SHEET}`. "
+            "The split keeps each group in one split.",
+        ]
+    else:
+        lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(c: Check) -> str:
+    if c.kind == "warning":
+        return "**WARN**"
+    return "pass" if c.passed else "**FAIL**"
+
+
+def captions(result: ValidationResult, metadata_csv: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``image_id lesion_id dx`` and the lesion of every image in a near-duplicate pair, for the
+    contact sheet."""
+    ids = {x for q in result.near_pairs for x in (q.a, q.b)}
+    df = read_metadata_table(metadata_csv)
+    df = df[df["image_id"].astype(str).isin(ids)]
+    return (
+        {str(r.image_id): f"{r.image_id} {r.lesion_id} {r.dx}" for r in df.itertuples()},
+        {str(r.image_id): str(r.lesion_id) for r in df.itertuples()},
+    )
 
 
 def format_failures(result: ValidationResult) -> str:

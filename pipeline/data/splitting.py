@@ -1,7 +1,8 @@
 """The leakage-free split: nothing the model could memorise crosses a split boundary.
 
 All images of one lesion (``split.group_column``), of one patient (``split.patient_column``, when the
-metadata has it) and every set of byte-identical files (md5 from the validation index) form one
+metadata has it), every set of byte-identical files (md5 from the validation index) and every
+group of near-duplicates (``near_group`` of the validation index) form one
 connected group (:func:`connected_groups`), and a group lands in exactly one split. Within that
 constraint the split is stratified by diagnosis (:func:`assign_groups`): groups are placed, largest
 first (ties broken by a seeded shuffle), into the split whose quota for their diagnoses is least
@@ -93,7 +94,9 @@ def make_split(meta: pd.DataFrame, index: pd.DataFrame, p: params.SplitParams) -
             "re-run the validate stage on this data"
         )
     df["_md5"] = df["image_id"].map(md5)
-    keys = [p.group_column, "_md5"] + ([p.patient_column] if p.patient_column in df.columns else [])
+    near = index.set_index("image_id")["near_group"] if "near_group" in index.columns else pd.Series(dtype=str)
+    df["_near"] = df["image_id"].map(near)
+    keys = [p.group_column, "_md5", "_near"] + ([p.patient_column] if p.patient_column in df.columns else [])
     df["_group"] = connected_groups(df, keys)
     fractions = (p.train_fraction, p.val_fraction, p.test_fraction)
     df["split"] = np.asarray(SPLITS)[
@@ -102,7 +105,7 @@ def make_split(meta: pd.DataFrame, index: pd.DataFrame, p: params.SplitParams) -
     spans = df.groupby("_group")["split"].nunique()
     if (spans > 1).any():  # cannot happen by construction; a guard against future edits
         raise AssertionError(f"{int((spans > 1).sum())} group(s) span two splits")
-    return df.drop(columns=["_md5", "_group"]).sort_values("image_id", kind="stable").reset_index(drop=True)
+    return df.drop(columns=["_md5", "_near", "_group"]).sort_values("image_id", kind="stable").reset_index(drop=True)
 
 
 def split_counts(df: pd.DataFrame, column: str) -> pd.DataFrame:

@@ -4,8 +4,10 @@
 
 Writes ``reports/validation/``: ``summary.json`` (numbers: the DVC metrics), ``checks.json`` (every
 check with its example rows or files, the byte-identical groups), ``lineage.json`` and
-``report.md``; and, only when the contract holds, ``artifacts/validation/images.csv`` (one row per
-image: file, md5, format, size; the split stage keeps duplicates together by md5). On a violation
+``report.md`` (with ``near_duplicates.png``, the near-duplicate pairs side by side, when there
+are any); and, only when the contract holds, ``artifacts/validation/images.csv`` (one row per
+image: file, md5, format, size, ``near_group``; the split stage keeps byte-identical and near-duplicate groups
+together). On a violation
 it prints every failed check with examples and exits 1, so nothing downstream runs.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from pipeline.core import fsutil, lineage, params, stagecli
 from pipeline.core.errors import EXIT_FAILED, EXIT_OK
-from pipeline.data import contract
+from pipeline.data import contract, neardup
 
 
 def write_outputs(result: contract.ValidationResult, args: Namespace, lin: dict) -> None:
@@ -28,6 +30,13 @@ def write_outputs(result: contract.ValidationResult, args: Namespace, lin: dict)
     fsutil.write_json(reports / "checks.json", result.details())
     fsutil.write_json(reports / "lineage.json", lin)
     fsutil.atomic_write_text(reports / "report.md", contract.render_markdown(result, args.metadata, args.images))
+    sheet = reports / contract.NEAR_SHEET
+    if result.near_pairs:
+        captions, lesion_of = contract.captions(result, args.metadata)
+        across_first = sorted(result.near_pairs, key=lambda q: lesion_of.get(q.a) == lesion_of.get(q.b))
+        neardup.contact_sheet(across_first, dict(zip(result.index["image_id"], result.index["file"])), sheet, captions)
+    elif sheet.exists():
+        sheet.unlink()
     if result.passed:
         fsutil.atomic_write_text(args.index, result.index.to_csv(index=False))
 
@@ -48,10 +57,12 @@ def body(args: Namespace) -> int:
         print(contract.format_failures(result), file=sys.stderr)
         print(f"Reports: {args.reports / 'report.md'}, {args.reports / 'checks.json'}", file=sys.stderr)
         return EXIT_FAILED
+    for c in result.warnings:
+        print(f"WARNING: {c.description}: {c.failures} pair(s), e.g.", *c.examples, sep="\n  ", file=sys.stderr)
     print(
         f"Data contract passed: {result.n_rows:,} rows, {len(result.index):,} images, {len(result.checks)} "
-        f"checks, {len(result.duplicate_groups)} byte-identical group(s) within single lesions "
-        f"({result.seconds:.1f} s)"
+        f"checks, {len(result.duplicate_groups)} byte-identical group(s) within single lesions, "
+        f"{len(result.near_pairs)} near-duplicate pair(s) ({result.seconds:.1f} s)"
     )
     return EXIT_OK
 

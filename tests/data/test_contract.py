@@ -231,7 +231,7 @@ def test_main_exits_nonzero_names_failures_and_writes_reports(dataset, tmp_path,
     assert "FAILED" in err and "sex" in err and "ISIC_0000001" in err
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["passed"] == 0 and summary["checks_failed"] == 1
-    assert list(summary) == ["checks_failed", "passed"]  # the DVC metrics: the key numbers only
+    assert list(summary) == ["checks_failed", "near_duplicate_pairs", "passed"]  # the DVC metrics: key numbers only
     checks = json.loads((tmp_path / "rep" / "checks.json").read_text())
     assert checks["rows"] > 0 and checks["image_files"] > 0
     assert [c["name"] for c in checks["checks"] if not c["passed"]] == ["expect_column_values_to_be_in_set(sex)"]
