@@ -99,5 +99,5 @@ def retrain_decision(summary: Mapping[str, Any], data_md5: str | None, champion_
     return {
         "action": "alert",
         "reason": f"drift confirmed but no new labelled data (data.dvc md5 {data_md5} = the champion's): "
-        "label new images, add them as a new DVC data version (dvc add data), then retrain",
+        "label new images, add them as a new DVC data version (lesionflow ingest DIR --metadata CSV), then retrain",
     }
