@@ -88,9 +88,9 @@ VERDICT = LAYOUT.reports("evaluate") / "gates.json"
 @task(name="export-champion", cache_policy=NO_CACHE, persist_result=False)
 def export_champion(dest: str) -> str | None:
     """Copy the registry's champion to ``dest`` (removed when there is none); return its tag."""
-    from pipeline.serving import registry
+    from pipeline.serving import champions
 
-    tag = registry.export_champion(Path(dest))
+    tag = champions.export_champion(Path(dest))
     get_run_logger().info("champion: %s", f"{tag} exported to {dest}" if tag else "none yet (absolute gates only)")
     return tag
 
@@ -148,6 +148,33 @@ def _publish(root: Path, summary: dict[str, Any], verdict: dict[str, Any] | None
             )
     except Exception as exc:  # artifacts are a convenience; never fail the run over them
         logger.warning("could not publish Prefect artifacts: %s", exc)
+
+
+def _data_diff(root: Path, summary: dict[str, Any]) -> None:
+    """When the data version differs from the champion's: what it adds (pipeline.audit.datadiff),
+    written to reports/data_diff/ and linked as a Prefect artifact. Never fails the run."""
+    from pipeline.audit import datadiff
+    from pipeline.serving import registry
+
+    logger = get_run_logger()
+    try:
+        champ = registry.champion()
+        labels = (champ or {}).get("labels") or {}
+        data_md5 = lineage.data_version(Layout(root).data_pointer).get("md5")
+        if champ is None or labels.get("data_md5") in (None, data_md5) or labels.get("git_commit") in (None, "unknown"):
+            return
+        d = datadiff.diff(Layout(root), labels["git_commit"], datadiff.WORKSPACE)
+        _, md_path = datadiff.write(d, Layout(root).reports("data_diff"))
+        summary["data_diff"] = {"against": champ["tag"], **d["images"], "report": str(md_path.relative_to(root))}
+        create_markdown_artifact(
+            key="lesionflow-data-diff",
+            markdown=datadiff.render_markdown(d),
+            description=f"data version {data_md5} vs the champion's {labels['data_md5']}",
+        )
+        logger.info("Data changed since the champion: +%d/-%d images (%s)", d["images"]["added"],
+                    d["images"]["removed"], md_path)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - a report, not a gate
+        logger.warning("could not diff the data against the champion's: %s", exc)
 
 
 def _finish(root: Path, summary: dict[str, Any], verdict: dict[str, Any] | None, state: State) -> State:
@@ -296,6 +323,7 @@ def _retrain_locked(root: Path, retries: int, retry_delay_seconds: float, packag
     from pipeline.serving import bento as bentos
 
     run = _Run(root, retries, retry_delay_seconds)
+    _data_diff(root, run.summary)
     for name in STAGES[:-1]:
         failed = run.stage(name)
         if failed is not None:

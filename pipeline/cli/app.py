@@ -11,11 +11,23 @@ lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deploy
 lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
 lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # external validation
 lesionflow similar IMAGE [--k 6] [--sheet cases.png]   # the most similar confirmed training cases
+lesionflow ingest DIR --metadata CSV [--commit] [--push]   # new labelled images -> a new data version
+lesionflow data diff [REV_A] [REV_B]  # what a data version adds (default: champion's vs workspace)
+lesionflow history                  # champions over time; lesionflow rollback [TAG] --reason TEXT
 """
 
 from __future__ import annotations
 
-from pipeline.cli import external, predict, registry_views, run, serve, similar  # noqa: F401  (registers the commands)
+from pipeline.cli import (  # noqa: F401  (registers the commands)
+    champions,
+    data,
+    external,
+    predict,
+    registry_views,
+    run,
+    serve,
+    similar,
+)
 from pipeline.cli.base import app
 
 __all__ = ["app", "main"]

@@ -26,6 +26,10 @@ def print_champion() -> dict[str, Any] | None:
         f"{labels.get('data_md5')}; git {str(labels.get('git_commit'))[:12]}; threshold "
         f"{labels.get('threshold')})"
     )
+    last = registry.timeline()[-1]
+    if last["event"] == "rollback":
+        out.print(f"  restored by rollback {last['at']:%Y-%m-%d %H:%M} UTC by {last.get('by')}: {last.get('reason')} "
+                  "(lesionflow history)")  # fmt: skip
     bento = bentos.latest_bento()
     out.print(f"Bento: {bento or 'none built'}" + ("   (lesionflow serve)" if bento else ""))
     return champ
@@ -115,7 +119,22 @@ def trace(
     if d.get("gates"):
         print_gates(d["gates"], "Gate verdict")
     print_external(d.get("external_validations") or [])
+    _print_champion_history(d["tag"])
     _print_provenance(d)
+
+
+def _print_champion_history(tag: str) -> None:
+    """When and why this model was the champion (packaged, rolled back to)."""
+    from pipeline.serving import champions
+
+    rows = champions.history()
+    mine = [r for r in rows if r["tag"] == tag]
+    if not mine:
+        return
+    state = "the current champion" if rows[-1]["tag"] == tag else "not the champion now"
+    out.print(f"  champion:    {state}; " + "; ".join(
+        f"{r['event']} {r['at']}" + (f" by {r['by']}: {r['reason']}" if r["event"] == "rollback" else "") for r in mine
+    ))  # fmt: skip
 
 
 def print_external(records: list[dict[str, Any]]) -> None:

@@ -1,15 +1,14 @@
 """The model registry: the one owner of the BentoML model store and Bento builds.
 
-Only a model that passed every evaluation gate is ever saved, so the newest model in the store
-is the **champion**. Each saved model carries what an auditor needs to trace it back: the data
+Only a model that passed every evaluation gate is ever saved; the newest model in the store is
+the **champion** unless a later rollback (:mod:`pipeline.serving.champions`) named an earlier one
+(:func:`timeline`). Each saved model carries what an auditor needs to trace it back: the data
 version (md5 of ``data.dvc``), the git commit, the DVC stage hashes of ``dvc.lock``, the
 parameters, the test metrics, the gate verdict and the binary operating threshold.
 
     tag = package(Path("artifacts/model"), Path("artifacts/evaluate"), Path("reports/evaluate"))
     champion()                              # {"tag", "path", "labels", "metadata", "created_at"} or None
-    export_champion(Path("artifacts/champion"))   # model.pt + config.json + operating_point.json
     describe("lesionflow-classifier:abc123")      # or a Bento tag: lineage + restore commands
-    build_bento()                           # `bentoml build` of bentofile.yaml, offline
 
 The store lives under ``$BENTOML_HOME`` (the Makefile sets ``.lesionflow/bentoml``; tests a
 temporary directory); it is read from the environment at every call, so a process can switch
@@ -32,7 +31,7 @@ import yaml
 
 from pipeline.core import lineage
 from pipeline.core.errors import LesionflowError
-from pipeline.core.fsutil import read_json, require_json, staged_dir, write_json
+from pipeline.core.fsutil import read_json, require_json, write_json
 from pipeline.core.layout import Layout
 from pipeline.model.checkpoint import CONFIG_FILE, MODEL_FILE
 from pipeline.model.ood import OOD_FILE
@@ -320,46 +319,44 @@ def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_r
 # champion
 
 
+#: The champion's history beside the model store: one JSON line per rollback (who, when, why).
+HISTORY_FILE = "lesionflow-champions.jsonl"
+
+
+def history_file() -> Path:
+    """Where rollbacks are recorded (in the BentoML home, next to the models they name)."""
+    return bentoml_home() / HISTORY_FILE
+
+
+def rollbacks() -> list[dict[str, Any]]:
+    """The recorded rollbacks, oldest first (``{"at", "tag", "reason", "by", "from"}``)."""
+    path = history_file()
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def timeline() -> list[dict[str, Any]]:
+    """Every change of champion, oldest first: each stored model's packaging (a gated model
+    becomes the champion when it is packaged) and each rollback to a stored model."""
+    models = {str(m.tag): m for m in _models()}
+    events = [
+        {"at": m.info.creation_time.astimezone(UTC), "tag": tag, "event": "packaged"} for tag, m in models.items()
+    ]
+    for r in rollbacks():
+        if r.get("tag") in models:
+            events.append({**r, "at": datetime.fromisoformat(r["at"]).astimezone(UTC), "event": "rollback"})
+    return sorted(events, key=lambda e: e["at"])
+
+
 def champion() -> dict[str, Any] | None:
-    """The champion (the newest stored model): ``{"tag", "path", "labels", "metadata",
-    "created_at"}``, or None when the store holds no lesionflow model."""
-    models = _models()
-    return _model_record(models[-1]) if models else None
-
-
-def export_champion(dest: Path) -> str | None:
-    """Copy the champion's ``model.pt``, ``config.json`` and ``operating_point.json`` (plus
-    ``champion.json``: tag, md5s, threshold) to ``dest``, replacing it atomically; return the tag.
-    Without a champion, remove ``dest`` and return None."""
-    dest = Path(dest)
-    champ = champion()
-    if champ is None:
-        if dest.exists():
-            shutil.rmtree(dest)
+    """The champion: ``{"tag", "path", "labels", "metadata", "created_at"}`` of the model of the
+    latest change in :func:`timeline` (the newest packaged model unless a rollback came after it),
+    or None when the store holds no lesionflow model."""
+    events = timeline()
+    if not events:
         return None
-    src = Path(champ["path"])
-    with staged_dir(dest) as stage:
-        for name in SERVING_FILES:
-            if not (src / name).exists():
-                raise RegistryError(f"{src / name}: missing from the champion {champ['tag']} (store corrupted?)")
-            shutil.copy2(src / name, stage / name)
-        for name in OPTIONAL_MODEL_FILES:
-            if (src / name).exists():
-                shutil.copy2(src / name, stage / name)
-        if (src / "reference").is_dir():
-            shutil.copytree(src / "reference", stage / "reference")
-        write_json(
-            stage / "champion.json",
-            {
-                "tag": champ["tag"],
-                "model_md5": champ["labels"].get("model_md5"),
-                "data_md5": champ["labels"].get("data_md5"),
-                "git_commit": champ["labels"].get("git_commit"),
-                "threshold": champ["metadata"].get("threshold"),
-                "created_at": champ["created_at"],
-            },
-        )
-    return champ["tag"]
+    return _model_record(_model_store().get(events[-1]["tag"]))
 
 
 # ----------------------------------------------------------------------------------------------

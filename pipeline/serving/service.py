@@ -43,7 +43,9 @@ decompression bomb, wrong field types or values, unknown fields) gets a 4xx JSON
 ``{"error": message, "field": name, "status": code}`` naming the field; never a 500.
 
 Which model: ``$LESIONFLOW_MODEL_TAG``, else the Bento argument ``model_tag`` (set by
-:func:`pipeline.serving.bento.build_bento`), else ``lesionflow-classifier:latest`` (the champion).
+:func:`pipeline.serving.bento.build_bento`), else the champion of the model store
+(:func:`pipeline.serving.registry.champion`: the newest packaged model unless a rollback named
+another).
 Limits: ``$LESIONFLOW_MAX_IMAGE_BYTES`` (default 20 MB), ``$LESIONFLOW_MAX_IMAGE_PIXELS``
 (default :data:`pipeline.core.images.MAX_PIXELS`), ``$LESIONFLOW_MAX_BATCH_IMAGES`` (images per
 ``/classify_batch`` request, default 32), ``$LESIONFLOW_MAX_REQUEST_BYTES`` (body of a
@@ -83,7 +85,7 @@ from pipeline.monitoring import inferencelog
 from pipeline.serving import routes
 from pipeline.serving.batching import Batcher
 from pipeline.serving.logqueue import BackgroundLog
-from pipeline.serving.registry import MODEL_NAME, OPERATING_POINT_FILE, RETRIEVAL_DIR
+from pipeline.serving.registry import MODEL_NAME, OPERATING_POINT_FILE, RETRIEVAL_DIR, champion
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
@@ -126,7 +128,10 @@ def model_tag() -> str:
         tag = getattr(bentoml.use_arguments(), "model_tag", None)
     except Exception:  # no Bento arguments in this context
         tag = None
-    return str(tag) if tag else f"{MODEL_NAME}:latest"
+    if tag:
+        return str(tag)
+    champ = champion()  # rollbacks included
+    return champ["tag"] if champ else f"{MODEL_NAME}:latest"
 
 
 @bentoml.service(

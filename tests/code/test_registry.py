@@ -14,7 +14,7 @@ import yaml
 from pipeline.core import lineage
 from pipeline.model import inference
 from pipeline.serving import bento as bentos
-from pipeline.serving import registry
+from pipeline.serving import champions, registry
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 from tools import codemap
 
@@ -49,7 +49,7 @@ def test_round_trip_package_champion_export_describe(home, tmp_path):
     assert champ["labels"]["model_md5"] == files["model_md5"]
 
     dest = tmp_path / "champion"
-    assert registry.export_champion(dest) == tag
+    assert champions.export_champion(dest) == tag
     for name in ("model.pt", "config.json"):
         assert lineage.file_md5(dest / name) == lineage.file_md5(model / name)
     assert json.loads((dest / "operating_point.json").read_text())["threshold"] == 0.27
@@ -108,7 +108,7 @@ def test_export_without_champion_removes_destination(home, tmp_path):
     dest = tmp_path / "champion"
     dest.mkdir()
     (dest / "model.pt").write_bytes(b"stale")
-    assert registry.export_champion(dest) is None
+    assert champions.export_champion(dest) is None
     assert not dest.exists()
 
 
@@ -188,3 +188,32 @@ def test_git_state_a_rewritten_dvc_lock_is_not_dirty_code(tmp_path):
     state = lineage.git_state(repo)
     assert state["dirty"] is True and state["modified"] == ["train.py"]
     assert len(state["commit"]) == 40
+
+
+def test_rollback_makes_an_earlier_model_champion_until_a_newer_one_is_packaged(home, tmp_path):
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        champions.rollback(None, "nothing yet")
+    first = registry.package(*_evaluated(tmp_path, "a", seed=1)[:3], project_root=PROJECT_ROOT)
+    second = registry.package(*_evaluated(tmp_path, "b", seed=2)[:3], project_root=PROJECT_ROOT)
+    assert registry.champion()["tag"] == second and champions.previous_champion() == first
+    with pytest.raises(registry.RegistryError, match="reason"):
+        champions.rollback(None, "  ")
+    with pytest.raises(registry.RegistryError, match="unknown tag"):
+        champions.rollback("lesionflow-classifier:nosuchversion", "typo")
+    event = champions.rollback(None, "melanoma sensitivity fell at site B")
+    assert (event["tag"], event["from"]) == (first, second) and registry.champion()["tag"] == first
+    with pytest.raises(registry.RegistryError, match="already the champion"):
+        champions.rollback(first, "again")
+    # the exported champion (what the flow's regression gates compare with) is the restored one
+    assert champions.export_champion(tmp_path / "champ") == first
+    third = registry.package(*_evaluated(tmp_path, "c", seed=3)[:3], project_root=PROJECT_ROOT)
+    assert registry.champion()["tag"] == third  # packaging after a rollback makes a champion as usual
+    rows = champions.history()
+    assert [(r["event"], r["tag"]) for r in rows] == [
+        ("packaged", first), ("packaged", second), ("rollback", first), ("packaged", third)
+    ]  # fmt: skip
+    assert rows[2]["reason"] == "melanoma sensitivity fell at site B" and rows[2]["by"] == champions.who()
+    assert [r["current"] for r in rows] == [False, False, False, True]
+    assert all(r["data_md5"] == lineage.data_version(PROJECT_ROOT / "data.dvc")["md5"] for r in rows)
+    # the record survives a new process: it lives in the store's home
+    assert json.loads(registry.history_file().read_text().splitlines()[0])["tag"] == first

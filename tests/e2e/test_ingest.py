@@ -1,0 +1,198 @@
+"""New labelled data in, a new data version out, and back: ``lesionflow ingest``, ``lesionflow data
+diff``, the retraining flow on the new version, ``lesionflow history`` and ``lesionflow rollback``,
+from a plain shell in a throw-away git + DVC workspace.
+
+Data version 1 is a real HAM10000 sample minus a held-back set of lesions; the held-back batch is
+then ingested. Refused batches (a lesion that changes diagnosis, a corrupt image, a near-duplicate
+of an existing image under another lesion) leave ``data/`` and ``data.dvc`` byte for byte as they
+were."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import copy_sample, make_project
+from tests.e2e.test_retrain_flow import TINY, lesionflow
+
+HELD_BACK_PER_CLASS = 2
+
+
+def split_off_batch(data: Path, dest: Path, per_class: int = HELD_BACK_PER_CLASS, seed: int = 1) -> pd.DataFrame:
+    """Move ``per_class`` whole lesions per diagnosis out of ``data`` into ``dest/{batch.csv,
+    images/}``; returns the batch's rows."""
+    meta = pd.read_csv(data / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    lesions = meta.drop_duplicates("lesion_id").groupby("dx", sort=True).sample(per_class, random_state=seed)
+    batch = meta[meta["lesion_id"].isin(set(lesions["lesion_id"]))]
+    (dest / "images").mkdir(parents=True)
+    for image_id in batch["image_id"]:
+        shutil.move(data / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
+    meta[~meta.index.isin(batch.index)].to_csv(data / "HAM10000_metadata.csv", index=False)
+    batch.to_csv(dest / "batch.csv", index=False)
+    return batch.reset_index(drop=True)
+
+
+def tree_md5(root: Path) -> dict[str, str]:
+    """md5 of every file under ``data/`` plus ``data.dvc``: what must not change on a refusal."""
+    files = sorted((root / "data").rglob("*")) + [root / "data.dvc"]
+    return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def data_md5(root: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((root / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """Data version 1 (a sample minus the held-back lesions) in a workspace retrained once."""
+    tmp = tmp_path_factory.mktemp("ingest")
+    data = copy_sample(tmp / "sample", per_class=7, seed=3)
+    batch = split_off_batch(data, tmp / "batch")
+    root = make_project(tmp / "ws", data, TINY)
+    for key, value in (("user.name", "Data Steward"), ("user.email", "steward@lesionflow.invalid")):
+        subprocess.run(["git", "config", key, value], cwd=root, check=True)  # as a user's git has
+    first = lesionflow(root, "run")
+    assert first.returncode == 0, first.stdout[-3000:]
+    # as a user records a reproduced pipeline (the champion names the commit before this one)
+    subprocess.run(["git", "add", "dvc.lock"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "Pipeline reproduced"], cwd=root, check=True)
+    return {"root": root, "batch_dir": tmp / "batch", "batch": batch, "tmp": tmp}
+
+
+def test_ingest_makes_a_new_data_version_the_diff_counts_it_and_the_flow_retrains_on_it(workspace):
+    root, batch_dir, batch = workspace["root"], workspace["batch_dir"], workspace["batch"]
+    before = data_md5(root)
+    n_before = len(pd.read_csv(root / "data/HAM10000_metadata.csv"))
+    res = lesionflow(root, "ingest", str(batch_dir / "images"), "--metadata", str(batch_dir / "batch.csv"),
+                     "--commit", "--no-progress")  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:]
+    after = data_md5(root)
+    assert after != before and f"{before} -> {after}" in res.stdout
+    merged = pd.read_csv(root / "data/HAM10000_metadata.csv", dtype=str)
+    assert len(merged) == n_before + len(batch) and set(batch["image_id"]) <= set(merged["image_id"])
+    assert all((root / "data/images" / f"{i}.jpg").exists() for i in batch["image_id"])
+    log = lesionflow(root, "dvc", "status", "data.dvc")
+    assert log.returncode == 0 and "changed" not in log.stdout, log.stdout  # data.dvc describes data/
+    last = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
+    assert last.startswith("Data: ingest images") and f"+{len(batch)} images" in last
+
+    # the diff against the champion's data version counts exactly the added images per class
+    res = lesionflow(root, "data", "diff", "--out", str(workspace["tmp"] / "diff"))
+    assert res.returncode == 0, res.stdout[-3000:]
+    d = json.loads((workspace["tmp"] / "diff/data_diff.json").read_text())
+    assert d["images"]["added"] == len(batch) and d["images"]["removed"] == 0
+    assert d["files"]["added"] == len(batch) and d["files"]["deleted"] == 0
+    assert d["files"]["modified"] == 1  # the metadata table, rows appended
+    expected = batch["dx"].value_counts().to_dict()
+    assert {r["value"]: r["change"] for r in d["dx"] if r["change"]} == expected
+    assert set(d["new_lesions"]) == set(batch["lesion_id"])
+    # per-split counts need the split outputs of that revision: dvc.lock was committed after the
+    # champion's commit, so against the previous commit (the reproduced pipeline) they are there
+    res = lesionflow(root, "data", "diff", "HEAD~1", "--out", str(workspace["tmp"] / "diff2"), "--no-image-stats")
+    assert res.returncode == 0, res.stdout[-3000:]
+    d2 = json.loads((workspace["tmp"] / "diff2/data_diff.json").read_text())
+    assert sum(d2["splits"]["before"].values()) == n_before and d2["images"]["added"] == len(batch)
+    assert "image_statistics" not in d2
+    assert d["image_statistics"]["checked"] and d["image_statistics"]["added_images"] == len(batch)
+    assert (workspace["tmp"] / "diff/data_diff.md").read_text().startswith("# Data diff")
+
+    # the retraining flow runs on the new version: every stage from validate reruns, a new champion
+    res = lesionflow(root, "run")
+    assert res.returncode == 0, res.stdout[-3000:]
+    summary = json.loads((root / ".lesionflow/last_run.json").read_text())
+    assert all(s["ran"] for s in summary["stages"] if s["stage"] in ("validate", "split", "train"))
+    assert summary["data_diff"]["added"] == len(batch)
+    hist = json.loads(lesionflow(root, "history", "--json").stdout)
+    assert [h["event"] for h in hist] == ["packaged", "packaged"]
+    assert hist[-1]["data_md5"] == after and hist[0]["data_md5"] == before
+    workspace["champions"] = [h["tag"] for h in hist]
+
+
+def test_rollback_restores_the_previous_champion_records_why_and_rebuilds_the_bento(workspace):
+    root = workspace["root"]
+    first, second = workspace.get("champions") or pytest.skip("needs the ingest test's two champions")
+    res = lesionflow(root, "rollback", "--reason", "sensitivity dropped on the new site")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert f"Champion: {first} again (was {second})" in res.stdout
+    hist = json.loads(lesionflow(root, "history", "--json").stdout)
+    assert [(h["event"], h["tag"]) for h in hist] == [("packaged", first), ("packaged", second), ("rollback", first)]
+    assert hist[-1]["current"] and hist[-1]["reason"] == "sensitivity dropped on the new site" and "@" in hist[-1]["by"]
+    status = lesionflow(root, "status")
+    assert f"Champion: {first}" in status.stdout, status.stdout
+    bento = status.stdout.split("Bento: ", 1)[1].split()[0]
+    trace = json.loads(lesionflow(root, "trace", bento, "--json").stdout)
+    assert trace["tag"] == first  # the Bento now serves the restored champion
+    again = lesionflow(root, "rollback", first, "--reason", "twice")
+    assert again.returncode != 0 and "already the champion" in again.stdout
+
+
+def _refused(root: Path, batch_dir: Path, csv: Path) -> str:
+    before = tree_md5(root)
+    res = lesionflow(root, "ingest", str(batch_dir), "--metadata", str(csv), "--no-progress")
+    assert res.returncode == 1, res.stdout[-3000:]
+    assert "Refused" in res.stdout and tree_md5(root) == before
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def small_workspace(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("refuse")
+    data = copy_sample(tmp / "sample", per_class=2, seed=5)
+    batch = split_off_batch(data, tmp / "batch", per_class=1, seed=2)
+    return {"root": make_project(tmp / "ws", data, TINY), "batch": batch, "tmp": tmp}
+
+
+def _variant(small: dict, name: str) -> tuple[Path, Path, pd.DataFrame]:
+    src = small["tmp"] / "batch"
+    dest = small["tmp"] / name
+    shutil.copytree(src / "images", dest / "images")
+    return dest / "images", dest / "batch.csv", small["batch"].copy()
+
+
+def test_a_lesion_that_changes_diagnosis_is_refused_naming_the_row(small_workspace):
+    root = small_workspace["root"]
+    images, csv, rows = _variant(small_workspace, "collide")
+    current = pd.read_csv(root / "data/HAM10000_metadata.csv", dtype=str)
+    existing = current.iloc[0]
+    other_dx = next(d for d in ("nv", "mel") if d != existing["dx"])
+    rows.loc[0, ["lesion_id", "dx"]] = [existing["lesion_id"], other_dx]
+    rows.to_csv(csv, index=False)
+    out = _refused(root, images, csv)
+    assert f"row 2: lesion {existing['lesion_id']} is {existing['dx']} in the current data, {other_dx} here" in out
+
+
+def test_a_corrupt_image_is_refused_naming_the_file(small_workspace):
+    root = small_workspace["root"]
+    images, csv, rows = _variant(small_workspace, "corrupt")
+    rows.to_csv(csv, index=False)
+    bad = images / f"{rows['image_id'][0]}.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = _refused(root, images, csv)
+    assert f"{bad}: cannot be read" in out or f"{bad}: corrupt" in out
+
+
+def test_a_near_duplicate_of_an_existing_image_under_another_lesion_is_refused(small_workspace):
+    root = small_workspace["root"]
+    images, csv, rows = _variant(small_workspace, "neardup")
+    rows.to_csv(csv, index=False)
+    current = pd.read_csv(root / "data/HAM10000_metadata.csv", dtype=str)
+    victim = current["image_id"][0]
+    copy = images / f"{rows['image_id'][0]}.jpg"
+    with Image.open(root / "data/images" / f"{victim}.jpg") as im:  # resized and re-compressed
+        im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(copy, quality=70)
+    out = _refused(root, images, csv)
+    assert str(copy) in out and f"copy of {root / 'data/images' / f'{victim}.jpg'}" in out
+    # the same batch is accepted when the user says so (the split keeps the pair together), here in
+    # a copy of the workspace so that the other refusals still see the original data
+    other = shutil.copytree(root, small_workspace["tmp"] / "ws-accept", symlinks=True)
+    ok = lesionflow(other, "ingest", str(images), "--metadata", str(csv), "--allow-near-duplicates", "--no-progress")
+    assert ok.returncode == 0 and "warning" in ok.stdout, ok.stdout[-3000:]
