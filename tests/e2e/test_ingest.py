@@ -68,7 +68,7 @@ def workspace(tmp_path_factory) -> dict:
     return {"root": root, "batch_dir": tmp / "batch", "batch": batch, "tmp": tmp}
 
 
-def test_ingest_makes_a_new_data_version_the_diff_counts_it_and_the_flow_retrains_on_it(workspace):
+def test_ingest_a_new_data_version_diff_it_retrain_on_it_and_roll_back(workspace):
     root, batch_dir, batch = workspace["root"], workspace["batch_dir"], workspace["batch"]
     before = data_md5(root)
     n_before = len(pd.read_csv(root / "data/HAM10000_metadata.csv"))
@@ -114,12 +114,11 @@ def test_ingest_makes_a_new_data_version_the_diff_counts_it_and_the_flow_retrain
     hist = json.loads(lesionflow(root, "history", "--json").stdout)
     assert [h["event"] for h in hist] == ["packaged", "packaged"]
     assert hist[-1]["data_md5"] == after and hist[0]["data_md5"] == before
-    workspace["champions"] = [h["tag"] for h in hist]
+    rollback_restores_the_first_champion(root, *[h["tag"] for h in hist])
 
 
-def test_rollback_restores_the_previous_champion_records_why_and_rebuilds_the_bento(workspace):
-    root = workspace["root"]
-    first, second = workspace.get("champions") or pytest.skip("needs the ingest test's two champions")
+def rollback_restores_the_first_champion(root: Path, first: str, second: str) -> None:
+    """After two packaged champions: rollback restores the first, records why, rebuilds the Bento."""
     res = lesionflow(root, "rollback", "--reason", "sensitivity dropped on the new site")
     assert res.returncode == 0, res.stdout[-3000:]
     assert f"Champion: {first} again (was {second})" in res.stdout
