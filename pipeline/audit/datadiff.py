@@ -174,21 +174,7 @@ def diff(layout: Layout, rev_a: str, rev_b: str = WORKSPACE, *, image_stats: boo
         "new_patients": sorted(set(meta_b[pc].astype(str)) - set(meta_a[pc].astype(str)))
         if pc in meta_a.columns and pc in meta_b.columns
         else None,
-        "metadata": {
-            col: {
-                "shift_tvd": round(
-                    0.5
-                    * sum(
-                        abs(_shares(meta_a, col).get(k, 0) - _shares(meta_b, col).get(k, 0))
-                        for k in set(_shares(meta_a, col)) | set(_shares(meta_b, col))
-                    ),
-                    4,
-                ),  # fmt: skip
-                "counts": _before_after(_counts(meta_a, col), _counts(meta_b, col)),
-            }
-            for col in CATEGORICAL
-            if col in meta_a.columns and col in meta_b.columns
-        },
+        "metadata": _metadata_shifts(meta_a, meta_b),
         "age": {
             "before_mean": _mean(meta_a, "age"),
             "after_mean": _mean(meta_b, "age"),
@@ -200,6 +186,20 @@ def diff(layout: Layout, rev_a: str, rev_b: str = WORKSPACE, *, image_stats: boo
         added_files = [f for f in files["added"] if Path(f).stem in set(added_ids)]
         report["image_statistics"] = _image_drift(layout, added_files, sorted(images_a))
     return report
+
+
+def _metadata_shifts(meta_a: pd.DataFrame, meta_b: pd.DataFrame) -> dict[str, Any]:
+    """Per categorical metadata column: counts before/after and the total variation distance."""
+    out = {}
+    for col in CATEGORICAL:
+        if col not in meta_a.columns or col not in meta_b.columns:
+            continue
+        a, b = _shares(meta_a, col), _shares(meta_b, col)
+        out[col] = {
+            "shift_tvd": round(0.5 * sum(abs(a.get(k, 0) - b.get(k, 0)) for k in set(a) | set(b)), 4),
+            "counts": _before_after(_counts(meta_a, col), _counts(meta_b, col)),
+        }
+    return out
 
 
 def _mean(df: pd.DataFrame, col: str) -> float | None:

@@ -85,7 +85,6 @@ def ingest(
 ) -> None:
     """Check a batch of new labelled images with the data contract and against the current data,
     then merge it into data/ as a new DVC data version (all or nothing)."""
-    from pipeline.audit import datadiff
     from pipeline.data import ingest as ing
 
     layout = Layout(root())
@@ -113,10 +112,18 @@ def ingest(
         f"Ingested {n:,} image(s) of {checked.rows['lesion_id'].nunique():,} lesion(s) from {folder}: "
         f"data version {versions['before']} -> {versions['after']} ({checked.seconds:.1f} s of checks)"
     )
+    _record(layout, f"Data: ingest {folder.name} (+{n} images, {metadata.name})", commit, push)
+    _diff_after_ingest(layout, champion_commit() or head)
+    out.print("Next: lesionflow run (retrains on the new data version; the gates decide)")
+
+
+def _record(layout: Layout, message: str, commit: bool, push: bool) -> None:
+    """``git commit`` the data pointer and/or ``dvc push`` the version, as asked."""
+    from pipeline.data import ingest as ing
+
     try:
         if commit:
-            sha = ing.commit(layout, f"Data: ingest {folder.name} (+{n} images, {metadata.name})")
-            out.print(f"Committed {layout.data_pointer.name}: {sha[:12]}")
+            out.print(f"Committed {layout.data_pointer.name}: {ing.commit(layout, message)[:12]}")
         if push:
             ing.push(layout)
             out.print("Pushed the data version to the default DVC remote")
@@ -125,15 +132,21 @@ def ingest(
             f"the new data version is in place ({layout.data_pointer} updated), but {exc}. "
             f"Finish by hand: git add {layout.data_pointer.name} && git commit; lesionflow dvc push"
         ) from None
-    base = champion_commit() or head
-    if base:
-        try:
-            d = datadiff.diff(layout, base, datadiff.WORKSPACE, image_stats=True)
-            print_diff(d)
-            out.print("Report: " + str(datadiff.write(d, layout.reports("data_diff"))[1]))
-        except datadiff.DataDiffError as exc:
-            err.print(f"[yellow]data diff not available[/]: {exc}")
-    out.print("Next: lesionflow run (retrains on the new data version; the gates decide)")
+
+
+def _diff_after_ingest(layout: Layout, base: str | None) -> None:
+    """The new data version against the champion's (or the last commit's), as a table and report."""
+    from pipeline.audit import datadiff
+
+    if not base:
+        return
+    try:
+        d = datadiff.diff(layout, base, datadiff.WORKSPACE, image_stats=True)
+    except datadiff.DataDiffError as exc:
+        err.print(f"[yellow]data diff not available[/]: {exc}")
+        return
+    print_diff(d)
+    out.print("Report: " + str(datadiff.write(d, layout.reports("data_diff"))[1]))
 
 
 def _head(layout: Layout) -> str | None:

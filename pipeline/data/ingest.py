@@ -92,6 +92,67 @@ def _check(name: str, description: str, failures: list[str], max_examples: int) 
     return contract.Check(name, description, not failures, len(failures), failures[:max_examples], "batch")
 
 
+def _table_problems(rows: pd.DataFrame, current: pd.DataFrame, batch_csv: Path, current_csv: Path, pc: str) -> dict:
+    """Columns, ids, and lesions keeping their diagnosis and patient: messages naming the rows."""
+    lesions = current.drop_duplicates("lesion_id").set_index("lesion_id")
+    lesion_dx = lesions["dx"].astype(str).to_dict()
+    cur_row = {str(v): k for k, v in enumerate(current["image_id"].astype(str))}
+    out = {
+        "columns": [f"{batch_csv}: column {c!r} is not in {current_csv}" for c in rows.columns if c not in current]
+        + [f"{batch_csv}: has no column {c!r} (the current table has it)" for c in current.columns if c not in rows],
+        "ids": [
+            f"{batch_csv} {_row(k)}: image_id {iid} already exists ({current_csv} {_row(cur_row[iid])})"
+            for k, iid in enumerate(rows["image_id"].astype(str))
+            if iid in cur_row
+        ],
+        "dx": [
+            f"{batch_csv} {_row(k)}: lesion {lid} is {lesion_dx[lid]} in the current data, {dx} here"
+            for k, (lid, dx) in enumerate(zip(rows["lesion_id"], rows["dx"].astype(str)))
+            if lid in lesion_dx and lesion_dx[lid] != dx
+        ],
+        "patient": [],
+    }
+    if pc in rows.columns and pc in current.columns:
+        patient = lesions[pc].astype(str).to_dict()
+        out["patient"] = [
+            f"{batch_csv} {_row(k)}: lesion {lid} belongs to patient {patient[lid]} in the current data, {pat} here"
+            for k, (lid, pat) in enumerate(zip(rows["lesion_id"], rows[pc].astype(str)))
+            if lid in patient and patient[lid] != pat
+        ]
+    return out
+
+
+def _copy_problems(
+    files: dict[str, Path],
+    batch_md5: dict[str, str],
+    existing: dict[str, Path],
+    lesion_of: dict[str, str],
+    min_detail: float,
+    progress: bool,
+) -> tuple[list[str], list[str], list[neardup.Pair]]:
+    """Batch images byte-identical to existing ones, and near-duplicates of existing images of
+    another lesion (messages naming both files), with every near-duplicate pair."""
+    old_ids = [i for i in existing if i in lesion_of]
+    old_paths = [str(existing[i]) for i in old_ids]
+    old_md5 = dict(zip(map_chunks(_md5_chunk, old_paths, chunk_size=256, progress=progress, desc="hash data"), old_ids))
+    identical = [
+        f"{files[i]}: byte-identical to {existing[old_md5[m]]} (image_id {old_md5[m]})"
+        for i, m in batch_md5.items()
+        if m in old_md5
+    ]
+    old_thumbs = np.stack(map_chunks(_thumb_chunk, old_paths, chunk_size=256, progress=progress, desc="thumbnails"))
+    new_ids = list(batch_md5)
+    new_thumbs = np.stack(_thumb_chunk([str(files[i]) for i in new_ids]))
+    pairs = neardup.find_pairs(new_thumbs, new_ids, reference=old_thumbs, reference_ids=old_ids, min_detail=min_detail)
+    near = [
+        f"{files[q.a]} (lesion {lesion_of[q.a]}) is a copy of {existing[q.b]} (lesion {lesion_of[q.b]}; "
+        f"detail similarity {q.detail:.2f})"
+        for q in pairs
+        if lesion_of[q.a] != lesion_of[q.b]
+    ]
+    return identical, near, pairs
+
+
 def check_batch(
     batch_csv: Path,
     batch_dir: Path,
@@ -102,93 +163,46 @@ def check_batch(
 ) -> BatchCheck:
     """The batch against the contract and against the current data (see the module docstring)."""
     t0 = time.perf_counter()
-    pfile = layout.params_file
+    batch_csv, pfile = Path(batch_csv), layout.params_file
     p = params.load_section("validate", pfile)
-    meta_p = params.load_section("metadata", pfile)
-    split_p = params.load_section("split", pfile)
-    tax = params.load_taxonomy(pfile)
-    result = contract.validate(Path(batch_csv), Path(batch_dir), p, meta_p, tax.diagnoses, progress=progress)
-    rows = contract.read_metadata_table(Path(batch_csv))
+    pc = params.load_section("split", pfile).patient_column
+    result = contract.validate(
+        batch_csv, Path(batch_dir), p, params.load_section("metadata", pfile),
+        params.load_taxonomy(pfile).diagnoses, progress=progress,
+    )  # fmt: skip
+    rows = contract.read_metadata_table(batch_csv)
     if not result.passed:
-        return BatchCheck(Path(batch_csv), result, [], rows, {}, time.perf_counter() - t0)
+        return BatchCheck(batch_csv, result, [], rows, {}, time.perf_counter() - t0)
     current = contract.read_metadata_table(layout.metadata_csv)
     allowed = tuple(e.lower() for e in p.image_extensions)
     found = images.index_images(batch_dir, allowed)
     files = {i: found[i] for i in rows["image_id"].astype(str)}
-    existing = images.index_images(layout.images_dir, allowed)
+    lesion_of = {
+        **dict(zip(current["image_id"].astype(str), current["lesion_id"])),
+        **dict(zip(rows["image_id"].astype(str), rows["lesion_id"])),
+    }
+    table = _table_problems(rows, current, batch_csv, layout.metadata_csv, pc)
+    identical, near_problems, pairs = _copy_problems(
+        files, dict(zip(result.index["image_id"], result.index["md5"])),
+        images.index_images(layout.images_dir, allowed), lesion_of, p.near_duplicate_min_detail, progress,
+    )  # fmt: skip
     mx = p.max_examples
-
-    # columns
-    extra = [c for c in rows.columns if c not in current.columns]
-    missing = [c for c in current.columns if c not in rows.columns]
-    column_problems = [f"{batch_csv}: column {c!r} is not in {layout.metadata_csv}" for c in extra] + [
-        f"{batch_csv}: has no column {c!r} (the current table has it)" for c in missing
-    ]
-    # ids
-    cur_row = {str(v): k for k, v in enumerate(current["image_id"].astype(str))}
-    id_problems = [
-        f"{batch_csv} {_row(k)}: image_id {iid} already exists ({layout.metadata_csv} {_row(cur_row[iid])})"
-        for k, iid in enumerate(rows["image_id"].astype(str))
-        if iid in cur_row
-    ]
-    # lesions keep their diagnosis and their patient
-    lesion_dx = current.drop_duplicates("lesion_id").set_index("lesion_id")["dx"].astype(str).to_dict()
-    dx_problems = [
-        f"{batch_csv} {_row(k)}: lesion {r.lesion_id} is {lesion_dx[r.lesion_id]} in the current data, {r.dx} here"
-        for k, r in enumerate(rows.itertuples())
-        if r.lesion_id in lesion_dx and lesion_dx[r.lesion_id] != str(r.dx)
-    ]
-    patient_problems: list[str] = []
-    pc = split_p.patient_column
-    if pc in rows.columns and pc in current.columns:
-        lesion_patient = current.drop_duplicates("lesion_id").set_index("lesion_id")[pc].astype(str).to_dict()
-        patient_problems = [
-            f"{batch_csv} {_row(k)}: lesion {lid} belongs to patient {lesion_patient[lid]} in the current data, "
-            f"{pat} here"
-            for k, (lid, pat) in enumerate(zip(rows["lesion_id"], rows[pc].astype(str)))
-            if lid in lesion_patient and lesion_patient[lid] != pat
-        ]
-    # copies of existing images
-    lesion_of = {**dict(zip(current["image_id"].astype(str), current["lesion_id"])),
-                 **dict(zip(rows["image_id"].astype(str), rows["lesion_id"]))}  # fmt: skip
-    old_ids = [i for i in current["image_id"].astype(str) if i in existing]
-    old_paths = [str(existing[i]) for i in old_ids]
-    old_md5 = dict(zip(map_chunks(_md5_chunk, old_paths, chunk_size=256, progress=progress, desc="hash data"), old_ids))
-    batch_md5 = dict(zip(result.index["image_id"], result.index["md5"]))
-    copy_problems = [
-        f"{files[i]}: byte-identical to {existing[old_md5[m]]} (image_id {old_md5[m]})"
-        for i, m in batch_md5.items()
-        if m in old_md5
-    ]
-    old_thumbs = np.stack(map_chunks(_thumb_chunk, old_paths, chunk_size=256, progress=progress, desc="thumbnails"))
-    new_ids = list(result.index["image_id"])
-    new_thumbs = np.stack(_thumb_chunk([str(files[i]) for i in new_ids]))
-    pairs = neardup.find_pairs(
-        new_thumbs, new_ids, reference=old_thumbs, reference_ids=old_ids, min_detail=p.near_duplicate_min_detail
-    )
-    near_problems = [
-        f"{files[q.a]} (lesion {lesion_of[q.a]}) is a copy of {existing[q.b]} (lesion {lesion_of[q.b]}; "
-        f"detail similarity {q.detail:.2f})"
-        for q in pairs
-        if lesion_of[q.a] != lesion_of[q.b]
-    ]
     checks = [
-        _check("same_columns", "the batch has the current table's columns", column_problems, mx),
-        _check("new_image_ids", "every image_id is new", id_problems, mx),
-        _check("lesions_keep_their_diagnosis", "a lesion that exists keeps its diagnosis", dx_problems, mx),
-        _check("lesions_keep_their_patient", f"a lesion that exists keeps its {pc}", patient_problems, mx),
-        _check("no_copies_of_existing_images", "no image is byte-identical to an existing one", copy_problems, mx),
+        _check("same_columns", "the batch has the current table's columns", table["columns"], mx),
+        _check("new_image_ids", "every image_id is new", table["ids"], mx),
+        _check("lesions_keep_their_diagnosis", "a lesion that exists keeps its diagnosis", table["dx"], mx),
+        _check("lesions_keep_their_patient", f"a lesion that exists keeps its {pc}", table["patient"], mx),
+        _check("no_copies_of_existing_images", "no image is byte-identical to an existing one", identical, mx),
+        _check(
+            "no_near_duplicates_across_lesions",
+            "no image is a near-duplicate of an existing image of another lesion",
+            near_problems,
+            mx,
+        ),
     ]
-    near = _check(
-        "no_near_duplicates_across_lesions",
-        "no image is a near-duplicate of an existing image of another lesion",
-        near_problems,
-        mx,
-    )
     if allow_near_duplicates and near_problems:
-        near.passed, near.kind = True, "warning"
-    checks.append(near)
-    return BatchCheck(Path(batch_csv), result, checks, rows, files, time.perf_counter() - t0, pairs)
+        checks[-1].passed, checks[-1].kind = True, "warning"
+    return BatchCheck(batch_csv, result, checks, rows, files, time.perf_counter() - t0, pairs)
 
 
 # ----------------------------------------------------------------------------------------------
