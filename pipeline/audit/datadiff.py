@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +57,13 @@ def _read_table(layout: Layout, path: Path, rev: str) -> pd.DataFrame | None:
 
 def dvc_diff(layout: Layout, rev_a: str, rev_b: str) -> dict[str, list[str]]:
     """``dvc diff --json`` of the data between two revisions: paths added/deleted/modified."""
-    cmd = [sys.executable, "-m", "dvc", "diff", "--json", "--targets", _rel(layout, layout.data_dir), "--", rev_a]
-    if rev_b != WORKSPACE:
-        cmd.append(rev_b)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(cmd, cwd=layout.root, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise DataDiffError(f"dvc diff {rev_a} {rev_b} failed: {proc.stderr.strip()[-1500:]}")
+    from pipeline.data.ingest import IngestError, dvc
+
+    args = ["diff", "--json", "--targets", _rel(layout, layout.data_dir), "--", rev_a]
+    try:
+        proc = dvc(*args, *([] if rev_b == WORKSPACE else [rev_b]), cwd=layout.root)
+    except IngestError as exc:
+        raise DataDiffError(f"dvc diff {rev_a} {rev_b}: {exc}") from None
     raw = json.loads(proc.stdout or "{}")
     out = {}
     for kind in ("added", "deleted", "modified", "renamed"):
@@ -119,7 +117,7 @@ def _image_drift(layout: Layout, added: list[str], old_ids: list[str]) -> dict[s
     eda_p = params.load_section("eda", layout.params_file)
     old = pd.read_parquet(eda)
     old = old[old["image_id"].astype(str).isin(set(old_ids))]
-    if present and len(present) > MAX_STAT_IMAGES:
+    if len(present) > MAX_STAT_IMAGES:
         present = pd.Series(present).sample(MAX_STAT_IMAGES, random_state=0).tolist()
     new = pd.DataFrame(compute_features([layout.root / f for f in present], eda_p.features, progress=False))
     num, _ = stat_columns(eda_p.features)

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli.base import app, err, fail, out, root
+from pipeline.core import lineage
 from pipeline.core.errors import EXIT_FAILED
 from pipeline.core.layout import Layout
 
@@ -150,7 +151,5 @@ def _diff_after_ingest(layout: Layout, base: str | None) -> None:
 
 
 def _head(layout: Layout) -> str | None:
-    import subprocess
-
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=layout.root, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    commit = lineage.git_state(layout.root)["commit"]
+    return None if commit == "unknown" else commit

@@ -19,7 +19,6 @@ byte for byte. :func:`commit` and :func:`push` record the new version in git and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -76,12 +75,8 @@ def _row(i: int) -> str:
     return f"row {i + 2}"  # numbered as a user sees the file: the header is line 1
 
 
-def _file_md5(path: str) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
 def _md5_chunk(paths: list[str]) -> list[str]:
-    return [_file_md5(p) for p in paths]
+    return [lineage.file_md5(p) for p in paths]
 
 
 def _thumb_chunk(paths: list[str]) -> list[np.ndarray]:
