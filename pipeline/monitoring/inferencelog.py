@@ -22,8 +22,8 @@ with a warning naming the file and line).
     log.write(log.record(stats=log.stats(rgb), metadata=meta, prediction=result, model_tag=tag))
     df = inferencelog.read("logs/inference", start=datetime(...), end=None)   # or "s3://bucket/log"
 
-The service logs through :class:`pipeline.serving.logqueue.BackgroundLog`, a background thread,
-so that no answer waits for its log record.
+The service logs through :class:`pipeline.serving.logqueue.BackgroundLog` (a low-priority writer
+process), so that no answer waits for its log record.
 
 Depends on NumPy, SciPy and pandas only (fsspec for an object-store URL; no Evidently, no torch):
 the service imports it.

@@ -56,8 +56,8 @@ model when the worker starts; ``torch``; ``onnx``; see :mod:`pipeline.model.infe
 Preprocessing and prediction are :mod:`pipeline.model.inference`'s (the code that was evaluated).
 
 Every prediction goes to the inference log for drift monitoring through
-:class:`pipeline.serving.logqueue.BackgroundLog` (``$LESIONFLOW_INFERENCE_LOG``; a background thread
-computes the image statistics, so answers never wait for it; at most
+:class:`pipeline.serving.logqueue.BackgroundLog` (``$LESIONFLOW_INFERENCE_LOG``; a low-priority writer
+process computes the image statistics, so answers never wait for it; at most
 ``$LESIONFLOW_LOG_QUEUE_MB`` (default 64) of images wait, beyond that records are dropped and
 counted in ``/model``).
 """
@@ -79,9 +79,9 @@ import numpy as np
 from pipeline.core import images, lineage
 from pipeline.core.metadata import FIELDS
 from pipeline.core.taxonomy import DIAGNOSIS_NAMES
+from pipeline.core.workers import one_thread_per_worker
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
-from pipeline.monitoring import inferencelog
 from pipeline.serving import routes
 from pipeline.serving.batching import Batcher
 from pipeline.serving.logqueue import BackgroundLog
@@ -107,7 +107,7 @@ MAX_BATCH_SIZE = int(os.environ.get("LESIONFLOW_MAX_BATCH_SIZE", "16"))
 WORKERS = int(os.environ.get("LESIONFLOW_WORKERS", "1"))
 #: Inference engine (pipeline.model.inference.ENGINES).
 ENGINE = os.environ.get("LESIONFLOW_ENGINE", "auto")
-#: Images waiting for the inference log's background thread, at most (MB).
+#: Images waiting for the inference log's writer process, at most (MB).
 LOG_QUEUE_MB = float(os.environ.get("LESIONFLOW_LOG_QUEUE_MB", "64"))
 
 DISCLAIMER = (
@@ -155,6 +155,10 @@ class LesionflowService:
         threads = int(os.environ.get("LESIONFLOW_TORCH_THREADS", "0")) or max(
             1, len(os.sched_getaffinity(0)) // WORKERS
         )
+        # numpy's BLAS on one thread: its calls here are small (the OOD whitening of a batch, the
+        # retrieval query), and OpenBLAS's helper threads busy-wait between calls: under load one
+        # of them took ~70% of a core from the model and the requests (p99 at 32 clients 310 -> 214 ms)
+        one_thread_per_worker()
         torch.set_num_threads(threads)
         stored = self.bento_model
         self.path = Path(stored.path)
@@ -167,9 +171,7 @@ class LesionflowService:
         self.operating_point = json.loads(op_file.read_text())
         self.threshold = float(self.operating_point["threshold"])
         self.predictor = load_model(self.path, device="cpu" if not torch.cuda.is_available() else None, engine=ENGINE)
-        self.inference_log = BackgroundLog(
-            inferencelog.InferenceLog.from_env(self.path), max_queue_bytes=int(LOG_QUEUE_MB * (1 << 20))
-        )
+        self.inference_log = BackgroundLog(self.path, max_queue_bytes=int(LOG_QUEUE_MB * (1 << 20)))
         self.vocab = vocabulary(self.predictor.config)
         self.retrieval = self._load_retrieval()
         self.classes = {lvl: list(self.predictor.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")}
@@ -207,9 +209,10 @@ class LesionflowService:
 
     @bentoml.on_shutdown
     def flush_inference_log(self) -> None:
-        """On shutdown (SIGTERM of a rolling update or scale-down): write every queued record and put
-        the buffered object-store segment, so that no answered request is missing from the log."""
-        if not self.inference_log.flush(timeout=20):
+        """On shutdown (SIGTERM of a rolling update or scale-down): write every queued record, put
+        the buffered object-store segment and end the log's writer process, so that no answered
+        request is missing from the log."""
+        if not self.inference_log.close(timeout=20):
             logger.warning("inference log: records still queued at shutdown: %s", self.inference_log.counters())
 
     def __is_ready__(self) -> bool:
@@ -347,7 +350,7 @@ class LesionflowService:
         }
         # drift monitoring: image statistics, metadata and prediction (the probabilities even when
         # withheld; never the image, unless LESIONFLOW_LOG_IMAGES=1) go to the inference log,
-        # written by a background thread; logging never fails or delays a request
+        # written by a low-priority writer process; logging never fails or delays a request
         self.inference_log.submit(
             request_info["rgb"],
             result["metadata"],

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -16,6 +19,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.core.params import to_dict
 from pipeline.features import imagestats
 from pipeline.monitoring import inferencelog, profile
+from pipeline.serving import logqueue
 from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
 
@@ -190,10 +194,16 @@ def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
     assert log.log(np.zeros((2, 2), np.uint8), None, {}, "m") is None  # a bad input is a warning, not an error
 
 
-def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images):
+def _background_log(tmp_path, monkeypatch, log_dir="log", **kwargs) -> BackgroundLog:
+    """The service's BackgroundLog writing to ``tmp_path/log_dir`` (the model has no reference profile)."""
+    monkeypatch.setenv("LESIONFLOW_INFERENCE_LOG", str(tmp_path / log_dir))
+    return BackgroundLog(tmp_path / "model", **kwargs)
+
+
+def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images, monkeypatch):
     """The service's BackgroundLog: submit() returns at once; the records appear, in order, with
     the time of the request (not of the write) and the statistics of each image."""
-    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
+    bg = _background_log(tmp_path, monkeypatch)
     rng = np.random.default_rng(7)
     t_before = datetime.now(UTC)
     for k, rgb in enumerate(real_images):
@@ -216,37 +226,68 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
     assert ((df["timestamp"] >= pd.Timestamp(t_before)) & (df["timestamp"] <= pd.Timestamp(t_after))).all()
     for k, rgb in enumerate(real_images):
         assert df["brightness"][k] == pytest.approx(imagestats.image_statistics(rgb)["brightness"])
+    assert bg.close()
 
 
 def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images, monkeypatch):
     """A saturated service never waits for its log: beyond max_queue_bytes of waiting images a
     record is dropped and counted; what was queued is still written."""
-    gate = threading.Event()
-    real_record_for = inferencelog.record_for
-
-    def slow_record_for(*args, **kwargs):
-        gate.wait(10)
-        return real_record_for(*args, **kwargs)
-
-    monkeypatch.setattr(inferencelog, "record_for", slow_record_for)
     rgb = real_images[0]
-    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"), max_queue_bytes=2 * rgb.nbytes)
+    bg = _background_log(tmp_path, monkeypatch, max_queue_bytes=2 * rgb.nbytes)
     rng = np.random.default_rng(8)
-    accepted = [bg.submit(rgb, None, _service_response(rng), "m") for _ in range(5)]
-    assert accepted == [True, True, False, False, False]
-    assert bg.counters()["dropped"] == 3
-    gate.set()
+    os.kill(bg.pid, signal.SIGSTOP)  # the writer falls behind
+    try:
+        accepted = [bg.submit(rgb, None, _service_response(rng), "m") for _ in range(5)]
+        assert accepted == [True, True, False, False, False]
+        assert bg.counters()["dropped"] == 3
+    finally:
+        os.kill(bg.pid, signal.SIGCONT)
     assert bg.flush(timeout=30)
     assert bg.counters() == {"submitted": 5, "written": 2, "dropped": 3, "failed": 0, "queued": 0}
     assert len(inferencelog.read(tmp_path / "log")) == 2
     assert bg.submit(rgb, None, _service_response(rng), "m") is True  # room again once drained
+    assert bg.close()
 
 
-def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images):
-    bg = BackgroundLog(inferencelog.InferenceLog(tmp_path / "log"))
-    assert bg.submit(np.zeros((2, 2), np.uint8), None, {}, "m") is True  # accepted, fails in the thread
+def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images, monkeypatch):
+    bg = _background_log(tmp_path, monkeypatch)
+    assert bg.submit(np.zeros((2, 2), np.uint8), None, {}, "m") is True  # accepted, fails in the writer
     assert bg.submit(real_images[0], None, _service_response(np.random.default_rng(9)), "m") is True
     assert bg.flush(timeout=30)
     assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1
-    off = BackgroundLog(inferencelog.InferenceLog(tmp_path / "off", enabled=False))
-    assert off.submit(real_images[0], None, {}, "m") is False and not (tmp_path / "off").exists()
+    assert bg.close()
+    monkeypatch.setenv("LESIONFLOW_INFERENCE_LOG", "off")
+    off = BackgroundLog(tmp_path / "model")
+    assert off.pid is None and off.submit(real_images[0], None, {}, "m") is False and off.flush(timeout=1)
+
+
+def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(tmp_path, real_images, monkeypatch):
+    """The statistics run in a process of their own at the lowest CPU priority (never holding the
+    service's interpreter lock); a SIGTERM to the service's process group does not lose queued
+    records (the writer ends only when the service closes its input); a writer that dies is
+    counted (its unanswered records failed) and started again."""
+    bg = _background_log(tmp_path, monkeypatch)
+    rng = np.random.default_rng(10)
+    assert bg.submit(real_images[0], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    writer = bg.pid
+    assert writer is not None and writer != os.getpid() and os.getpriority(os.PRIO_PROCESS, writer) == 19
+    os.kill(writer, signal.SIGTERM)
+    assert bg.submit(real_images[1], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    assert bg.pid == writer and bg.counters()["written"] == 2
+
+    monkeypatch.setattr(logqueue, "RESTART_AFTER_S", 0.0)
+    os.kill(writer, signal.SIGSTOP)
+    assert bg.submit(real_images[2], None, _service_response(rng), "m")  # sent to a writer about to die
+    os.kill(writer, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while bg.counters()["failed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bg.counters()["failed"] == 1 and bg.counters()["queued"] == 0
+    assert bg.submit(real_images[3], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    assert bg.pid not in (None, writer) and bg.counters()["written"] == 3
+    assert len(inferencelog.read(tmp_path / "log")) == 3
+
+    last = bg.pid
+    assert bg.close() and bg.pid is None
+    with pytest.raises(ProcessLookupError):  # ended and reaped
+        os.kill(last, 0)

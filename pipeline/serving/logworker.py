@@ -1,0 +1,195 @@
+"""The inference log's writer process, and the frames the service sends it.
+
+The service (:class:`pipeline.serving.logqueue.BackgroundLog`) starts ``python -m
+pipeline.serving.logworker MODEL_PATH`` once per worker and writes one frame per answer to its
+standard input; this process builds each record (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`:
+the image statistics, about 3 ms of Python per image) at the lowest CPU priority and appends it,
+in order. Being a process of its own, it never holds the service's interpreter lock: in a thread,
+the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
+
+A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
+(the decoded image, the float32 embedding, the uploaded file when images are logged). No pickle:
+the header is JSON, the arrays are rebuilt from their shape. A frame ``{"op": "flush"}`` asks for
+the buffered object-store segment to be put. For each frame the process answers one byte on its
+standard output: ``W`` written, ``F`` failed (a warning on standard error says why), ``S`` flushed.
+
+It ignores SIGINT and SIGTERM (a service's process group gets them at shutdown, and the records
+still queued must be written): it ends when its standard input closes, after writing everything
+it was sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.workers import one_thread_per_worker
+
+HEADER = struct.Struct(">I")
+WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
+#: Seconds without a frame after which a due object-store segment is put.
+IDLE_TICK_S = 1.0
+
+logger = logging.getLogger("lesionflow.inference_log")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy scalars and arrays (the response dicts carry a few)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def encode(
+    timestamp: datetime,
+    rgb: np.ndarray,
+    metadata: Mapping[str, Any] | None,
+    prediction: Mapping[str, Any],
+    model_tag: str,
+    source: str | None = None,
+    image_bytes: bytes | None = None,
+) -> bytes:
+    """One log frame: the record's inputs as :meth:`InferenceLog.log` takes them."""
+    pred = dict(prediction)
+    emb = pred.pop("embedding", None)
+    emb_raw = b"" if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes()
+    img = np.ascontiguousarray(rgb)
+    header = {
+        "op": "log",
+        "timestamp": timestamp.isoformat(),
+        "metadata": None if metadata is None else dict(metadata),
+        "prediction": pred,
+        "model_tag": str(model_tag),
+        "source": source,
+        "shape": list(img.shape),
+        "dtype": str(img.dtype),
+        "sizes": [img.nbytes, len(emb_raw), -1 if image_bytes is None else len(image_bytes)],
+    }
+    head = json.dumps(header, separators=(",", ":"), default=_plain).encode("utf-8")
+    return b"".join((HEADER.pack(len(head)), head, img.tobytes(), emb_raw, image_bytes or b""))
+
+
+def encode_flush() -> bytes:
+    """The frame asking for the buffered object-store segment to be put."""
+    head = b'{"op":"flush"}'
+    return HEADER.pack(len(head)) + head
+
+
+def decode(header: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
+    """The keyword arguments of :meth:`InferenceLog.log` from a frame's header and payload."""
+    from pipeline.monitoring.inferencelog import as_utc
+
+    n_rgb, n_emb, n_img = header["sizes"]
+    rgb = np.frombuffer(payload[:n_rgb], dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    prediction = dict(header["prediction"])
+    if n_emb:
+        prediction["embedding"] = np.frombuffer(payload[n_rgb : n_rgb + n_emb], dtype=np.float32)
+    return {
+        "rgb": rgb,
+        "metadata": header["metadata"],
+        "prediction": prediction,
+        "model_tag": header["model_tag"],
+        "source": header["source"],
+        "image_bytes": None if n_img < 0 else payload[n_rgb + n_emb : n_rgb + n_emb + n_img],
+        "timestamp": as_utc(header["timestamp"]),
+    }
+
+
+class FrameReader:
+    """Frames from a file descriptor (unbuffered reads, so that waiting with ``select`` sees
+    every byte that arrived)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = os.read(self.fd, max(1 << 16, n - len(self.buf)))
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def ready(self, timeout: float) -> bool:
+        """True when a frame may be read without waiting longer than ``timeout`` for its start."""
+        return bool(self.buf) or bool(select.select([self.fd], [], [], timeout)[0])
+
+    def next(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next ``(header, payload)``; None at the end of the input."""
+        if not self._fill(HEADER.size):
+            return None
+        (n,) = HEADER.unpack(self.buf[: HEADER.size])
+        if not self._fill(HEADER.size + n):
+            return None
+        header = json.loads(bytes(self.buf[HEADER.size : HEADER.size + n]))
+        del self.buf[: HEADER.size + n]
+        sizes = header.get("sizes", [0, 0, -1])
+        total = sizes[0] + sizes[1] + max(sizes[2], 0)
+        if not self._fill(total):
+            return None
+        payload = bytes(self.buf[:total])
+        del self.buf[:total]
+        return header, payload
+
+
+def serve(model_path: Path, fd_in: int, out: Any) -> int:
+    """Write the records of the frames read from ``fd_in``, answering on ``out``; returns at the
+    end of the input (after putting any buffered segment)."""
+    from pipeline.monitoring.inferencelog import InferenceLog
+
+    log = InferenceLog.from_env(model_path)
+    frames = FrameReader(fd_in)
+    while True:
+        if not frames.ready(IDLE_TICK_S):
+            log.tick()  # idle: an object-store segment may be due
+            continue
+        frame = frames.next()
+        if frame is None:
+            log.flush()
+            return 0
+        header, payload = frame
+        if header.get("op") == "flush":
+            log.flush()
+            answer = FLUSHED
+        else:
+            try:
+                answer = WRITTEN if log.log(**decode(header, payload)) is not None else FAILED
+            except Exception as exc:  # noqa: BLE001 - a bad frame must not end the log
+                logger.warning("inference log: could not decode a record: %s", exc)
+                answer = FAILED
+        out.write(answer)
+        out.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.serving.logworker MODEL_PATH`` (started by the service)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m pipeline.serving.logworker MODEL_PATH", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(AttributeError, OSError):  # not Unix, or not allowed: best effort
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return serve(Path(args[0]), sys.stdin.fileno(), sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
