@@ -53,7 +53,9 @@ async def _predict(request: Request, batch: bool, similar: int | None) -> list[d
     svc: Any = bentoml.get_current_service()
     try:
         items = await parse_request(request, svc.vocab, batch)
-        prepared = [await anyio.to_thread.run_sync(svc.prepare, field, data, meta) for field, data, meta in items]
+        prepared = [
+            await anyio.to_thread.run_sync(svc.prepare, field, data, meta, similar) for field, data, meta in items
+        ]
     except ApiError as exc:
         return exc.response()
     try:

@@ -219,9 +219,12 @@ class LesionflowService:
         return bool(getattr(self, "_ready", False))
 
     # -- preprocessing (request threads) ------------------------------------------------------
-    def prepare(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[tuple[np.ndarray, dict], dict[str, Any]]:
+    def prepare(
+        self, field: str, data: bytes, meta: dict[str, Any], similar: int | None = None
+    ) -> tuple[tuple[np.ndarray, dict, int | None], dict[str, Any]]:
         """Decode + resize one image (pipeline.core.images + pipeline.model.inference); raises ApiError.
-        Returns the model input ``(uint8 (3, H, W) array, metadata)`` and the request info."""
+        Returns the model input ``(uint8 (3, H, W) array, metadata, similar cases wanted)`` and the
+        request info."""
         rgb = decode_image(data, field, self.predictor.size_limits)
         u8 = self.predictor.resize([rgb])[0].numpy()
         info = {
@@ -231,20 +234,30 @@ class LesionflowService:
             "height": int(rgb.shape[0]),
             "bytes": len(data),
             "rgb": rgb,
-        }  # the decoded image, for the monitoring hook in finalise() (not sent back)
-        return (u8, meta), info
+            "data": data,
+        }  # the decoded image and the uploaded file, for the monitoring hook in finalise() (not sent back)
+        return (u8, meta, similar), info
 
     # -- the model call (one batch) -----------------------------------------------------------
-    def predict_items(self, items: list[tuple[np.ndarray, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Predict a batch of preprocessed images with pipeline.model.inference (the evaluated path)."""
+    def predict_items(self, items: list[tuple[np.ndarray, dict[str, Any], int | None]]) -> list[dict[str, Any]]:
+        """Predict a batch of preprocessed images with pipeline.model.inference (the evaluated path);
+        each item is ``(uint8 (3, H, W) array, metadata, k)``: with ``k``, the result's ``similar``
+        holds the k most similar training cases (none for an image out of distribution), found for
+        the whole batch in one pass over the index."""
         import pandas as pd
         import torch
 
         if not items:
             return []
-        x = torch.from_numpy(np.stack([u8 for u8, _ in items]))
-        meta = pd.DataFrame([{k: m.get(k) for k in FIELDS} for _, m in items])
+        x = torch.from_numpy(np.stack([it[0] for it in items]))
+        meta = pd.DataFrame([{k: it[1].get(k) for k in FIELDS} for it in items])
         pred = self.predictor.predict(x, metadata=meta)
+        inside = pred["in_distribution"]
+        wanted = [j for j, it in enumerate(items) if it[2] and (inside is None or inside[j])]
+        similar: dict[int, list[Any]] = {}
+        if wanted and self.retrieval is not None:
+            found = self.retrieval.query(pred["embeddings"][wanted], max(items[j][2] for j in wanted))
+            similar = {j: cases[: items[j][2]] for j, cases in zip(wanted, found)}
         return [
             {
                 "dx": None if pred["dx_probs"] is None else pred["dx_probs"][j].tolist(),
@@ -254,6 +267,7 @@ class LesionflowService:
                 "in_distribution": None if pred["in_distribution"] is None else bool(pred["in_distribution"][j]),
                 "ood_score": None if pred["ood_score"] is None else float(pred["ood_score"][j]),
                 "embedding": pred["embeddings"][j],  # penultimate embedding (numpy), for monitoring; not sent back
+                "similar": similar.get(j, []),  # retrieval.Case objects, made into JSON by finalise()
             }
             for j in range(len(items))
         ]
@@ -283,25 +297,25 @@ class LesionflowService:
                 out[i] = {"error": f"{exc.field}: {exc.message}"}
                 continue
             ok.append(i)
-            batch.append((np.frombuffer(raw, dtype=np.uint8).reshape(self._shape), meta))
+            batch.append((np.frombuffer(raw, dtype=np.uint8).reshape(self._shape), meta, None))
         for i, res in zip(ok, self.predict_items(batch)):
             res.pop("embedding", None)
+            res.pop("similar", None)
             out[i] = res
         return out
 
     # -- the one place a prediction becomes a response -----------------------------------------
-    def similar_cases(self, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
-        """The ``k`` most similar confirmed training cases (one per lesion), each with its
-        thumbnail's URL; ApiError (503) when the model carries no retrieval index."""
-        if self.retrieval is None:
-            raise ApiError(503, "similar", "this model was packaged without a retrieval index of training cases")
+    @staticmethod
+    def similar_cases(cases: list[Any]) -> list[dict[str, Any]]:
+        """The response entries of similar confirmed training cases (:class:`pipeline.model.retrieval.Case`),
+        each with its diagnosis's name and its thumbnail's URL."""
         return [
             {
                 **case.to_dict(),
                 "diagnosis": DIAGNOSIS_NAMES.get(case.dx, case.dx),
                 "thumbnail_url": f"/cases/{case.image_id}.jpg",
             }
-            for case in self.retrieval.query(embedding, k)[0]
+            for case in cases
         ]
 
     def finalise(
@@ -310,7 +324,8 @@ class LesionflowService:
         """Build the response of one image. Every prediction of /classify and /classify_batch
         passes here exactly once: the place to append it to the inference log for drift
         monitoring. ``pred`` also holds the penultimate ``embedding``; ``request_info`` holds the
-        validated metadata, the decoded ``rgb`` image, its size and byte count.
+        validated metadata, the decoded ``rgb`` image, the uploaded file (``data``), its size and
+        byte count.
 
         An image out of distribution gets no risk estimate: the probability fields, ``refer`` and
         ``decision`` are null, ``message`` says why, and the probabilities are kept under
@@ -340,9 +355,7 @@ class LesionflowService:
             "refer": None if withheld else refer,
             "decision": None if withheld else (REFER if refer else NO_REFER),
             "withheld_probabilities": probs if withheld else None,
-            "similar": None
-            if similar is None
-            else ([] if withheld else self.similar_cases(pred["embedding"], similar)),
+            "similar": None if similar is None else ([] if withheld else self.similar_cases(pred.get("similar") or [])),
             "metadata": {k: request_info.get(k) for k in FIELDS},
             "model_tag": self.tag,
             "data_version": self.data_version,
@@ -357,6 +370,7 @@ class LesionflowService:
             {**result, **probs, "embedding": pred.get("embedding")},
             self.tag,
             source=request_info.get("field"),
+            image_bytes=request_info.get("data") if self.inference_log.log.store_images else None,
         )
         return result
 

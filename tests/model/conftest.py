@@ -46,7 +46,7 @@ def trust_sample() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def trusted_server(tmp_path_factory):
     """(base URL, packaged tag, model dir) of a running service of a model with a temperature and
-    an OOD detector."""
+    an OOD detector, a retrieval index, and an inference log that keeps the images."""
     tmp = tmp_path_factory.mktemp("trusted")
     rows = trust_sample()
     imgs = [images.decode_rgb(PROJECT_ROOT / "data" / "images" / f"{i}.jpg") for i in rows["image_id"]]
@@ -55,7 +55,7 @@ def trusted_server(tmp_path_factory):
     meta = {"model_md5": lineage.file_md5(model_dir / "model.pt")}
     p = params.load_section("retrieval", PROJECT_ROOT / "params.yaml")
     retrieval.build_index(load_model(model_dir, device="cpu"), rows, files, tmp / "retrieval", p, meta, False)
-    with serving(model_dir, tmp, tmp / "retrieval") as running:
+    with serving(model_dir, tmp, tmp / "retrieval", env_extra={"LESIONFLOW_LOG_IMAGES": "1"}) as running:
         yield running
 
 

@@ -21,6 +21,7 @@ import io
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -200,6 +201,52 @@ def test_classify_adds_k_similar_cases_when_asked_and_none_for_a_photo(trusted_c
     assert ood["in_distribution"] is False and ood["similar"] == [] and ood["message"]
     bad = trusted_client.post("/classify?similar=0", files={"image": ("x.jpg", data)})
     assert bad.status_code == 422 and bad.json()["field"] == "similar"
+
+
+def test_similar_cases_found_for_a_whole_batch_match_those_of_single_requests(trusted_client):
+    """The service queries the index once per model batch: requests batched together, asking for
+    different k (or none, or an image out of distribution), each get exactly their own cases."""
+    ids = list(trust_sample()["image_id"][8:12])
+    blobs = [(IMAGES_DIR / f"{i}.jpg").read_bytes() for i in ids]
+    alone = {
+        (j, k): [
+            c["image_id"]
+            for c in trusted_client.post(f"/classify?similar={k}", files={"image": ("x.jpg", b)}).json()["similar"]
+        ]
+        for j, b in enumerate(blobs)
+        for k in (2, 5)
+    }
+    assert all(alone[j, 2] == alone[j, 5][:2] for j in range(len(blobs)))
+    name, photo = _photo()
+    files = [("image", (f"{j}.jpg", b)) for j, b in enumerate(blobs)] + [("image", (name, photo, "image/jpeg"))]
+    batch = trusted_client.post("/classify_batch?similar=5", files=files).json()["results"]
+    assert [[c["image_id"] for c in r["similar"]] for r in batch[:-1]] == [alone[j, 5] for j in range(len(blobs))]
+    assert batch[-1]["in_distribution"] is False and batch[-1]["similar"] == []
+
+    def ask(job):
+        j, k = job
+        url = "/classify" if k is None else f"/classify?similar={k}"
+        return trusted_client.post(url, files={"image": ("x.jpg", blobs[j])}).json()["similar"]
+
+    jobs = [(j, k) for j in range(len(blobs)) for k in (None, 2, 5)] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (j, k), cases in zip(jobs, answers):
+        assert (cases is None) if k is None else [c["image_id"] for c in cases] == alone[j, k]
+
+
+def test_an_inference_log_that_keeps_images_holds_the_uploaded_file(trusted_server, trusted_client):
+    """LESIONFLOW_LOG_IMAGES=1: the record of an answer carries the very bytes that were uploaded."""
+    import base64
+
+    data = (IMAGES_DIR / f"{trust_sample()['image_id'][3]}.jpg").read_bytes()
+    r = trusted_client.post("/classify", files={"image": ("kept.jpg", data)})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    while trusted_client.get("/model").json()["inference_log"]["queued"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    df = inferencelog.read(trusted_server[2].parent / "inference-log")
+    assert base64.b64decode(df["image_b64"].iloc[-1]) == data
 
 
 def test_a_model_without_an_index_says_so(client):
