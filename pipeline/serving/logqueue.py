@@ -119,7 +119,7 @@ class BackgroundLog:
         while True:
             seq, item = self._queue.get()
             try:
-                frame = logworker.encode_flush() if seq is None else logworker.encode(*item)
+                frame = logworker.encode_flush() if seq is None else logworker.encode(item)
             except (TypeError, ValueError) as exc:
                 logger.warning("inference log: could not encode a record: %s", exc)
                 with self._lock:
@@ -184,7 +184,16 @@ class BackgroundLog:
                 self._seq += 1
                 self._pending[self._seq] = size
                 self._queued_bytes += size
-                self._queue.put((self._seq, (utcnow(), rgb, metadata, prediction, model_tag, source, image_bytes)))
+                record = {
+                    "rgb": rgb,
+                    "metadata": metadata,
+                    "prediction": prediction,
+                    "model_tag": model_tag,
+                    "source": source,
+                    "image_bytes": image_bytes,
+                    "timestamp": utcnow(),
+                }  # InferenceLog.log's arguments, sent to the writer as they are
+                self._queue.put((self._seq, record))
         if dropped and (dropped == 1 or dropped % 1000 == 0):
             logger.warning(
                 "inference log: %s; %d record(s) dropped so far",

@@ -29,13 +29,13 @@ import signal
 import struct
 import sys
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.workers import one_thread_per_worker
+from pipeline.monitoring.inferencelog import InferenceLog, as_utc
 
 HEADER = struct.Struct(">I")
 WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
@@ -54,27 +54,23 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def encode(
-    timestamp: datetime,
-    rgb: np.ndarray,
-    metadata: Mapping[str, Any] | None,
-    prediction: Mapping[str, Any],
-    model_tag: str,
-    source: str | None = None,
-    image_bytes: bytes | None = None,
-) -> bytes:
-    """One log frame: the record's inputs as :meth:`InferenceLog.log` takes them."""
-    pred = dict(prediction)
+def encode(record: Mapping[str, Any]) -> bytes:
+    """One log frame of ``record``: the keyword arguments of :meth:`InferenceLog.log` (``rgb``,
+    ``metadata``, ``prediction``, ``model_tag``, ``source``, ``image_bytes``, ``timestamp``), which
+    :func:`decode` gives back."""
+    pred = dict(record["prediction"])
     emb = pred.pop("embedding", None)
     emb_raw = b"" if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes()
-    img = np.ascontiguousarray(rgb)
+    img = np.ascontiguousarray(record["rgb"])
+    image_bytes = record.get("image_bytes")
+    metadata = record.get("metadata")
     header = {
         "op": "log",
-        "timestamp": timestamp.isoformat(),
+        "timestamp": record["timestamp"].isoformat(),
         "metadata": None if metadata is None else dict(metadata),
         "prediction": pred,
-        "model_tag": str(model_tag),
-        "source": source,
+        "model_tag": str(record["model_tag"]),
+        "source": record.get("source"),
         "shape": list(img.shape),
         "dtype": str(img.dtype),
         "sizes": [img.nbytes, len(emb_raw), -1 if image_bytes is None else len(image_bytes)],
@@ -91,8 +87,6 @@ def encode_flush() -> bytes:
 
 def decode(header: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
     """The keyword arguments of :meth:`InferenceLog.log` from a frame's header and payload."""
-    from pipeline.monitoring.inferencelog import as_utc
-
     n_rgb, n_emb, n_img = header["sizes"]
     rgb = np.frombuffer(payload[:n_rgb], dtype=np.dtype(header["dtype"])).reshape(header["shape"])
     prediction = dict(header["prediction"])
@@ -150,8 +144,6 @@ class FrameReader:
 def serve(model_path: Path, fd_in: int, out: Any) -> int:
     """Write the records of the frames read from ``fd_in``, answering on ``out``; returns at the
     end of the input (after putting any buffered segment)."""
-    from pipeline.monitoring.inferencelog import InferenceLog
-
     log = InferenceLog.from_env(model_path)
     frames = FrameReader(fd_in)
     while True:
