@@ -176,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Nice 19, not SCHED_IDLE: an idle-class process gets no CPU at all while other processes keep
+    # the cores busy, so at shutdown the records it still holds could miss the grace period.
     with contextlib.suppress(AttributeError, OSError):  # not Unix, or not allowed: best effort
         os.setpriority(os.PRIO_PROCESS, 0, 19)
-    with contextlib.suppress(AttributeError, OSError):  # Linux: run only on otherwise idle CPU time
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return serve(Path(args[0]), sys.stdin.fileno(), sys.stdout.buffer)

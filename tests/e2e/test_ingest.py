@@ -2,10 +2,10 @@
 diff``, the retraining flow on the new version, ``lesionflow history`` and ``lesionflow rollback``,
 from a plain shell in a throw-away git + DVC workspace.
 
-Data version 1 is a real HAM10000 sample minus a held-back set of lesions; the held-back batch is
-then ingested. Refused batches (a lesion that changes diagnosis, a corrupt image, a near-duplicate
-of an existing image under another lesion) leave ``data/`` and ``data.dvc`` byte for byte as they
-were."""
+Data version 1 is a real HAM10000 sample minus a held-back set of lesions (a copy of the shared
+first run of ``tests/e2e/conftest.py``); the held-back batch is then ingested. Refused batches (a
+lesion that changes diagnosis, a corrupt image, a near-duplicate of an existing image under another
+lesion) leave ``data/`` and ``data.dvc`` byte for byte as they were."""
 
 from __future__ import annotations
 
@@ -20,23 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import copy_sample, make_project
-from tests.e2e.test_retrain_flow import TINY, lesionflow
-
-HELD_BACK_PER_CLASS = 2
-
-
-def split_off_batch(data: Path, dest: Path, per_class: int = HELD_BACK_PER_CLASS, seed: int = 1) -> pd.DataFrame:
-    """Move ``per_class`` whole lesions per diagnosis out of ``data`` into ``dest/{batch.csv,
-    images/}``; returns the batch's rows."""
-    meta = pd.read_csv(data / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
-    lesions = meta.drop_duplicates("lesion_id").groupby("dx", sort=True).sample(per_class, random_state=seed)
-    batch = meta[meta["lesion_id"].isin(set(lesions["lesion_id"]))]
-    (dest / "images").mkdir(parents=True)
-    for image_id in batch["image_id"]:
-        shutil.move(data / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
-    meta[~meta.index.isin(batch.index)].to_csv(data / "HAM10000_metadata.csv", index=False)
-    batch.to_csv(dest / "batch.csv", index=False)
-    return batch.reset_index(drop=True)
+from tests.workspace_fixtures import TINY, copy_workspace, lesionflow, split_off_batch
 
 
 def tree_md5(root: Path) -> dict[str, str]:
@@ -52,20 +36,16 @@ def data_md5(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
-    """Data version 1 (a sample minus the held-back lesions) in a workspace retrained once."""
+def workspace(first_run, prefect_api, tmp_path_factory) -> dict:
+    """Data version 1 (a sample minus the held-back lesions) in a workspace retrained once: a copy
+    of the shared first run (``tests/e2e/conftest.py``), its reproduced pipeline committed."""
     tmp = tmp_path_factory.mktemp("ingest")
-    data = copy_sample(tmp / "sample", per_class=7, seed=3)
-    batch = split_off_batch(data, tmp / "batch")
-    root = make_project(tmp / "ws", data, TINY)
-    for key, value in (("user.name", "Data Steward"), ("user.email", "steward@lesionflow.invalid")):
-        subprocess.run(["git", "config", key, value], cwd=root, check=True)  # as a user's git has
-    first = lesionflow(root, "run")
-    assert first.returncode == 0, first.stdout[-3000:]
+    root = copy_workspace(first_run["snapshot"], tmp / "ws")
     # as a user records a reproduced pipeline (the champion names the commit before this one)
     subprocess.run(["git", "add", "dvc.lock"], cwd=root, check=True)
     subprocess.run(["git", "commit", "-qm", "Pipeline reproduced"], cwd=root, check=True)
-    return {"root": root, "batch_dir": tmp / "batch", "batch": batch, "tmp": tmp}
+    batch = {"batch_dir": first_run["batch_dir"], "batch": first_run["batch"]}
+    return {"root": root, **batch, "tmp": tmp, "api": prefect_api}
 
 
 def test_ingest_a_new_data_version_diff_it_retrain_on_it_and_roll_back(workspace):
@@ -106,7 +86,7 @@ def test_ingest_a_new_data_version_diff_it_retrain_on_it_and_roll_back(workspace
     assert (workspace["tmp"] / "diff/data_diff.md").read_text().startswith("# Data diff")
 
     # the retraining flow runs on the new version: every stage from validate reruns, a new champion
-    res = lesionflow(root, "run")
+    res = lesionflow(root, "run", api_url=workspace["api"])
     assert res.returncode == 0, res.stdout[-3000:]
     summary = json.loads((root / ".lesionflow/last_run.json").read_text())
     assert {"validate", "split", "train"} <= {s["stage"] for s in summary["stages"] if s["ran"]}

@@ -1,12 +1,13 @@
-"""The retraining flow end to end (``lesionflow run`` in a subprocess, ephemeral Prefect) on a tiny
-real sample in a throw-away workspace (its own git repo, DVC cache, Prefect and BentoML homes).
+"""The retraining flow end to end (``lesionflow run`` in a subprocess) on a tiny real sample in a
+throw-away workspace (its own git repo, DVC cache, Prefect and BentoML homes).
 
-The runs share one Prefect server (started once; ``make run`` uses an ephemeral one) and one
-workspace; the scenarios build on each other, in this order (each test runs the
+The runs share one Prefect server (started once for ``tests/e2e``; ``make run`` uses an ephemeral
+one) and one workspace; the scenarios build on each other, in this order (each test runs the
 steps it needs, so any one of them can also be run alone):
 
-1. first run: every stage runs, the model passes the (trivial) gates and is packaged; ``trace``
-   of the model and of the Bento gives back the data md5 of the sample and the commit;
+1. first run (``first_run`` of ``tests/e2e/conftest.py``): every stage runs, the model passes
+   the (trivial) gates and is packaged; ``trace`` of the model and of the Bento gives back the
+   data md5 of the sample and the commit;
 2. second run, nothing changed, with an ephemeral Prefect server as ``make run`` has: DVC skips
    every stage; nothing is packaged again; no traceback or telemetry error in the output;
 3. a new candidate (another train seed) against an impossible gate: ``GateFailed`` naming the
@@ -16,15 +17,10 @@ steps it needs, so any one of them can also be run alone):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -32,91 +28,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import make_project, plain_env, project_env
+from tests.workspace_fixtures import STAGES, lesionflow
 
 pytestmark = pytest.mark.e2e
-
-STAGES = ["validate", "split", "eda", "train", "retrieval", "reference", "evaluate"]
-# tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
-TINY = {
-    "train.backbone": "small_cnn",
-    "train.pretrained": False,
-    "train.epochs": 1,
-    "train.input_size": [32, 40],
-    "train.warmup_epochs": 0.0,
-    "train.batch_size": 16,
-    "train.tta": False,
-    "evaluate.bootstrap": 0,
-    "evaluate.gradcam_per_class": 0,
-    "evaluate.gates": {
-        "absolute": {"dx.accuracy": 0.0},
-        "regression_margin": {"dx.accuracy": 1.0},
-        "lower_is_better": [],
-    },
-    "eda.permutation_repeats": 1,
-    "eda.grid_per_class": 1,
-}
-
-
-def lesionflow(root: Path, *args: str, api_url: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``lesionflow ARGS`` in the workspace (its own copy of the code), stdout and stderr together,
-    from a plain shell (PATH and HOME only: the CLI finds its stores under ``.lesionflow/`` and
-    turns telemetry off itself; no COLUMNS: its output is not a terminal and must not wrap);
-    against the Prefect server at ``api_url`` (else an ephemeral one, as ``make run``)."""
-    home = root.parent / "home"
-    home.mkdir(exist_ok=True)
-    env = plain_env(home, DVC_SITE_CACHE_DIR=str(root / ".dvc-site-cache"))  # DVC's default: /var/tmp
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-
-
-@contextlib.contextmanager
-def prefect_server(root: Path, timeout: float = 180.0):
-    """A Prefect server on 127.0.0.1 for the workspace (one start instead of an ephemeral server per
-    run); yields its API URL and stops it (SIGTERM) afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root.parent / "prefect-server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root,
-        env=project_env(root),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Prefect server did not start: {(root.parent / 'prefect-server.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 class Workspace:
@@ -137,6 +51,10 @@ class Workspace:
 
     def _run(self, name: str, ephemeral: bool = False) -> dict:
         proc = lesionflow(self.root, "run", "--retries", "0", api_url=None if ephemeral else self.api_url)
+        return self.record(name, proc)
+
+    def record(self, name: str, proc: subprocess.CompletedProcess) -> dict:
+        """Keep the result of the run ``proc`` as step ``name``."""
         last = json.loads((self.root / ".lesionflow/last_run.json").read_text())
         champ, models = self.champion()
         self.steps[name] = {"proc": proc, "out": proc.stdout, "last": last, "champion": champ, "models": models}
@@ -169,10 +87,11 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_data, tmp_path_factory) -> Iterator[Workspace]:
-    root = make_project(tmp_path_factory.mktemp("retrain") / "ws", tiny_data, TINY)
-    with prefect_server(root) as url:
-        yield Workspace(root, url)
+def ws(first_run, prefect_api) -> Workspace:
+    """The shared first run's workspace (``tests/e2e/conftest.py``), on which the later scenarios build."""
+    w = Workspace(first_run["root"], prefect_api)
+    w.record("first", first_run["proc"])
+    return w
 
 
 def api(ws: Workspace, path: str, body: dict) -> list | dict:

@@ -4,8 +4,9 @@
   S3-compatible server (moto), each its own objects; the monitor reads every record of both, in
   time order, none lost or duplicated;
 * a real Prefect worker: ``prefect server start``, the work pool, ``prefect deploy`` from
-  prefect.yaml, ``prefect worker start --run-once`` and ``prefect deployment run --watch`` retrain a
-  tiny workspace and package a champion;
+  prefect.yaml, ``prefect worker start --run-once`` and ``prefect deployment run --watch`` run the
+  retraining flow in a tiny workspace (a copy of the shared first run: DVC finds every stage up to
+  date) and package a champion;
 * DVC on object storage: that workspace's data version and stage outputs are pushed to an S3
   remote and a fresh clone pulls them, after which ``dvc status`` is clean.
 """
@@ -29,11 +30,11 @@ import pandas as pd
 import pytest
 
 from pipeline.monitoring import inferencelog
-from tests.conftest import make_project, project_env
-from tests.e2e.test_retrain_flow import TINY, prefect_server
+from tests.conftest import project_env
 from tests.registry_fixtures import write_model_dir
 from tests.s3_fixtures import BUCKET, s3_server
 from tests.service_fixtures import real_images, serving
+from tests.workspace_fixtures import copy_workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +75,18 @@ def test_two_replicas_log_to_one_bucket_and_the_monitor_reads_every_record(tmp_p
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    assert len(df) == len(answered) == 30, f"{len(df)} records read back of 30 answered"
+    if len(df) != len(answered):  # say which replica lost what, and what its service logged about it
+        per_writer = {w: sum(1 for o in objects if w in o) for w in {o.rsplit("-", 1)[0] for o in objects}}
+        said = [
+            line
+            for i in (0, 1)
+            for line in (tmp_path / f"replica{i}" / "serve.log").read_text().splitlines()
+            if "inference log" in line or "Traceback" in line or "cleanup hook" in line
+        ]
+        pytest.fail(
+            f"{len(df)} records read back of {len(answered)} answered; objects per writer {per_writer}\n"
+            + "\n".join(said)
+        )
     assert df["request_id"].is_unique, "no record twice"
     assert df["timestamp"].is_monotonic_increasing
     writers = {o.rsplit("/", 1)[-1].rsplit("-", 1)[0] for o in objects}
@@ -99,43 +111,48 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -
 
 
 @pytest.fixture(scope="module")
-def worked(tiny_data, tmp_path_factory):
-    """A tiny workspace retrained by a real Prefect worker: ``prefect server start``, the process
-    work pool, ``prefect deploy`` from prefect.yaml, ``prefect worker start --run-once`` and
-    ``prefect deployment run --watch`` (the commands of docs/scale-out.md)."""
+def worked(first_run, prefect_api, tmp_path_factory):
+    """A tiny workspace whose champion is packaged by a run of a real Prefect worker (the commands
+    of docs/scale-out.md): the process work pool, ``prefect deploy`` from prefect.yaml, ``prefect
+    worker start --run-once`` and ``prefect deployment run --watch``, against ``prefect server
+    start`` (the shared ``prefect_api``). The workspace is a copy of the shared first run with a
+    BentoML store of its own (``project_env``'s), so the stages are up to date and the run packages
+    the model in that store."""
     tmp = tmp_path_factory.mktemp("worker")
-    root = make_project(tmp / "ws", tiny_data, TINY)
+    root = copy_workspace(first_run["snapshot"], tmp / "ws")
     prefect = [str(Path(sys.executable).parent / "prefect"), "--no-prompt"]
-    with prefect_server(root) as api:
-        # PWD as a shell in the project root has it: prefect.yaml's pull step runs the flow there
-        env = {**project_env(root), "PREFECT_API_URL": api, "PWD": str(root)}
-        _run([*prefect, "work-pool", "create", "lesionflow", "--type", "process"], root, env)
-        _run([*prefect, "deploy", "--all"], root, env)
-        # the run is triggered and watched; a worker with --run-once picks it up, runs it and stops
-        watch = subprocess.Popen(
-            [*prefect, "deployment", "run", "lesionflow-retrain/lesionflow-retrain-pool", "--watch"],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            soon = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
-            due = {"flow_runs": {"expected_start_time": {"before_": soon}}, "limit": 1}  # not the cron's future runs
-            while not api_post(api, "flow_runs/filter", due):
-                assert time.monotonic() < deadline and watch.poll() is None, "the deployment run was not created"
-                time.sleep(1)
-            worker = _run([*prefect, "worker", "start", "--pool", "lesionflow", "--run-once"], root, env, timeout=1200)
-            watched = watch.communicate(timeout=300)[0]
-        finally:
-            if watch.poll() is None:
-                os.killpg(watch.pid, signal.SIGTERM)
-                watch.wait(timeout=30)
-        started = {"flow_runs": {"start_time": {"is_null_": False}}, "sort": "START_TIME_DESC", "limit": 5}
-        runs = api_post(api, "flow_runs/filter", started)
+    api = prefect_api
+    # PWD as a shell in the project root has it: prefect.yaml's pull step runs the flow there
+    env = {**project_env(root), "PREFECT_API_URL": api, "PWD": str(root)}
+    _run([*prefect, "work-pool", "create", "lesionflow", "--type", "process"], root, env)
+    _run([*prefect, "deploy", "--all"], root, env)
+    with urllib.request.urlopen(f"{api}/deployments/name/lesionflow-retrain/lesionflow-retrain-pool", timeout=30) as r:
+        deployment = {"deployment_id": {"any_": [json.loads(r.read())["id"]]}}
+    # the run is triggered and watched; a worker with --run-once picks it up, runs it and stops
+    watch = subprocess.Popen(
+        [*prefect, "deployment", "run", "lesionflow-retrain/lesionflow-retrain-pool", "--watch"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        soon = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+        due = {"flow_runs": {**deployment, "expected_start_time": {"before_": soon}}, "limit": 1}  # not the cron's
+        while not api_post(api, "flow_runs/filter", due):
+            assert time.monotonic() < deadline and watch.poll() is None, "the deployment run was not created"
+            time.sleep(1)
+        worker = _run([*prefect, "worker", "start", "--pool", "lesionflow", "--run-once"], root, env, timeout=1200)
+        watched = watch.communicate(timeout=300)[0]
+    finally:
+        if watch.poll() is None:
+            os.killpg(watch.pid, signal.SIGTERM)
+            watch.wait(timeout=30)
+    started = {"flow_runs": {**deployment, "start_time": {"is_null_": False}}, "sort": "START_TIME_DESC", "limit": 5}
+    runs = api_post(api, "flow_runs/filter", started)
     return {"root": root, "watch": watch, "watched": watched, "runs": runs, "worker": worker}
 
 
@@ -153,7 +170,9 @@ def test_a_prefect_worker_runs_the_deployment_and_packages_a_champion(worked):
         champ = registry.champion()
     assert champ is not None and (worked["root"] / ".lesionflow" / "last_run.json").exists()
     last = json.loads((worked["root"] / ".lesionflow" / "last_run.json").read_text())
+    assert last["flow_run_id"] == flow_run["id"], "the worker's run wrote the run summary"
     assert last["packaged"] == champ["tag"] and last["state"] == "Completed"
+    assert not any(s["ran"] for s in last["stages"]), "the flow ran in the workspace, its stages up to date"
 
 
 def test_dvc_pushes_to_an_s3_remote_and_a_fresh_clone_pulls_a_clean_workspace(worked, tmp_path):
