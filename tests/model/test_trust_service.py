@@ -155,7 +155,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_its_schema(t
         *(sys.executable, "-m", "schemathesis.cli", "run", f"{base}/docs.json"),
         "--checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         *("--phases", "examples,fuzzing", "--max-examples", "10", "--workers", "1", "--seed", "1"),
-        *("--max-time", "60", "--request-timeout", "30", "--no-color", "--generation-database", "none"),
+        *("--max-time", "25", "--request-timeout", "30", "--no-color", "--generation-database", "none"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
