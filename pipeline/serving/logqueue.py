@@ -79,13 +79,14 @@ class BackgroundLog:
         package_root = str(Path(logworker.__file__).resolve().parents[2])  # the folder holding pipeline/
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self._started_at = time.monotonic()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", logworker.__name__, str(self.model_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
+        with logworker.stop_signals_blocked():  # the writer must outlive a SIGTERM from its first instant
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", logworker.__name__, str(self.model_path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+            )
         self._sent = collections.deque()
         reader = threading.Thread(
             target=self._read_answers, args=(self._proc, self._sent), name="inference-log-answers", daemon=True

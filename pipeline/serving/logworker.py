@@ -15,7 +15,8 @@ standard output: ``W`` written, ``F`` failed (a warning on standard error says w
 
 It ignores SIGINT and SIGTERM (a service's process group gets them at shutdown, and the records
 still queued must be written): it ends when its standard input closes, after writing everything
-it was sent.
+it was sent. The service starts it with both signals blocked (:func:`stop_signals_blocked`), so
+that one arriving while its interpreter is still starting cannot end it either.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import select
 import signal
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from pipeline.monitoring.inferencelog import InferenceLog, as_utc
 
 HEADER = struct.Struct(">I")
 WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
+#: What a service's process group gets at shutdown; the writer ignores them.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 #: Seconds without a frame after which a due object-store segment is put.
 IDLE_TICK_S = 1.0
 
@@ -168,16 +171,33 @@ def serve(model_path: Path, fd_in: int, out: Any) -> int:
         out.flush()
 
 
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block :data:`STOP_SIGNALS` in the calling thread while it starts the writer. A child process
+    inherits the signal mask through fork and exec, so a stop signal that reaches the writer while
+    its interpreter is still starting waits, and :func:`main` then ignores it. Without this, a
+    service stopped within a second or two of starting lost its writer and every record sent to it.
+    The service's other threads still take the signal for the service."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.serving.logworker MODEL_PATH`` (started by the service)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m pipeline.serving.logworker MODEL_PATH", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Nice 19, not SCHED_IDLE: an idle-class process gets no CPU at all while other processes keep
-    # the cores busy, so at shutdown the records it still holds could miss the grace period.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the service since the start: now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     with contextlib.suppress(AttributeError, OSError):  # not Unix, or not allowed: best effort
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service

@@ -261,6 +261,24 @@ def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, 
     assert off.pid is None and off.submit(real_images[0], None, {}, "m") is False and off.flush(timeout=1)
 
 
+def test_a_stop_signal_while_the_writer_is_still_starting_loses_nothing(tmp_path, real_images, monkeypatch):
+    """A service stopped right after it started (its process group gets SIGTERM, or SIGINT from a
+    terminal) while the writer's interpreter is still importing: the writer lives on, and every
+    record the service sends is written by it (it used to die, losing all of them)."""
+    bg = _background_log(tmp_path, monkeypatch)
+    writer = bg.pid
+    assert writer is not None
+    os.kill(writer, signal.SIGTERM)  # within milliseconds of the start: long before its imports end
+    os.kill(writer, signal.SIGINT)
+    rng = np.random.default_rng(12)
+    for rgb in real_images:
+        assert bg.submit(rgb, None, _service_response(rng), "m")
+    assert bg.close(timeout=60), bg.counters()
+    assert bg.counters()["written"] == len(real_images) and bg.counters()["failed"] == 0
+    assert len(inferencelog.read(tmp_path / "log")) == len(real_images)
+    assert bg._proc.pid == writer and bg._proc.returncode == 0, "the same writer, ended by close()"
+
+
 def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(tmp_path, real_images, monkeypatch):
     """The statistics run in a process of their own at the lowest CPU priority (never holding the
     service's interpreter lock); a SIGTERM to the service's process group does not lose queued
