@@ -172,6 +172,6 @@ def test_a_near_duplicate_of_an_existing_image_under_another_lesion_is_refused(s
     assert str(copy) in out and f"copy of {root / 'data/images' / f'{victim}.jpg'}" in out
     # the same batch is accepted when the user says so (the split keeps the pair together), here in
     # a copy of the workspace so that the other refusals still see the original data
-    other = shutil.copytree(root, small_workspace["tmp"] / "ws-accept", symlinks=True)
+    other = copy_workspace(root, small_workspace["tmp"] / "ws-accept")
     ok = lesionflow(other, "ingest", str(images), "--metadata", str(csv), "--allow-near-duplicates", "--no-progress")
     assert ok.returncode == 0 and "warning" in ok.stdout, ok.stdout[-3000:]
