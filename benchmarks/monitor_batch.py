@@ -61,7 +61,7 @@ def _model_dir(work: Path, taxonomy) -> tuple[Path, str]:
         return Path("artifacts/model"), "artifacts/model (trained)"
     import torch
 
-    from pipeline.model import backbones, checkpoint, classifier
+    from pipeline.model import backbones, bundle, checkpoint, classifier
 
     p = params.load_section("train")
     classes = list(taxonomy.classes("dx"))
@@ -69,9 +69,9 @@ def _model_dir(work: Path, taxonomy) -> tuple[Path, str]:
     model = classifier.build_model(p.backbone, len(classes), pretrained=True, input_size=p.input_size)
     d = work / "model"
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), d / checkpoint.MODEL_FILE)
+    torch.save(model.state_dict(), d / bundle.MODEL_FILE)
     write_json(
-        d / checkpoint.CONFIG_FILE,
+        d / bundle.CONFIG_FILE,
         {
             "format": checkpoint.FORMAT,
             "target_level": "dx",

@@ -14,7 +14,7 @@ for the Bento the mean adaptive batch size.
 
 The model: ``artifacts/model`` when it exists (the trained default), else a freshly initialised
 model with params.yaml's train backbone/input size/TTA (same compute cost). It is packaged with
-``pipeline.serving.registry.package`` into a temporary BENTOML_HOME (synthetic gate files: the threshold
+``pipeline.registry.package.package`` into a temporary BENTOML_HOME (synthetic gate files: the threshold
 does not change the cost).
 
 Run from the project root: ``python benchmarks/serve_load.py`` -> benchmarks/results/serve_load.json
@@ -43,7 +43,9 @@ import numpy as np  # noqa: E402
 from benchmarks._machine import machine  # noqa: E402
 from pipeline.core import params
 from pipeline.core.fsutil import write_json  # noqa: E402
-from pipeline.serving import bento, registry  # noqa: E402
+from pipeline.registry import bento as bentos  # noqa: E402
+from pipeline.registry import champions  # noqa: E402
+from pipeline.registry import package as packaging  # noqa: E402
 from tests.registry_fixtures import write_evaluation, write_model_dir  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/serve_load.json"
@@ -214,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         home = tmp / "bentoml"
         os.environ["BENTOML_HOME"] = str(home)
         model_dir, model_info = prepare_model(tmp, a.tta)
-        tag = registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
-        stored = Path(registry.champion()["path"])
+        tag = packaging.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
+        stored = Path(champions.champion()["path"])
         env = {
             **os.environ,
             "BENTOML_HOME": str(home),
@@ -230,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{port}"
             route = "/classify"
             if name == "bento-similar":  # the same service, each answer with the 6 most similar cases
-                cmd = bento.serve_command(port=port)
+                cmd = bentos.serve_command(port=port)
                 env = {**env, "LESIONFLOW_WORKERS": "1"}
                 ready, route = f"{base}/readyz", "/classify?similar=6"
             elif name == "bento" or name.startswith("bento-w"):  # bento-wN: N worker processes
-                cmd = bento.serve_command(port=port)
+                cmd = bentos.serve_command(port=port)
                 env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name != "bento" else "1"}
                 ready = f"{base}/readyz"
             elif name == "plain":

@@ -49,9 +49,9 @@ DEFAULT_TIMEZONE = "UTC"
 
 def champion_data_md5() -> str | None:
     """The data md5 the champion was trained on (BentoML store label), or None without a champion."""
-    from pipeline.serving import registry
+    from pipeline.registry.champions import champion
 
-    champ = registry.champion()
+    champ = champion()
     return None if champ is None else (champ.get("labels") or {}).get("data_md5")
 
 

@@ -5,9 +5,11 @@ stop that says why.
     lesionflow run                                        # the same, with a summary at the end
     python -m flows.retrain --serve --cron "0 3 * * 1"    # a scheduled deployment (see docs/operations.md)
 
-Tasks, in order (each DVC stage is ``dvc repro --single-item <stage>`` in a subprocess, its output
-streamed line by line into the Prefect log, its exit code checked; DVC decides what is up to date,
-so a re-run after a crash resumes at the stage that failed and skips what had finished)::
+Tasks, in order: every stage of ``dvc.yaml``, in its order (:func:`pipeline.core.stages.names`;
+each is ``dvc repro --single-item <stage>`` in a subprocess, its output streamed line by line into
+the Prefect log, its exit code checked; DVC decides what is up to date, so a re-run after a crash
+resumes at the stage that failed and skips what had finished), with the champion exported just
+before the gate stage, then packaging::
 
     validate -> split -> eda -> train -> retrieval -> reference -> export-champion -> evaluate
         -> package -> build-bento
@@ -24,8 +26,8 @@ so a re-run after a crash resumes at the stage that failed and skips what had fi
 * **gates**: a failing verdict ends the flow in a ``GateFailed`` state (type FAILED) naming each
   failing metric, its value and its threshold; nothing is packaged and the champion is unchanged.
   When every gate passes and the candidate is not already the champion (same weights, config and
-  OOD statistics: :func:`pipeline.model.checkpoint.fingerprint`), the model is
-  packaged into the BentoML store (:func:`pipeline.serving.registry.package`) and a Bento is built.
+  OOD statistics: :func:`pipeline.model.bundle.fingerprint`), the model is
+  packaged into the BentoML store (:func:`pipeline.registry.package.package`) and a Bento is built.
 * **one flow per workspace**: an exclusive lock on ``.lesionflow/retrain.lock`` (``fcntl``; the OS
   releases it if the process dies). A second flow waits up to ``lock_timeout_seconds`` and then
   ends in a ``WorkspaceBusy`` state naming the holder, without touching anything.
@@ -39,6 +41,7 @@ This module only orchestrates: the ML is in ``pipeline/`` (stages, gates, regist
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -61,36 +64,26 @@ from flows.messages import (
     validation_failure_message,
 )
 from flows.stages import retry_on_transient, run_stage
-from pipeline.core import fsutil, lineage
+from pipeline.core import fsutil, lineage, stages
 from pipeline.core.errors import EXIT_USER_ERROR
 from pipeline.core.fsutil import read_json
 from pipeline.core.layout import LAYOUT, Layout
-from pipeline.model import checkpoint
+from pipeline.model import bundle
 
 FLOW_NAME = "lesionflow-retrain"
 DEPLOYMENT_NAME = "lesionflow-retrain-scheduled"
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00 (in DEFAULT_TIMEZONE)
 DEFAULT_TIMEZONE = "UTC"
 
-STAGES = ("validate", "split", "eda", "train", "retrieval", "reference", "evaluate")
-#: Reports linked from the flow run (those that exist), for people: name -> (stage, path).
-REPORTS = {
-    "validation": ("validate", LAYOUT.reports("validation") / "report.md"),
-    "split": ("split", LAYOUT.reports("split") / "report.md"),
-    "eda": ("eda", LAYOUT.reports("eda") / "report.md"),
-    "training-curves": ("train", LAYOUT.reports("train") / "curves.png"),
-    "gates": ("evaluate", LAYOUT.reports("evaluate") / "gates.md"),
-    "model-card": ("evaluate", LAYOUT.reports("evaluate") / "model_card.html"),
-}
-VERDICT = LAYOUT.reports("evaluate") / "gates.json"
+VERDICT = LAYOUT.reports("evaluate") / bundle.GATES_FILE
 
 
 @task(name="export-champion", cache_policy=NO_CACHE, persist_result=False)
 def export_champion(dest: str) -> str | None:
     """Copy the registry's champion to ``dest`` (removed when there is none); return its tag."""
-    from pipeline.serving import champions
+    from pipeline.registry.history import export_champion as export
 
-    tag = champions.export_champion(Path(dest))
+    tag = export(Path(dest))
     get_run_logger().info("champion: %s", f"{tag} exported to {dest}" if tag else "none yet (absolute gates only)")
     return tag
 
@@ -98,11 +91,11 @@ def export_champion(dest: str) -> str | None:
 @task(name="package", cache_policy=NO_CACHE, persist_result=False)
 def package_model(project_root: str, model_dir: str) -> str:
     """Save the gated model into the BentoML model store (it becomes the champion)."""
-    from pipeline.serving import registry
+    from pipeline.registry.package import package
 
     root = Path(project_root)
     layout = Layout(root)
-    tag = registry.package(root / model_dir, layout.evaluate_dir, layout.reports("evaluate"), project_root=root)
+    tag = package(root / model_dir, layout.evaluate_dir, layout.reports("evaluate"), project_root=root)
     get_run_logger().info("packaged %s: the new champion", tag)
     return tag
 
@@ -110,7 +103,7 @@ def package_model(project_root: str, model_dir: str) -> str:
 @task(name="build-bento", cache_policy=NO_CACHE, persist_result=False)
 def build_bento(project_root: str) -> str:
     """``bentoml build`` of bentofile.yaml around the champion."""
-    from pipeline.serving import bento as bentos
+    from pipeline.registry import bento as bentos
 
     tag = bentos.build_bento(project_root=Path(project_root))
     get_run_logger().info("built bento %s", tag)
@@ -121,13 +114,16 @@ def build_bento(project_root: str) -> str:
 # helpers (reading what the stages wrote; no ML here)
 
 
-def _md5(path: Path) -> str | None:
-    return lineage.file_md5(path) if path.exists() else None
-
-
-def _champion_md5(champion_dir: Path) -> str | None:
-    info = read_json(champion_dir / "champion.json") or {}
-    return info.get("model_md5") or _md5(champion_dir / "model.pt")
+def reports_reached(root: Path, reached: list[str]) -> dict[str, str]:
+    """The reports of the stages a run got to that exist (linked from the flow run, for people):
+    ``<stage>-<file name>`` (a Prefect artifact key: lower case, dashes) -> path
+    (:func:`pipeline.core.stages.report_files`)."""
+    found = {}
+    for stage in reached:
+        for path in stages.report_files(stage, root):
+            if (root / path).exists():
+                found[re.sub(r"[^a-z0-9]+", "-", f"{stage}-{path.name}".lower())] = str(path)
+    return found
 
 
 def _publish(root: Path, summary: dict[str, Any], verdict: dict[str, Any] | None) -> None:
@@ -154,11 +150,11 @@ def _data_diff(root: Path, summary: dict[str, Any]) -> None:
     """When the data version differs from the champion's: what it adds (pipeline.audit.datadiff),
     written to reports/data_diff/ and linked as a Prefect artifact. Never fails the run."""
     from pipeline.audit import datadiff
-    from pipeline.serving import registry
+    from pipeline.registry.champions import champion
 
     logger = get_run_logger()
     try:
-        champ = registry.champion()
+        champ = champion()
         labels = (champ or {}).get("labels") or {}
         data_md5 = lineage.data_version(Layout(root).data_pointer).get("md5")
         if champ is None or labels.get("data_md5") in (None, data_md5) or labels.get("git_commit") in (None, "unknown"):
@@ -182,10 +178,7 @@ def _finish(root: Path, summary: dict[str, Any], verdict: dict[str, Any] | None,
     summary["state_type"] = state.type.value
     summary["message"] = state.message
     summary["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    reached = {s["stage"] for s in summary["stages"]}  # reports of the stages this run got to
-    summary["reports"] = {
-        k: str(path) for k, (stage, path) in REPORTS.items() if stage in reached and (root / path).exists()
-    }
+    summary["reports"] = reports_reached(root, [s["stage"] for s in summary["stages"]])
     _publish(root, summary, verdict)
     fsutil.write_json(Layout(root).last_run, summary)
     (get_run_logger().error if state.is_failed() else get_run_logger().info)("%s: %s", state.name, state.message)
@@ -240,12 +233,12 @@ class _Run:
     """One run's record (``summary``) and how it runs a stage (retries on transient failures)."""
 
     def __init__(self, root: Path, retries: int, retry_delay_seconds: float):
-        from pipeline.serving import registry
+        from pipeline.registry.champions import champion
 
         ctx = get_run_context()
         self.root, self.started = root, time.time()
         self.layout = Layout(root)
-        champ = registry.champion()
+        champ = champion()
         self.summary: dict[str, Any] = {
             "flow_run_id": str(ctx.flow_run.id),
             "flow_run_name": ctx.flow_run.name,
@@ -287,11 +280,13 @@ class _Run:
 def _evaluate_against_champion(run: _Run) -> tuple[State | None, str | None, str | None, str | None]:
     """Export the champion, then evaluate (forced when the champion changed since the last
     verdict); returns (a final state on failure, champion tag, champion md5, candidate md5)."""
+    from pipeline.registry.history import exported_champion_md5
+
     champion_tag = export_champion(str(run.layout.champion_dir))
-    candidate_md5 = _md5(run.layout.model_dir / "model.pt")
-    champion_md5 = _champion_md5(run.layout.champion_dir) if champion_tag else None
+    candidate_md5 = bundle.model_md5(run.layout.model_dir, missing_ok=True)
+    champion_md5 = exported_champion_md5(run.layout.champion_dir) if champion_tag else None
     force = needs_forced_evaluate(read_json(run.root / VERDICT), champion_md5, candidate_md5)
-    return run.stage("evaluate", force=force), champion_tag, champion_md5, candidate_md5
+    return run.stage(stages.GATE_STAGE, force=force), champion_tag, champion_md5, candidate_md5
 
 
 def _built(run: _Run, verdict: dict[str, Any], failure: str) -> State | None:
@@ -320,17 +315,18 @@ def _package(run: _Run, verdict: dict[str, Any]) -> State:
 
 
 def _retrain_locked(root: Path, retries: int, retry_delay_seconds: float, package: bool) -> State:
-    from pipeline.serving import bento as bentos
+    from pipeline.registry import bento as bentos
 
     run = _Run(root, retries, retry_delay_seconds)
     _data_diff(root, run.summary)
-    for name in STAGES[:-1]:
-        failed = run.stage(name)
+    champion_tag = champion_md5 = candidate_md5 = None
+    for name in stages.names(root):  # dvc.yaml's order; the gate stage is judged against the champion
+        if name == stages.GATE_STAGE:
+            failed, champion_tag, champion_md5, candidate_md5 = _evaluate_against_champion(run)
+        else:
+            failed = run.stage(name)
         if failed is not None:
             return run.finish(failed)
-    failed, champion_tag, champion_md5, candidate_md5 = _evaluate_against_champion(run)
-    if failed is not None:
-        return run.finish(failed)
     verdict = read_json(root / VERDICT)
     run.summary["metrics"] = key_metrics(read_json(run.layout.reports("evaluate") / "metrics.json"))
     if verdict is None:
@@ -354,7 +350,7 @@ def _retrain_locked(root: Path, retries: int, retry_delay_seconds: float, packag
             verdict,
         )
     # the same weights, calibration, OOD detector and lineage as the champion: nothing new to serve
-    same = checkpoint.fingerprint(run.layout.model_dir) == checkpoint.fingerprint(run.layout.champion_dir)
+    same = bundle.fingerprint(run.layout.model_dir) == bundle.fingerprint(run.layout.champion_dir)
     if candidate_md5 is not None and candidate_md5 == champion_md5 and same:
         message = f"Gates passed; the candidate is already the champion {champion_tag}: nothing new to package."
         if package and bentos.latest_bento_model() != champion_tag:  # e.g. the last run crashed while building it

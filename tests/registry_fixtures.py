@@ -14,7 +14,7 @@ import torch
 
 from pipeline.core import lineage, params
 from pipeline.core.fsutil import write_json
-from pipeline.model import backbones, checkpoint, classifier, training, trust
+from pipeline.model import backbones, bundle, checkpoint, classifier, training, trust
 from pipeline.model.inference import Predictor
 from pipeline.model.metadata import MetadataEncoder
 
@@ -92,7 +92,7 @@ def write_evaluation(
     auc: float = 0.9,
 ) -> dict[str, Any]:
     """The files evaluate writes that packaging reads, for the model in ``model_dir``."""
-    md5 = lineage.file_md5(model_dir / checkpoint.MODEL_FILE)
+    md5 = bundle.model_md5(model_dir)
     op = {
         "threshold": threshold,
         "target_sensitivity": 0.95,

@@ -17,7 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.serving import bento, registry
+from pipeline.model import bundle
+from pipeline.registry import bento as bentos
+from pipeline.registry import package as packaging
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation
 
 IMAGES_DIR = PROJECT_ROOT / "data" / "images"
@@ -44,7 +46,7 @@ def package(model_dir: Path, tmp: Path, home: Path) -> str:
     old = os.environ.get("BENTOML_HOME")
     os.environ["BENTOML_HOME"] = str(home)
     try:
-        return registry.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=PROJECT_ROOT)
+        return packaging.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=PROJECT_ROOT)
     finally:
         if old is None:
             os.environ.pop("BENTOML_HOME", None)
@@ -62,7 +64,7 @@ def serving(
     home = tmp / "bentoml"
     tag = package(model_dir, tmp, home)
     if retrieval_dir is not None:
-        shutil.copytree(retrieval_dir, home / "models" / tag.replace(":", "/") / registry.RETRIEVAL_DIR)
+        shutil.copytree(retrieval_dir, home / "models" / tag.replace(":", "/") / bundle.RETRIEVAL_DIR)
     port = free_port()
     env = {
         **os.environ,
@@ -76,7 +78,7 @@ def serving(
     env.pop("LESIONFLOW_MODEL_TAG", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(
-        bento.serve_command(port=port),
+        bentos.serve_command(port=port),
         cwd=PROJECT_ROOT,
         env=env,
         stdout=log,

@@ -15,20 +15,25 @@ produce it. ``dvc.yaml`` lists them as files, so that touching one file re-runs 
 that import it.
 
 The **layers** (lowest first; a package may import only packages of lower layers, and its own):
-``core`` < ``data``, ``features`` < ``model`` < ``evaluation``, ``monitoring`` < ``serving`` <
-``stages`` < ``flows`` < ``cli``. Standard library only (plus ruamel.yaml, which DVC installs, to
-rewrite dvc.yaml without losing its comments).
+``core`` < ``data``, ``features`` < ``model`` < ``evaluation``, ``monitoring`` < ``registry`` <
+``serving``, ``audit`` < ``stages`` < ``flows`` < ``cli``. Standard library only (plus ruamel.yaml,
+which DVC installs, to rewrite dvc.yaml without losing its comments) and :mod:`pipeline.core.stages`,
+the one list of stages.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: python tools/codemap.py
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.core import stages as core_stages  # noqa: E402
+
 PACKAGES = ("pipeline", "flows")
 #: Layer of each package (``pipeline.<name>`` or ``flows``); lower numbers are lower layers.
 LAYERS: dict[str, int] = {
@@ -38,15 +43,13 @@ LAYERS: dict[str, int] = {
     "pipeline.model": 2,
     "pipeline.evaluation": 3,
     "pipeline.monitoring": 3,
-    "pipeline.serving": 4,
-    "pipeline.audit": 4,
-    "pipeline.stages": 5,
-    "flows": 6,
-    "pipeline.cli": 7,
+    "pipeline.registry": 4,
+    "pipeline.serving": 5,
+    "pipeline.audit": 5,
+    "pipeline.stages": 6,
+    "flows": 7,
+    "pipeline.cli": 8,
 }
-#: The stages in pipeline order.
-STAGE_ORDER = ("validate", "split", "eda", "train", "retrieval", "reference", "evaluate")
-_CMD = re.compile(r"python -m ([\w.]+)")
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -124,22 +127,17 @@ def _is_code(dep: str) -> bool:
 
 
 def stages(root: Path = ROOT) -> dict[str, dict]:
-    """The stages of dvc.yaml, in file order."""
-    import yaml
-
-    return (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    """The stages of dvc.yaml, in file order (:func:`pipeline.core.stages.specs`: the one list)."""
+    return core_stages.specs(root)
 
 
 def stage_module(stage: dict) -> str:
-    m = _CMD.search(stage.get("cmd", ""))
-    if not m:
-        raise ValueError(f"stage command {stage.get('cmd')!r} does not run `python -m <module>`")
-    return m.group(1)
+    return core_stages.module(stage)
 
 
 def declared(stage: dict) -> list[str]:
     """A stage's deps as paths (``deps`` entries may be strings or one-key mappings)."""
-    return [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps") or []]
+    return core_stages.entries(stage, "deps")
 
 
 def covered(path: str, deps: list[str]) -> bool:
@@ -182,13 +180,14 @@ def write_deps(root: Path = ROOT) -> None:
         y.dump(doc, fh)
 
 
-#: The module a Bento serves, and the static files it serves besides its code.
+#: The module a Bento serves, and the files it reads besides its code: the web page, and params.yaml
+#: (where the inference log goes: pipeline.monitoring.logstore.location).
 SERVICE = "pipeline.serving.service"
-SERVICE_STATIC = ("pipeline/serving/web/*",)
+SERVICE_STATIC = ("pipeline/serving/web/*", "/params.yaml")  # "/": the root's only (gitignore patterns)
 
 
 def bento_include(root: Path = ROOT) -> list[str]:
-    """What a Bento must ship: the service's code closure and its web page."""
+    """What a Bento must ship: the service's code closure, its web page and params.yaml."""
     return [f for f in closure_files(SERVICE, root) if f.endswith(".py")] + list(SERVICE_STATIC)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core import fsutil, lineage, params
+from pipeline.core import fsutil, params
 from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import read_metadata_csv
 from pipeline.core.reporting import fmt, render_template
@@ -33,7 +33,7 @@ from pipeline.core.taxonomy import Taxonomy
 from pipeline.evaluation import metrics, summary
 from pipeline.evaluation.modelcard import render_html
 from pipeline.evaluation.predictions import Predictions, binary_truth, predict_split, prediction_table
-from pipeline.model import checkpoint
+from pipeline.model import bundle
 from pipeline.model.inference import load_model
 from pipeline.monitoring import batch, drift, profile
 
@@ -84,7 +84,7 @@ def operating_points(pred: Predictions, tax: Taxonomy, threshold: float, target:
 
 
 def _drift(inputs: ExternalInputs, predictor: Any, tax: Taxonomy, progress: bool) -> dict[str, Any]:
-    ref_dir = inputs.model_dir / "reference"
+    ref_dir = inputs.model_dir / bundle.REFERENCE_DIR
     if not ref_dir.is_dir():
         return {"decision": None, "reason": f"{ref_dir}: the model carries no reference profile: no drift check"}
     ref = profile.load_reference(ref_dir)
@@ -105,48 +105,63 @@ def _drift(inputs: ExternalInputs, predictor: Any, tax: Taxonomy, progress: bool
     return {k: s.get(k) for k in keep}
 
 
-def validate_external(inputs: ExternalInputs, tax: Taxonomy, progress: bool = True) -> dict[str, Any]:
-    """Run the external validation (see the module docstring) and write its outputs; returns the summary."""
-    t0 = time.perf_counter()
-    labels = read_labels(inputs.labels_csv, tax)
-    predictor = load_model(inputs.model_dir, device="cpu")
-    op = fsutil.read_json(inputs.model_dir / "operating_point.json")
-    if op is None:
-        raise ExternalError(f"{inputs.model_dir}: no operating_point.json (validate a packaged model: --model TAG)")
+def _point_and_truth(inputs: ExternalInputs, labels: pd.DataFrame, tax: Taxonomy) -> bundle.OperatingPoint:
+    """The model's operating point; :class:`ExternalError` without one, or when the labels lack a
+    malignant or a benign image (the binary metrics need both)."""
+    point = bundle.operating_point(inputs.model_dir)
+    if point is None:
+        raise ExternalError(
+            f"{inputs.model_dir}: no {bundle.OPERATING_POINT_FILE} (validate a packaged model: --model TAG)"
+        )
     y01 = binary_truth(labels, tax)
     if not 0 < y01.sum() < len(y01):
         raise ExternalError(
             f"{inputs.labels_csv}: needs both malignant and benign images for the binary metrics "
             f"(has {int(y01.sum())} malignant of {len(y01)})"
         )
-    pred = predict_split(
-        predictor, labels, inputs.images_dir, inputs.evaluate.batch_size, str(inputs.labels_csv), progress
-    )
-    threshold = float(op["threshold"])
-    full = summary.level_metrics(pred, tax, threshold, inputs.evaluate)
-    internal = fsutil.read_json(inputs.model_dir / "scores.json") or {}
+    return point
+
+
+def _summary(
+    inputs: ExternalInputs, labels: pd.DataFrame, pred: Predictions, tax: Taxonomy, point: bundle.OperatingPoint
+) -> dict[str, Any]:
+    """The validation's figures next to the internal test split's."""
+    op = dict(point.record or {})
+    full = summary.level_metrics(pred, tax, point.threshold, inputs.evaluate)
     result = {
         "name": inputs.name,
         "created_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
         "model": inputs.model_label,
-        "model_md5": lineage.file_md5(inputs.model_dir / checkpoint.MODEL_FILE),
+        "model_md5": bundle.model_md5(inputs.model_dir),
         "images_dir": str(inputs.images_dir),
         "labels_csv": str(inputs.labels_csv),
         "n_images": int(len(labels)),
         "n_lesions": int(labels["lesion_id"].nunique()),
         "ci_over": labels.attrs["grouped_by"],
         "class_counts": labels["dx"].value_counts().sort_index().to_dict(),
-        "threshold": threshold,
+        "threshold": point.threshold,
         "target_sensitivity": float(op.get("target_sensitivity", inputs.evaluate.target_sensitivity)),
         "metrics": summary.headline(full),
         "confidence": summary.confidence(full),
-        "internal": {"test": op.get("test"), "metrics": internal},
+        "internal": {"test": op.get("test"), "metrics": fsutil.read_json(inputs.model_dir / bundle.SCORES_FILE) or {}},
         "ood_flagged_share": None if pred.in_distribution is None else float(np.mean(~pred.in_distribution)),
     }
-    result.update(operating_points(pred, tax, threshold, result["target_sensitivity"]))
+    result.update(operating_points(pred, tax, point.threshold, result["target_sensitivity"]))
+    return result
+
+
+def validate_external(inputs: ExternalInputs, tax: Taxonomy, progress: bool = True) -> dict[str, Any]:
+    """Run the external validation (see the module docstring) and write its outputs; returns the summary."""
+    t0 = time.perf_counter()
+    labels = read_labels(inputs.labels_csv, tax)
+    predictor = load_model(inputs.model_dir, device="cpu")
+    point = _point_and_truth(inputs, labels, tax)
+    pred = predict_split(
+        predictor, labels, inputs.images_dir, inputs.evaluate.batch_size, str(inputs.labels_csv), progress
+    )
+    result = _summary(inputs, labels, pred, tax, point)
     with fsutil.staged_dir(inputs.out_dir) as stage:
-        table = prediction_table(pred, tax, threshold)
-        table.to_csv(stage / "predictions.csv", index=False)
+        prediction_table(pred, tax, point.threshold).to_csv(stage / "predictions.csv", index=False)
         result["drift"] = _drift(replace(inputs, out_dir=stage), predictor, tax, progress)
         if result["drift"].get("report_dir"):
             result["drift"]["report_dir"] = str(inputs.out_dir / Path(result["drift"]["report_dir"]).relative_to(stage))

@@ -89,6 +89,18 @@ def root() -> Path:
     return ROOT
 
 
+def resolve_model(model: str | None) -> Any:
+    """The model a ``--model`` option means (:func:`pipeline.registry.resolve.resolve_model`: the
+    champion, a model or Bento tag, or a folder), or exit naming what exists."""
+    from pipeline.registry.resolve import resolve_model as resolve
+    from pipeline.registry.store import RegistryError
+
+    try:
+        return resolve(model, ROOT)
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+
+
 def show(x: Any, digits: int = 4) -> str:
     """A value for a table cell (:func:`pipeline.core.reporting.fmt`)."""
     return fmt(x, digits)

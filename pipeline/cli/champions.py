@@ -1,5 +1,5 @@
 """``lesionflow history`` and ``lesionflow rollback``: champions over time, and making an earlier
-one the champion again (:mod:`pipeline.serving.champions`), with its Bento rebuilt."""
+one the champion again (:mod:`pipeline.registry.history`), with its Bento rebuilt."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline.cli.base import app, fail, out, root, show
 @app.command()
 def history(as_json: bool = typer.Option(False, "--json", help="Print the history as JSON.")) -> None:
     """Champions over time: data version, git commit, key test metrics, and why each changed."""
-    from pipeline.serving import champions
+    from pipeline.registry import history as champions
 
     rows = champions.history()
     if as_json:
@@ -45,12 +45,14 @@ def rollback(
     build: bool = typer.Option(True, help="Rebuild the Bento around the restored champion."),
 ) -> None:
     """Make a previously packaged model the champion again and rebuild its Bento."""
-    from pipeline.serving import bento, champions, registry
+    from pipeline.registry import bento
+    from pipeline.registry.history import rollback as roll_back
+    from pipeline.registry.store import RegistryError
 
     base = root()
     try:
-        event = champions.rollback(tag, reason)
-    except registry.RegistryError as exc:
+        event = roll_back(tag, reason)
+    except RegistryError as exc:
         raise fail(str(exc)) from None
     out.print(
         f"Champion: [bold]{event['tag']}[/] again (was {event['from']}); recorded: {event['reason']!r} by {event['by']}"
@@ -58,5 +60,5 @@ def rollback(
     if build:
         try:
             out.print(f"Bento: {bento.build_bento(base)}   (lesionflow serve)")
-        except registry.RegistryError as exc:
+        except RegistryError as exc:
             raise fail(f"the rollback is recorded but the Bento build failed: {exc}") from None

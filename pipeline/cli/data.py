@@ -20,9 +20,9 @@ app.add_typer(data_app, name="data")
 
 def champion_commit() -> str | None:
     """The git commit the champion was trained on (None without a champion)."""
-    from pipeline.serving import registry
+    from pipeline.registry.champions import champion
 
-    champ = registry.champion()
+    champ = champion()
     commit = (champ or {}).get("labels", {}).get("git_commit")
     return commit if commit and commit != "unknown" else None
 

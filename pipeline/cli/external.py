@@ -9,8 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import DISCLAIMER, app, fail, out, root, show
-from pipeline.cli.predict import resolve_model
+from pipeline.cli.base import DISCLAIMER, app, fail, out, resolve_model, root, show
 from pipeline.core.errors import LesionflowError
 from pipeline.core.layout import Layout
 
@@ -37,7 +36,8 @@ def validate_external(
     for path, what in ((images_dir, "images folder"), (labels_csv, "labels CSV")):
         if not path.exists():
             raise fail(f"{path}: no such {what}")
-    model_dir, label, _ = resolve_model(model)
+    m = resolve_model(model)
+    model_dir, label = m.path, m.label
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or images_dir.resolve().name).strip("-") or "external"
     layout = Layout(base)
     inputs = external.ExternalInputs(
@@ -57,11 +57,11 @@ def validate_external(
     show_summary(r)
     out.print(f"Report: {inputs.out_dir / 'report.md'} (and report.html, summary.json, predictions.csv)")
     if record:
-        from pipeline.serving import registry
+        from pipeline.registry.trace import record_external
 
-        if not model_dir.is_relative_to(registry.bentoml_home()):
+        if not m.packaged:
             raise fail(f"--record needs a stored model (--model TAG), not the folder {model_dir}")
-        path = registry.record_external(label, name, r)
+        path = record_external(label, name, r)
         out.print(f"Recorded with {label}: {path} (lesionflow trace {label})")
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import typer
 from rich.table import Table
 
-from pipeline.cli import base
-from pipeline.cli.base import DISCLAIMER, app, err, fail, out, show
-from pipeline.core import fsutil, images, lineage
+from pipeline.cli.base import DISCLAIMER, app, err, fail, out, resolve_model, show
+from pipeline.core import fsutil, images
 from pipeline.core.errors import EXIT_FAILED
-from pipeline.core.layout import Layout
 from pipeline.core.predictions import (
     DECISION,
     IN_DISTRIBUTION,
@@ -21,31 +20,6 @@ from pipeline.core.predictions import (
     prob_column,
 )
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
-
-
-def resolve_model(model: str | None) -> tuple[Path, str, float | None]:
-    """(directory with model.pt + config.json, label, threshold or None) of the champion, a
-    directory or a registry tag."""
-    from pipeline.serving import registry
-
-    if model is None:
-        champ = registry.champion()
-        if champ is None:
-            raise fail("no champion yet: run `lesionflow run` first, or pass --model DIR_OR_TAG")
-        return Path(champ["path"]), champ["tag"], champ["metadata"].get("threshold")
-    if Path(model).is_dir():
-        d = Path(model)
-        op = fsutil.read_json(d / registry.OPERATING_POINT_FILE)
-        if op is None and base.ROOT is not None:  # an unpackaged model: evaluate's operating point if it judged it
-            cand = fsutil.read_json(Layout(base.ROOT).evaluate_dir / registry.OPERATING_POINT_FILE)
-            if cand and (d / "model.pt").exists() and cand.get("model_md5") == lineage.file_md5(d / "model.pt"):
-                op = cand
-        return d, str(d), (op or {}).get("threshold")
-    try:
-        d = registry.describe(model)
-    except registry.RegistryError as exc:
-        raise fail(f"--model {model}: not a directory, and {exc}") from None
-    return Path(d["path"]), d["tag"], d.get("threshold")
 
 
 def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, shown: int) -> None:
@@ -104,39 +78,58 @@ def predict(
 ) -> None:
     """Classify local images with the champion or --model; unreadable files are skipped. With
     --dask-address or --dask-workers the files are sharded over Dask workers (same rows)."""
-    from pipeline.model import batchpredict, inference
+    from pipeline.model import inference
 
-    model_dir, label, thr = resolve_model(model)
-    thr = threshold if threshold is not None else thr
+    m = resolve_model(model)
+    thr = threshold if threshold is not None else m.threshold
     if thr is None:
         raise fail(
-            f"{model_dir}: no operating threshold known for this model (no operating_point.json); "
+            f"{m.path}: no operating threshold known for this model (it was never evaluated); "
             "pass --threshold or use a packaged model"
         )
     files, problems = images.list_images(paths)
     try:
-        predictor = inference.load_model(model_dir)
+        predictor = inference.load_model(m.path)
     except inference.ModelLoadError as exc:
         raise fail(str(exc)) from None
-    if dask_address or dask_workers:
-        from flows.predict import predict_on_dask
-
-        rows, unread = predict_on_dask(
-            model_dir, files, float(thr), batch_size, tta, dask_address=dask_address, workers=dask_workers
-        )
-    else:
-        rows, unread = batchpredict.predict_files(predictor, files, float(thr), batch_size, tta=tta)
-    problems += unread
-    for path, reason in problems:
+    dask = {"dask_address": dask_address, "workers": dask_workers} if dask_address or dask_workers else None
+    rows, unread = predict_rows(predictor, m.path, files, float(thr), batch_size, tta, dask)
+    for path, reason in problems + unread:
         err.print(f"[yellow]skipped[/] {path}: {reason}")
     if len(rows):
-        rows["model"] = label
-        show_table(rows, label, float(thr), predictor.taxonomy.binary_positive, shown)
-        if len(rows) > shown:
-            out.print(f"... {len(rows) - shown} more rows" + (f" in {out_csv}" if out_csv else " (use --out FILE.csv)"))
+        rows["model"] = m.label
+        show_table(rows, m.label, float(thr), predictor.taxonomy.binary_positive, shown)
+    write_rows(rows, out_csv, shown, len(problems + unread))
+
+
+def write_rows(rows: pd.DataFrame, out_csv: Path | None, shown: int, skipped: int) -> None:
+    """Write the rows to ``out_csv`` (when given) and say what was predicted and skipped; exit 1
+    when no image could be read."""
+    if len(rows) > shown:
+        out.print(f"... {len(rows) - shown} more rows" + (f" in {out_csv}" if out_csv else " (use --out FILE.csv)"))
     if out_csv is not None:
         fsutil.atomic_write_text(out_csv, rows.to_csv(index=False))
         out.print(f"Wrote {len(rows)} row(s) to {out_csv}")
-    out.print(f"{len(rows)} predicted, {len(problems)} skipped.")
+    out.print(f"{len(rows)} predicted, {skipped} skipped.")
     if not len(rows):
         raise fail("no image could be read", code=EXIT_FAILED)
+
+
+def predict_rows(
+    predictor: Any,
+    model_dir: Path,
+    files: list[Path],
+    threshold: float,
+    batch_size: int,
+    tta: bool | None,
+    dask: dict[str, Any] | None,
+) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """The prediction rows of ``files`` and the unreadable ones: in this process, or sharded over
+    Dask when ``dask`` holds the cluster's address or worker count (the same rows)."""
+    from pipeline.model import batchpredict
+
+    if dask is None:
+        return batchpredict.predict_files(predictor, files, threshold, batch_size, tta=tta)
+    from flows.predict import predict_on_dask
+
+    return predict_on_dask(model_dir, files, threshold, batch_size, tta, **dask)

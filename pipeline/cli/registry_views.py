@@ -13,10 +13,10 @@ from pipeline.cli.base import app, fail, out, show
 
 def print_champion() -> dict[str, Any] | None:
     """One line on the champion (or that there is none) and one on its Bento."""
-    from pipeline.serving import bento as bentos
-    from pipeline.serving import registry
+    from pipeline.registry import bento as bentos
+    from pipeline.registry import champions
 
-    champ = registry.champion()
+    champ = champions.champion()
     if champ is None:
         out.print("Champion: [yellow]none yet[/] (no model has passed the gates)")
         return None
@@ -26,7 +26,7 @@ def print_champion() -> dict[str, Any] | None:
         f"{labels.get('data_md5')}; git {str(labels.get('git_commit'))[:12]}; threshold "
         f"{labels.get('threshold')})"
     )
-    last = registry.timeline()[-1]
+    last = champions.timeline()[-1]
     if last["event"] == "rollback":
         out.print(f"  restored by rollback {last['at']:%Y-%m-%d %H:%M} UTC by {last.get('by')}: {last.get('reason')} "
                   "(lesionflow history)")  # fmt: skip
@@ -96,11 +96,12 @@ def trace(
     as_json: bool = typer.Option(False, "--json", help="Print the full record as JSON."),
 ) -> None:
     """Trace a model or Bento: data md5, git commit, params, metrics, gates, restore commands."""
-    from pipeline.serving import registry
+    from pipeline.registry.store import RegistryError
+    from pipeline.registry.trace import describe
 
     try:
-        d = registry.describe(tag)
-    except registry.RegistryError as exc:
+        d = describe(tag)
+    except RegistryError as exc:
         raise fail(str(exc)) from None
     if as_json:
         out.print_json(json.dumps(d, default=str))
@@ -125,9 +126,9 @@ def trace(
 
 def _print_champion_history(tag: str) -> None:
     """When and why this model was the champion (packaged, rolled back to)."""
-    from pipeline.serving import champions
+    from pipeline.registry.history import history
 
-    rows = champions.history()
+    rows = history()
     mine = [r for r in rows if r["tag"] == tag]
     if not mine:
         return

@@ -113,7 +113,7 @@ def status() -> None:
                 show(s.get("seconds"), 1),
             )
         out.print(t)
-    verdict = read_json(Layout(base).reports("evaluate") / "gates.json")
+    verdict = read_json(base / flow.VERDICT)
     if verdict is not None:
         print_gates(verdict, f"Gate verdict ({flow.VERDICT})")
     if last.get("metrics"):

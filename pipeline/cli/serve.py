@@ -9,25 +9,19 @@ from pathlib import Path
 import typer
 
 from pipeline.cli.base import DISCLAIMER, app, err, fail, out, root
-from pipeline.core.layout import Layout
 
 
 def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
-    """The served process's environment: unless ``$LESIONFLOW_INFERENCE_LOG`` is set, the
-    inference log goes to the project's ``monitor.log_url`` (params.yaml; default logs/inference),
-    a local path made absolute: a Bento runs from its own folder in the BentoML store, where a
-    relative path would hide the log from the monitoring flow. An object-store URL is kept."""
+    """The served process's environment, with the inference log's location of this project
+    (:func:`pipeline.monitoring.logstore.location` from the project's params.yaml, a local path made
+    absolute) set explicitly: a Bento's own params.yaml is the one it was built with, and the
+    project's may have changed since; the monitor reads the project's. An operator's
+    ``$LESIONFLOW_INFERENCE_LOG`` is kept."""
+    from pipeline.monitoring import logstore
+
     env = dict(env)
-    if not env.get("LESIONFLOW_INFERENCE_LOG"):
-        from pipeline.monitoring import logstore
-
-        location = "logs/inference"
-        params_file = Layout(project_root).params_file
-        if params_file.exists():
-            from pipeline.core import params
-
-            location = params.load_section("monitor", params_file).log_url
-        env["LESIONFLOW_INFERENCE_LOG"] = logstore.resolve(location, project_root)
+    location = logstore.location(project_root, environ=env)
+    env[logstore.LOCATION_ENV] = "off" if location is None else location
     return env
 
 
@@ -39,13 +33,13 @@ def serve(
 ) -> None:
     """Serve the champion over HTTP (the latest lesionflow Bento, else the project's service)."""
     base = root()
-    from pipeline.serving import bento as bentos
-    from pipeline.serving import registry
+    from pipeline.registry import bento as bentos
+    from pipeline.registry.champions import champion
 
     target = bento or bentos.latest_bento()
     env = dict(os.environ)
     if target is None:
-        champ = registry.champion()
+        champ = champion()
         if champ is None:
             raise fail("nothing to serve: no champion yet (run `lesionflow run`)")
         import yaml

@@ -11,8 +11,7 @@ import typer
 from rich.table import Table
 
 from pipeline.cli import base
-from pipeline.cli.base import DISCLAIMER, app, fail, out, show
-from pipeline.cli.predict import resolve_model
+from pipeline.cli.base import DISCLAIMER, app, fail, out, resolve_model, show
 
 
 def contact_sheet(query: Any, cases: list[Any], index: Any, path: Path, cell: int = 160) -> None:
@@ -38,6 +37,34 @@ def contact_sheet(query: Any, cases: list[Any], index: Any, path: Path, cell: in
     sheet.save(path)
 
 
+def cases_table(cases: list[Any], title: str, attribution: str) -> Table:
+    """The similar cases as a table: diagnosis, how it was confirmed, similarity, the case's metadata."""
+    t = Table(
+        "#",
+        "training case",
+        "diagnosis",
+        "confirmed by",
+        "similarity",
+        "age",
+        "sex",
+        "site",
+        title=title,
+        caption=f"{attribution} {DISCLAIMER}",
+    )
+    for i, c in enumerate(cases, 1):
+        t.add_row(
+            str(i),
+            c.image_id,
+            c.dx,
+            c.to_dict()["confirmation"],
+            show(c.similarity, 3),
+            show(c.age, 0),
+            c.sex or "-",
+            c.localization or "-",
+        )
+    return t
+
+
 @app.command()
 def similar(
     image: Path = typer.Argument(..., help="A dermoscopic image (JPEG/PNG)."),
@@ -48,20 +75,20 @@ def similar(
     sheet: Path | None = typer.Option(None, "--sheet", help="Also write a contact sheet PNG here."),
 ) -> None:
     """The confirmed training cases most similar to IMAGE (one image per lesion)."""
-    from pipeline.core import images, lineage
+    from pipeline.core import images
     from pipeline.core.layout import Layout
-    from pipeline.model import inference
+    from pipeline.model import bundle, inference
     from pipeline.model.retrieval import ATTRIBUTION, RetrievalError, RetrievalIndex
-    from pipeline.serving.registry import RETRIEVAL_DIR
 
-    model_dir, label, _ = resolve_model(model)
+    m = resolve_model(model)
     try:
         rgb = images.decode_rgb(image, str(image))
-        predictor = inference.load_model(model_dir)
+        predictor = inference.load_model(m.path)
         images.check_size(rgb, predictor.size_limits, str(image))
-        packaged = model_dir / RETRIEVAL_DIR  # a stored model carries its index; else the stage's
-        folder = packaged if packaged.is_dir() else Layout(base.root()).retrieval_dir
-        index = RetrievalIndex.load(folder, model_md5=lineage.file_md5(model_dir / "model.pt"))
+        if (m.path / bundle.RETRIEVAL_DIR).is_dir():  # a stored model carries its index
+            index = RetrievalIndex.for_model(m.path)
+        else:  # a trained model's folder: the retrieval stage's index, if built for it
+            index = RetrievalIndex.load(Layout(base.root()).retrieval_dir, model_md5=bundle.model_md5(m.path))
     except (images.ImageError, inference.ModelLoadError, RetrievalError) as exc:
         raise fail(str(exc)) from None
     pred = predictor.predict([rgb], tta=False)
@@ -70,31 +97,7 @@ def similar(
 
         raise fail(f"{image}: {MESSAGE} (no similar cases either)", code=1)
     cases = index.query(pred["embeddings"], k or int(index.meta.get("k", 6)))[0]
-    t = Table(
-        "#",
-        "training case",
-        "diagnosis",
-        "confirmed by",
-        "similarity",
-        "age",
-        "sex",
-        "site",
-        title=f"Most similar training lesions to {image.name} (model {label})",
-        caption=f"{ATTRIBUTION} {DISCLAIMER}",
-    )
-    for i, c in enumerate(cases, 1):
-        d = c.to_dict()
-        t.add_row(
-            str(i),
-            c.image_id,
-            c.dx,
-            d["confirmation"],
-            show(c.similarity, 3),
-            show(c.age, 0),
-            c.sex or "-",
-            c.localization or "-",
-        )
-    out.print(t)
+    out.print(cases_table(cases, f"Most similar training lesions to {image.name} (model {m.label})", ATTRIBUTION))
     if sheet is not None:
         contact_sheet(rgb, cases, index, sheet)
         out.print(f"Contact sheet: {sheet}")

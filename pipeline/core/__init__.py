@@ -1,2 +1,2 @@
-"""The core layer: what every other part of lesionflow builds on (standard library, NumPy, PyYAML
-and Pillow only; never imports a higher layer). See docs/architecture.md."""
+"""The core layer: what every other part of lesionflow builds on (standard library, NumPy, pandas,
+PyYAML and Pillow only; never imports a higher layer). See docs/architecture.md."""

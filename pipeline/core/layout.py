@@ -4,7 +4,8 @@
 machines, ``reports/<stage>/`` their outputs for people (both DVC outputs, git-ignored),
 ``.lesionflow/`` the local state (the BentoML and Prefect homes, the last run, the workspace
 lock, caches) and ``logs/`` the service's inference log. ``dvc.yaml`` names the same paths (DVC
-needs them written out); a test checks that the two agree.
+needs them written out) and each stage's command line takes its defaults from there
+(:mod:`pipeline.core.stages`); a test checks that the two agree.
 
     LAYOUT.splits_dir            # artifacts/splits (relative: entry points run from the root)
     Layout(root).last_run        # <root>/.lesionflow/last_run.json
@@ -17,6 +18,9 @@ from pathlib import Path
 
 #: The split names, in order.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Where the service's inference log goes unless ``monitor.log_url`` or ``$LESIONFLOW_INFERENCE_LOG``
+#: says otherwise (relative to the folder of params.yaml; :func:`pipeline.monitoring.logstore.location`).
+INFERENCE_LOG = "logs/inference"
 
 
 @dataclass(frozen=True)
@@ -126,63 +130,6 @@ class Layout:
     def prediction_cache(self) -> Path:
         """``evaluate``'s cache of predictions (model + images -> probabilities)."""
         return self.state_dir / "cache" / "evaluate"
-
-    # -- what each DVC stage reads and writes ---------------------------------------------------------
-    def stage_paths(self, stage: str) -> dict[str, Path]:
-        """The default of each path flag of a DVC stage's command line (:mod:`pipeline.core.stagecli`):
-        the paths ``dvc.yaml`` gives the stage as deps and outs (a test checks that they agree)."""
-        table = {
-            "validate": {
-                "metadata": self.metadata_csv,
-                "images": self.images_dir,
-                "index": self.validation_index,
-                "reports": self.reports("validation"),
-            },
-            "split": {
-                "metadata": self.metadata_csv,
-                "index": self.validation_index,
-                "out": self.splits_dir,
-                "reports": self.reports("split"),
-            },
-            "eda": {
-                "metadata": self.metadata_csv,
-                "splits": self.splits_dir,
-                "images": self.images_dir,
-                "out": self.eda_dir,
-                "reports": self.reports("eda"),
-            },
-            "train": {
-                "splits": self.splits_dir,
-                "images": self.images_dir,
-                "out": self.model_dir,
-                "reports": self.reports("train"),
-            },
-            "retrieval": {
-                "model": self.model_dir,
-                "splits": self.splits_dir,
-                "images": self.images_dir,
-                "out": self.retrieval_dir,
-            },
-            "reference": {
-                "model": self.model_dir,
-                "splits": self.splits_dir,
-                "images": self.images_dir,
-                "eda": self.eda_dir,
-                "out": self.reference_dir,
-            },
-            "evaluate": {
-                "model": self.model_dir,
-                "splits": self.splits_dir,
-                "images": self.images_dir,
-                "eda": self.eda_dir,
-                "retrieval": self.retrieval_dir,
-                "out": self.evaluate_dir,
-                "reports": self.reports("evaluate"),
-            },
-        }
-        if stage not in table:
-            raise KeyError(f"no stage {stage!r} (stages: {', '.join(table)})")
-        return table[stage]
 
 
 #: The layout relative to the working directory (entry points make it the project root).

@@ -54,11 +54,23 @@ def true_column(level: str) -> str:
     return "dx" if level == "dx" else f"{level}_true"
 
 
+def refers(p_malignant: np.ndarray | float, threshold: float) -> np.ndarray:
+    """THE decision rule, the only place it is written: an image is referred (the positive binary
+    class) iff ``p_malignant >= threshold``. Evaluation, its metrics and bootstrap, the service and
+    ``lesionflow predict`` all decide through it."""
+    return np.asarray(p_malignant, dtype=np.float64) >= threshold
+
+
+def rule_text(positive: str) -> str:
+    """The decision rule in words, as a model's ``operating_point.json`` records it."""
+    return f"{positive} if p({positive}) >= threshold"
+
+
 def decide(p_malignant: np.ndarray | float, threshold: float, taxonomy: Taxonomy) -> np.ndarray:
-    """The binary class of each probability at ``threshold`` (positive iff ``p >= threshold``)."""
+    """The binary class of each probability at ``threshold`` (:func:`refers`)."""
     pos = taxonomy.binary_positive
     neg = next(c for c in taxonomy.classes("binary") if c != pos)
-    return np.where(np.asarray(p_malignant, dtype=np.float64) >= threshold, pos, neg)
+    return np.where(refers(p_malignant, threshold), pos, neg)
 
 
 def prediction_frame(

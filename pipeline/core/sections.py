@@ -12,6 +12,7 @@ from typing import Literal, TypeVar
 
 from pipeline.core import taxonomy
 from pipeline.core.formats import IMAGE_EXTENSIONS, SizeLimits
+from pipeline.core.layout import INFERENCE_LOG
 from pipeline.core.statsconfig import FeatureConfig
 from pipeline.core.strict import fail
 
@@ -427,7 +428,7 @@ class MonitorParams:
     embedding_drift_share: float = 0.25
     embedding_auc_threshold: float = 0.6
     embedding_max_rows: int = 1000
-    log_url: str = "logs/inference"
+    log_url: str = INFERENCE_LOG
     window_hours: float = 24.0
     retrain_deployment: str = "lesionflow-retrain/lesionflow-retrain-scheduled"
 

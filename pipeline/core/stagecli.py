@@ -2,9 +2,9 @@
 
     python -m pipeline.stages.split [--params FILE] [--metadata CSV] [--index CSV] [--out DIR] [--reports DIR]
 
-Each stage takes the path flags (:data:`FLAGS`) that :meth:`pipeline.core.layout.Layout.stage_paths`
-gives it, with those paths as defaults (the ones dvc.yaml names); ``--params`` and ``--no-progress``
-are always there. :func:`run`
+Each stage takes the path flags (:data:`FLAGS`) that its entry in ``dvc.yaml`` names
+(:func:`pipeline.core.stages.paths`), with those paths as defaults; ``--params`` and
+``--no-progress`` are always there. :func:`run`
 makes the project root the working directory first (paths are relative to it, as in ``dvc.yaml``,
 so a stage runs the same from any subfolder), then calls the stage's body. A
 :class:`~pipeline.core.errors.LesionflowError` (a bad parameter, file, row or image) is printed as
@@ -19,9 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.core import project
+from pipeline.core import project, stages
 from pipeline.core.errors import EXIT_USER_ERROR, LesionflowError
-from pipeline.core.layout import LAYOUT
 
 #: Flag name -> help text. The same input or output is always the same flag.
 FLAGS: dict[str, str] = {
@@ -63,7 +62,7 @@ def run(
 ) -> int:
     """Enter the project, parse ``argv`` and run ``body(args)``; see the module docstring."""
     project.enter()
-    ap = parser(stage, doc, LAYOUT.stage_paths(stage))
+    ap = parser(stage, doc, stages.paths(stage))
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)

@@ -51,55 +51,60 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ParamsError:
-                continue
-        fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            fail(key, f"must be one of {list(args)}, got {value!r}")
-        return value
+#: Scalar types: (what a value must be, what it must not be, the words of the error, conversion).
+_SCALARS: dict[type, tuple[type | tuple[type, ...], type | None, str, Any]] = {
+    bool: (bool, None, "true or false", lambda v: v),
+    int: (int, bool, "an integer", lambda v: v),
+    float: ((int, float), bool, "a number", float),
+    str: (str, None, "a string", lambda v: v),
+}
+
+
+def _convert_union(value: Any, args: tuple, key: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ParamsError:
+            continue
+    fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+
+
+def _convert_container(value: Any, origin: Any, args: tuple, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             fail(key, f"expected a list, got {value!r}")
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            fail(key, f"expected a mapping, got {value!r}")
-        k_tp, v_tp = args if args else (Any, Any)
-        return {_convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, dict):
+        fail(key, f"expected a mapping, got {value!r}")
+    k_tp, v_tp = args if args else (Any, Any)
+    return {_convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(value, args, key)
+    if origin is Literal:
+        if value not in args:
+            fail(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple, dict):
+        return _convert_container(value, origin, args, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail(key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail(key, f"expected a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepted, refused, words, convert = _SCALARS[tp]
+        if not isinstance(value, accepted) or (refused is not None and isinstance(value, refused)):
+            fail(key, f"expected {words}, got {value!r}")
+        return convert(value)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     fail(key, f"expected {_type_name(tp)}, got {value!r}")

@@ -1,2 +1,2 @@
-"""The dataset: the data contract, the leakage-free split and the split files (imports only
-:mod:`pipeline.core`)."""
+"""The dataset: the data contract and its report, near-duplicates, the leakage-free split, the split
+files and the ingest of new labelled data (imports only :mod:`pipeline.core`)."""

@@ -35,7 +35,6 @@ import pandas as pd
 from pipeline.core import images, params
 from pipeline.core.errors import LesionflowError
 from pipeline.core.formats import SizeLimits
-from pipeline.core.reporting import md_table
 from pipeline.core.workers import map_chunks
 from pipeline.data import neardup
 
@@ -337,25 +336,18 @@ def _visible_files(folder: Path) -> list[Path]:
     return [f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")]
 
 
-def check_files(
-    df: pd.DataFrame, images_dir: Path, p: params.ValidateParams, progress: bool = True
-) -> tuple[list[Check], pd.DataFrame, list[list[str]], list[neardup.Pair]]:
-    """File checks; returns the checks, the per-image index (with ``duplicate_of`` and
-    ``near_group``), the byte-identical groups and the near-duplicate pairs."""
-    allowed = tuple(e.lower() for e in p.image_extensions)
-    found = images.index_images(images_dir, allowed)
-    ids = [str(i) for i in df["image_id"].dropna().astype(str)] if "image_id" in df.columns else []
-    id_set = set(ids)
-    present = [found[i] for i in ids if i in found]
-    index, thumbs = inspect_files(present, p, progress)
-    index.insert(0, "image_id", [f.stem for f in present])
-    lesion_of = dict(zip(df["image_id"].astype(str), df["lesion_id"])) if "lesion_id" in df.columns else {}
-    groups, spanning = duplicate_groups(index, lesion_of)
-    index["duplicate_of"] = index["image_id"].map({m: g[0] for g in groups for m in g[1:]})
-    near_pairs, near_spanning = near_duplicates(index, thumbs, lesion_of, p)
-    index["near_group"] = index["image_id"].map(neardup.groups(near_pairs))
+def _presence_checks(
+    ids: list[str],
+    found: dict[str, Path],
+    index: pd.DataFrame,
+    images_dir: Path,
+    p: params.ValidateParams,
+    allowed: tuple,
+) -> list[Check]:
+    """Every image_id has a file, every file decodes within the size limits, no file is an orphan."""
     kind = "RGB" if p.require_rgb else "an"
-    checks = [
+    id_set = set(ids)
+    return [
         _file_check(
             "image_files_exist",
             f"every image_id has a file {'/'.join(allowed)} in {images_dir}",
@@ -379,20 +371,46 @@ def check_files(
             ],
             p.max_examples,
         ),
+    ]
+
+
+def _near_check(near_spanning: list[str], p: params.ValidateParams) -> list[Check]:
+    """Copies across lesions: a warning or a violation (``validate.near_duplicates``), or no check."""
+    if p.near_duplicates == "off":
+        return []
+    near = _file_check(
+        "near_duplicates_within_one_lesion",
+        "no copy of an image (resized, re-compressed, slightly cropped, colour-shifted) spans two lesions",
+        near_spanning,
+        p.max_examples,
+    )
+    if p.near_duplicates == "warn" and near_spanning:
+        near.passed, near.kind = True, "warning"
+    return [near]
+
+
+def check_files(
+    df: pd.DataFrame, images_dir: Path, p: params.ValidateParams, progress: bool = True
+) -> tuple[list[Check], pd.DataFrame, list[list[str]], list[neardup.Pair]]:
+    """File checks; returns the checks, the per-image index (with ``duplicate_of`` and
+    ``near_group``), the byte-identical groups and the near-duplicate pairs."""
+    allowed = tuple(e.lower() for e in p.image_extensions)
+    found = images.index_images(images_dir, allowed)
+    ids = [str(i) for i in df["image_id"].dropna().astype(str)] if "image_id" in df.columns else []
+    present = [found[i] for i in ids if i in found]
+    index, thumbs = inspect_files(present, p, progress)
+    index.insert(0, "image_id", [f.stem for f in present])
+    lesion_of = dict(zip(df["image_id"].astype(str), df["lesion_id"])) if "lesion_id" in df.columns else {}
+    groups, spanning = duplicate_groups(index, lesion_of)
+    index["duplicate_of"] = index["image_id"].map({m: g[0] for g in groups for m in g[1:]})
+    near_pairs, near_spanning = near_duplicates(index, thumbs, lesion_of, p)
+    index["near_group"] = index["image_id"].map(neardup.groups(near_pairs))
+    checks = _presence_checks(ids, found, index, images_dir, p, allowed) + [
         _file_check(
             "duplicates_within_one_lesion", "byte-identical images never span two lesions", spanning, p.max_examples
         ),
+        *_near_check(near_spanning, p),
     ]
-    if p.near_duplicates != "off":
-        near = _file_check(
-            "near_duplicates_within_one_lesion",
-            "no copy of an image (resized, re-compressed, slightly cropped, colour-shifted) spans two lesions",
-            near_spanning,
-            p.max_examples,
-        )
-        if p.near_duplicates == "warn" and near_spanning:
-            near.passed, near.kind = True, "warning"
-        checks.append(near)
     return checks, index, groups, near_pairs
 
 
@@ -429,72 +447,3 @@ def validate(
         index, groups, near = pd.DataFrame(columns=["image_id", "file", "md5"]), [], []
     n_files = sum(1 for f in images_dir.iterdir() if f.is_file()) if images_dir.is_dir() else 0
     return ValidationResult(checks, len(df), n_files, groups, index, time.perf_counter() - t0, near)
-
-
-def render_markdown(result: ValidationResult, metadata_csv: Path, images_dir: Path) -> str:
-    """The report a person reads: every check, the failures with their examples, the duplicates."""
-    lines = [
-        f"# Data validation: {'PASSED' if result.passed else 'FAILED'}",
-        "",
-        f"- metadata: `{metadata_csv}` ({result.n_rows:,} rows)",
-        f"- images: `{images_dir}` ({result.n_files:,} files)",
-        f"- checks: {len(result.checks)} run, {len(result.failed)} failed ({result.seconds:.1f} s)",
-        "",
-        md_table(
-            [(c.description, c.kind, _verdict(c), c.failures) for c in result.checks],
-            ["check", "kind", "result", "failures"],
-            align="lllr",
-        ),
-    ]
-    if result.failed or result.warnings:
-        lines += ["", "## Failures and warnings", ""]
-        for c in result.failed + result.warnings:
-            lines += [f"### {c.description}", *(f"- {e}" for e in c.examples), ""]
-    lines += ["", "## Byte-identical images", ""]
-    if result.duplicate_groups:
-        lines += [f"- {', '.join(g)}" for g in result.duplicate_groups]
-        lines += ["", "Duplicates inside one lesion are allowed; the split keeps each group in one split."]
-    else:
-        lines.append("None.")
-    lines += ["", "## Near-duplicates", ""]
-    if result.near_pairs:
-        lines += [
-            md_table(
-                [(q.a, q.b, f"{q.detail:.2f}") for q in result.near_pairs[:50]],
-                ["image", "copy of", "detail similarity"],
-                align="llr",
-            ),
-            "",
-            f"{len(result.near_pairs)} pair(s); side by side in `{NEAR_SHEET}`. "
-            "The split keeps each group in one split.",
-        ]
-    else:
-        lines.append("None.")
-    return "\n".join(lines) + "\n"
-
-
-def _verdict(c: Check) -> str:
-    if c.kind == "warning":
-        return "**WARN**"
-    return "pass" if c.passed else "**FAIL**"
-
-
-def captions(result: ValidationResult, metadata_csv: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """``image_id lesion_id dx`` and the lesion of every image in a near-duplicate pair, for the
-    contact sheet."""
-    ids = {x for q in result.near_pairs for x in (q.a, q.b)}
-    df = read_metadata_table(metadata_csv)
-    df = df[df["image_id"].astype(str).isin(ids)]
-    return (
-        {str(r.image_id): f"{r.image_id} {r.lesion_id} {r.dx}" for r in df.itertuples()},
-        {str(r.image_id): str(r.lesion_id) for r in df.itertuples()},
-    )
-
-
-def format_failures(result: ValidationResult) -> str:
-    """The failed checks with their examples, for a terminal or a log."""
-    out = [f"Data contract violated: {len(result.failed)} of {len(result.checks)} checks failed"]
-    for c in result.failed:
-        out.append(f"  FAILED: {c.description} [{c.name}] - {c.failures} failure(s)")
-        out += [f"      {e}" for e in c.examples]
-    return "\n".join(out)

@@ -34,7 +34,7 @@ from pipeline.core import images, lineage, params
 from pipeline.core.errors import LesionflowError
 from pipeline.core.layout import Layout
 from pipeline.core.workers import map_chunks
-from pipeline.data import contract, neardup
+from pipeline.data import contract, contract_report, neardup
 
 
 class IngestError(LesionflowError, RuntimeError):
@@ -61,7 +61,7 @@ class BatchCheck:
         """Every failed check with its examples, for a terminal or a log."""
         lines = []
         if not self.batch.passed:
-            lines.append(contract.format_failures(self.batch))
+            lines.append(contract_report.format_failures(self.batch))
         bad = [c for c in self.against_data if not c.passed]
         if bad:
             lines.append(f"Against the current data: {len(bad)} of {len(self.against_data)} checks failed")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.core.predictions import refers
 from pipeline.evaluation.metrics import json_float
 
 
@@ -133,7 +134,7 @@ def binary_statistic(
         for s in specs:
             out[f"sensitivity_at_specificity_{round(s * 100)}"] = w_sensitivity_at_specificity(w, y01, score, s)
         if threshold is not None:
-            pred = (score >= threshold).astype(int)
+            pred = refers(score, threshold).astype(int)
             cm = w_confusion(w, y01, pred, 2)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out["sensitivity_at_operating_point"] = cm[:, 1, 1] / cm[:, 1].sum(axis=1)

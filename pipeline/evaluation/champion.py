@@ -13,13 +13,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.core import fsutil, lineage
 from pipeline.core.params import EvaluateParams
 from pipeline.core.taxonomy import Taxonomy
 from pipeline.evaluation import metrics
 from pipeline.evaluation.predictions import Predictions, binary_truth, cached_predictions
 from pipeline.evaluation.summary import flat_for_gates, headline, level_metrics
-from pipeline.model.checkpoint import CONFIG_FILE, MODEL_FILE
+from pipeline.model import bundle
 
 
 class _Champion:
@@ -68,20 +67,16 @@ def evaluate_champion(
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """The champion's headline metrics on the same test split (None when there is no champion)."""
-    weights, config = champion_dir / MODEL_FILE, champion_dir / CONFIG_FILE
-    if not (weights.exists() and config.exists()):
+    if not all((champion_dir / name).exists() for name in bundle.TRAINED_FILES):
         return None
-    md5 = lineage.file_md5(weights)
+    md5 = bundle.model_md5(champion_dir)
     champ = _Champion(champion_dir, load_model, images_dir, p, cache_dir, progress)
-    same = (
-        md5 == lineage.file_md5(model_dir / MODEL_FILE)
-        and config.read_bytes() == (model_dir / CONFIG_FILE).read_bytes()
-    )
     # the champion may be this very model (judged before it was packaged): no need to predict again
+    same = bundle.fingerprint(champion_dir) == bundle.fingerprint(model_dir)
     preds = dict(own) if same else {"test": champ.predict(frames["test"], "test")}
-    op = fsutil.read_json(champion_dir / "operating_point.json")
-    if op is not None and "threshold" in op:
-        thr, source = float(op["threshold"]), f"from {champion_dir / 'operating_point.json'}"
+    op = bundle.operating_point(champion_dir)
+    if op is not None:
+        thr, source = op.threshold, f"from {champion_dir / bundle.OPERATING_POINT_FILE}"
     else:
         val = preds.get("val") or champ.predict(frames["val"], "val")
         thr = metrics.choose_threshold(binary_truth(frames["val"], tax), val.p_malignant, p.target_sensitivity)[

@@ -218,6 +218,11 @@ def _gradcam_tile(
     )
 
 
+def _row_label(ax: Any, text: str) -> None:
+    """A row's title, written sideways left of its first panel."""
+    ax.text(-0.08, 0.5, text, transform=ax.transAxes, rotation=90, va="center", ha="right", fontsize=11, weight="bold")
+
+
 def gradcam_grids(
     predictor: Any,
     table: pd.DataFrame,
@@ -239,9 +244,8 @@ def gradcam_grids(
     classes, files = tax.classes("dx"), images.index_images(images_dir)
     jobs = _gradcam_picks(table, classes, per_class, seed)
     written: dict[str, str] = {}
-    with tqdm(
-        total=sum(len(r["correct"]) + len(r["wrong"]) for _, r in jobs), desc="Grad-CAM", unit="img", leave=False
-    ) as bar:
+    total = sum(len(r["correct"]) + len(r["wrong"]) for _, r in jobs)
+    with tqdm(total=total, desc="Grad-CAM", unit="img", leave=False) as bar:
         for c, rows in jobs:
             fig, axes = plt.subplots(2, per_class, figsize=(2.6 * per_class, 5.6), squeeze=False)
             for r, kind in enumerate(("correct", "wrong")):
@@ -254,17 +258,7 @@ def gradcam_grids(
                         bar.update(1)
                     elif j == 0:
                         axes[r, j].text(0.5, 0.5, f"no {kind} predictions", ha="center", va="center", fontsize=9)
-                axes[r, 0].text(
-                    -0.08,
-                    0.5,
-                    kind,
-                    transform=axes[r, 0].transAxes,
-                    rotation=90,
-                    va="center",
-                    ha="right",
-                    fontsize=11,
-                    weight="bold",
-                )
+                _row_label(axes[r, 0], kind)
             fig.suptitle(f"Grad-CAM of the predicted class, true class {c} ({DIAGNOSIS_NAMES.get(c, c)})", fontsize=11)
             fig.tight_layout()
             save_figure(fig, out_dir / f"{c}.png", dpi=100)

@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
+
+from pipeline.core.predictions import refers
 
 __all__ = [
     "multiclass_report",
@@ -68,6 +71,15 @@ def _check(y: np.ndarray, probs: np.ndarray | None = None, score: np.ndarray | N
 # point metrics
 
 
+def one_vs_rest(y: np.ndarray, score: np.ndarray, c: int) -> tuple[float | None, float | None]:
+    """ROC-AUC and average precision of ``score`` for class ``c`` against the rest; (None, None)
+    when ``y`` holds only one side (the AUCs are not defined there)."""
+    pos = y == c
+    if not 0 < pos.sum() < len(y):
+        return None, None
+    return float(skm.roc_auc_score(pos, score)), float(skm.average_precision_score(pos, score))
+
+
 def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict:
     """All per-taxonomy metrics of a K-class problem (K >= 2), predictions = argmax of ``probs``.
 
@@ -86,27 +98,20 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
     labels = list(range(k))
     pred = probs.argmax(axis=1)
     prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    cm = skm.confusion_matrix(y, pred, labels=labels)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    per_class: dict[str, dict] = {}
-    aucs, aps = [], []
-    for c, name in enumerate(classes):
-        pos = y == c
-        auc = ap = None
-        if 0 < pos.sum() < len(y):
-            auc = float(skm.roc_auc_score(pos, probs[:, c]))
-            ap = float(skm.average_precision_score(pos, probs[:, c]))
-            aucs.append(auc)
-            aps.append(ap)
-        per_class[name] = {
+    ranking = [one_vs_rest(y, probs[:, c], c) for c in range(k)]
+    per_class = {
+        name: {
             "precision": float(prec[c]),
             "recall": float(rec[c]),
             "f1": float(f1[c]),
             "support": int(sup[c]),
-            "roc_auc": auc,
-            "pr_auc": ap,
+            "roc_auc": ranking[c][0],
+            "pr_auc": ranking[c][1],
         }
+        for c, name in enumerate(classes)
+    }
+    aucs = [auc for auc, _ in ranking if auc is not None]
+    aps = [ap for _, ap in ranking if ap is not None]
     present = sup > 0
     return {
         "n": int(len(y)),
@@ -118,12 +123,16 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
         "roc_auc_macro": json_float(np.mean(aucs)) if aucs else None,
         "pr_auc_macro": json_float(np.mean(aps)) if aps else None,
         "per_class": per_class,
-        "confusion": {
-            "labels": list(classes),
-            "counts": cm.astype(int).tolist(),
-            "normalized": np.round(norm, 6).tolist(),
-        },
+        "confusion": confusion(y, pred, classes),
     }
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """``labels``, ``counts`` [true][pred] and ``normalized`` rows summing to 1 (0 for an absent class)."""
+    cm = skm.confusion_matrix(y, pred, labels=list(range(len(classes))))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    return {"labels": list(classes), "counts": cm.astype(int).tolist(), "normalized": np.round(norm, 6).tolist()}
 
 
 def _roc(y01: np.ndarray, score: np.ndarray):
@@ -277,7 +286,7 @@ def top_label_reliability(y: Sequence[int], probs: np.ndarray, n_bins: int = 10)
 def at_threshold(y01: Sequence[int], score: Sequence[float], threshold: float) -> dict:
     """Confusion counts, sensitivity, specificity, PPV and NPV of ``score >= threshold``."""
     y01 = np.asarray(y01).astype(bool)
-    pred = np.asarray(score, dtype=np.float64) >= threshold
+    pred = refers(score, threshold)
     tp = int(np.sum(pred & y01))
     fn = int(np.sum(~pred & y01))
     fp = int(np.sum(pred & ~y01))

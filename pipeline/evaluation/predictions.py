@@ -19,6 +19,7 @@ from pipeline.core.metadata import FIELDS
 from pipeline.core.predictions import prediction_frame, truth_frame
 from pipeline.core.taxonomy import LEVELS, Taxonomy
 from pipeline.data import splits
+from pipeline.model import bundle
 
 #: Prediction files kept in the cache (newest first).
 CACHE_KEEP = 6
@@ -85,12 +86,10 @@ def predict_split(
 
 
 def prediction_key(model_dir: Path, frame: pd.DataFrame, images_dir: Path) -> str:
-    """What predictions depend on: the model's weights and config (preprocessing, TTA), the
-    image list, the images directory and the data version."""
+    """What predictions depend on: what the model answers (:func:`pipeline.model.bundle.fingerprint`:
+    weights, config, OOD statistics), the image list, the images directory and the data version."""
     h = hashlib.md5()
-    for name in ("model.pt", "config.json", "ood.npz"):
-        if (model_dir / name).exists() or name != "ood.npz":
-            h.update(lineage.file_md5(model_dir / name).encode())
+    h.update(str(bundle.fingerprint(model_dir)).encode())
     h.update("\n".join(frame["image_id"]).encode())
     h.update(str(images_dir).encode())  # as given (not resolved): the same key on a GPU machine's copy
     h.update(str(lineage.data_version(LAYOUT.data_pointer).get("md5")).encode())

@@ -51,6 +51,24 @@ def age_bands(age: Sequence[float], edges: Sequence[float]) -> list[str]:
     return out
 
 
+def _group_metrics(
+    y_dx: np.ndarray, dx_probs: np.ndarray, y01: np.ndarray, score: np.ndarray, threshold: float
+) -> dict[str, float | int | None]:
+    """One subgroup's counts, diagnosis accuracy, binary ROC-AUC and operating point."""
+    pred = dx_probs.argmax(1)
+    op = at_threshold(y01, score, threshold)
+    n_pos = int(y01.sum())
+    return {
+        "n_images": len(y01),
+        "n_positive": n_pos,
+        "accuracy_dx": float(np.mean(pred == y_dx)),
+        "balanced_accuracy_dx": float(np.mean([np.mean(pred[y_dx == c] == c) for c in np.unique(y_dx)])),
+        "roc_auc": float(skm.roc_auc_score(y01, score)) if 0 < n_pos < len(y01) else None,
+        "sensitivity": op["sensitivity"],
+        "specificity": op["specificity"],
+    }
+
+
 def subgroup_table(
     attributes: Mapping[str, Sequence[str]],
     y_dx: Sequence[int],
@@ -81,28 +99,11 @@ def subgroup_table(
             raise ValueError(f"subgroup attribute {attr!r}: {len(values)} values for {len(y01)} samples")
         for group in sorted(set(values.tolist()), key=str):
             m = values == group
-            yd, pd_ = y_dx[m], dx_probs[m].argmax(1)
-            yb, sb = y01[m], score[m]
-            op = at_threshold(yb, sb, threshold)
-            recalls = [np.mean(pd_[yd == c] == c) for c in np.unique(yd)]
-            n_pos = int(yb.sum())
+            row = _group_metrics(y_dx[m], dx_probs[m], y01[m], score[m], threshold)
             flag = ""
-            if n_pos < min_positives:
+            if row["n_positive"] < min_positives:
                 flag = "too_few_positives"
-            elif overall is not None and op["sensitivity"] is not None and op["sensitivity"] < overall - margin:
+            elif overall is not None and row["sensitivity"] is not None and row["sensitivity"] < overall - margin:
                 flag = "low_sensitivity"
-            rows.append(
-                {
-                    "attribute": attr,
-                    "group": str(group),
-                    "n_images": int(m.sum()),
-                    "n_positive": n_pos,
-                    "accuracy_dx": float(np.mean(pd_ == yd)),
-                    "balanced_accuracy_dx": float(np.mean(recalls)),
-                    "roc_auc": float(skm.roc_auc_score(yb, sb)) if 0 < n_pos < len(yb) else None,
-                    "sensitivity": op["sensitivity"],
-                    "specificity": op["specificity"],
-                    "flag": flag,
-                }
-            )
+            rows.append({"attribute": attr, "group": str(group), **row, "flag": flag})
     return pd.DataFrame(rows)

@@ -249,6 +249,43 @@ def segment(work: np.ndarray, config: FeatureConfig, lightness: np.ndarray | Non
     return Segmentation(mask, fov, "ok", factor, contrast)
 
 
+Axis = tuple[float, float]
+
+
+def _principal_axes(dx: np.ndarray, dy: np.ndarray) -> tuple[float, Axis, Axis]:
+    """Elongation and the major and minor axes of pixel offsets from the centroid: the eigenvectors
+    of the 2x2 second-moment matrix [[sxx, sxy], [sxy, syy]], in closed form."""
+    sxx, syy, sxy = float(dx @ dx) / len(dx), float(dy @ dy) / len(dy), float(dx @ dy) / len(dx)
+    half_diff = (sxx - syy) / 2
+    root = math.hypot(half_diff, sxy)
+    lam_major, lam_minor = (sxx + syy) / 2 + root, (sxx + syy) / 2 - root
+    theta = 0.5 * math.atan2(2 * sxy, sxx - syy)
+    major = (math.cos(theta), math.sin(theta))
+    minor = (-math.sin(theta), math.cos(theta))
+    # + 1/12: the variance of a pixel's own extent, so a one-pixel-wide line stays finite
+    return math.sqrt((lam_major + 1 / 12) / (lam_minor + 1 / 12)), major, minor
+
+
+def _mirror_asymmetry(
+    mask: np.ndarray, centre: tuple[float, float], dx: np.ndarray, dy: np.ndarray, major: Axis, minor: Axis
+) -> float:
+    """Mean share of the lesion's pixels whose mirror image across the major axis, then across the
+    minor axis, falls outside the lesion."""
+    h, w = mask.shape
+    cx, cy = centre
+    p1 = dx * major[0] + dy * major[1]
+    p2 = dx * minor[0] + dy * minor[1]
+    asym = []
+    for a1, a2 in ((p1, -p2), (-p1, p2)):  # mirror across the major axis, then the minor axis
+        rx = np.rint(cx + a1 * major[0] + a2 * minor[0]).astype(np.int64)
+        ry = np.rint(cy + a1 * major[1] + a2 * minor[1]).astype(np.int64)
+        inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
+        hit = np.zeros(len(rx), dtype=bool)
+        hit[inside] = mask[ry[inside], rx[inside]]
+        asym.append(1.0 - hit.mean())
+    return float(np.mean(asym))
+
+
 def shape_features(mask: np.ndarray, scale_x: float, scale_y: float) -> dict[str, float]:
     """Size, elongation, border compactness, asymmetry and centre offset of a lesion mask (pixel
     sizes scaled by ``scale_x``/``scale_y`` back to the original image)."""
@@ -267,26 +304,8 @@ def shape_features(mask: np.ndarray, scale_x: float, scale_y: float) -> dict[str
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean(), xs.mean()
     dy, dx = ys - cy, xs - cx
-    # principal axes of the 2x2 second-moment matrix [[sxx, sxy], [sxy, syy]], in closed form
-    sxx, syy, sxy = float(dx @ dx) / len(dx), float(dy @ dy) / len(dy), float(dx @ dy) / len(dx)
-    half_diff = (sxx - syy) / 2
-    root = math.hypot(half_diff, sxy)
-    lam_major, lam_minor = (sxx + syy) / 2 + root, (sxx + syy) / 2 - root
-    theta = 0.5 * math.atan2(2 * sxy, sxx - syy)
-    major = (math.cos(theta), math.sin(theta))
-    minor = (-math.sin(theta), math.cos(theta))
-    # + 1/12: the variance of a pixel's own extent, so a one-pixel-wide line stays finite
-    elongation = math.sqrt((lam_major + 1 / 12) / (lam_minor + 1 / 12))
-    p1 = dx * major[0] + dy * major[1]
-    p2 = dx * minor[0] + dy * minor[1]
-    asym = []
-    for a1, a2 in ((p1, -p2), (-p1, p2)):  # mirror across the major axis, then the minor axis
-        rx = np.rint(cx + a1 * major[0] + a2 * minor[0]).astype(np.int64)
-        ry = np.rint(cy + a1 * major[1] + a2 * minor[1]).astype(np.int64)
-        inside = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
-        hit = np.zeros(len(rx), dtype=bool)
-        hit[inside] = mask[ry[inside], rx[inside]]
-        asym.append(1.0 - hit.mean())
+    elongation, major, minor = _principal_axes(dx, dy)
+    asymmetry = _mirror_asymmetry(mask, (cx, cy), dx, dy, major, minor)
     offset = math.hypot((cx - (w - 1) / 2) / (w / 2), (cy - (h - 1) / 2) / (h / 2))
     return {
         "lesion_width_px": float(bw * scale_x),
@@ -297,6 +316,6 @@ def shape_features(mask: np.ndarray, scale_x: float, scale_y: float) -> dict[str
         "lesion_aspect_ratio": float((bw * scale_x) / (bh * scale_y)),
         "lesion_elongation": elongation,
         "border_compactness": compactness,
-        "asymmetry": float(np.mean(asym)),
+        "asymmetry": asymmetry,
         "lesion_centre_offset": offset,
     }

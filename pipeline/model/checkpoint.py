@@ -1,5 +1,7 @@
-"""A model on disk: ``model.pt`` (a ``state_dict``, loaded with ``weights_only=True``: nothing is
-ever unpickled) plus ``config.json`` (everything else, plain JSON). The one owner of that format.
+"""A trained model's weights and configuration: ``model.pt`` (a ``state_dict``, loaded with
+``weights_only=True``: nothing is ever unpickled) plus ``config.json`` (everything else, plain
+JSON). The one owner of their format; the folder they live in (its file names, identity and
+schema) is :mod:`pipeline.model.bundle`'s.
 
 ``config.json`` holds the architecture (enough to rebuild the model without downloading anything),
 the classes and taxonomy, the preprocessing, the metadata vocabulary and image sizes the model
@@ -22,20 +24,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.core import fsutil
-from pipeline.core.errors import LesionflowError
 from pipeline.core.formats import SizeLimits
 from pipeline.core.params import MetadataParams, TrainParams, to_dict
 from pipeline.core.taxonomy import Taxonomy
+from pipeline.model.bundle import CONFIG_FILE, MODEL_FILE, ModelLoadError
 
-MODEL_FILE = "model.pt"
-CONFIG_FILE = "config.json"
+__all__ = ["FORMAT", "ModelLoadError", "load_arrays", "load_state", "model_config", "read_config", "save"]
+
 FORMAT = "lesionflow-model/1"
 #: Keys every config.json has.
 REQUIRED_KEYS = ("architecture", "taxonomy", "target_level", "classes", "preprocessing")
-
-
-class ModelLoadError(LesionflowError, RuntimeError):
-    """A model directory that cannot be loaded; the message names the file."""
 
 
 def model_config(
@@ -104,28 +102,6 @@ def load_arrays(model_dir: Path | str, name: str) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot be read as plain arrays ({exc})") from None
-
-
-#: Files beside the weights that change what a model answers (its OOD detector's statistics).
-EXTRA_FILES = ("ood.npz",)
-
-
-def fingerprint(model_dir: Path | str) -> str | None:
-    """The identity of what a model answers: md5 over ``model.pt``, ``config.json`` (calibration,
-    OOD threshold, size limits, TTA, lineage) and the extra files present; None without weights.
-    Two model folders with the same fingerprint serve the same answers."""
-    import hashlib
-
-    from pipeline.core.lineage import file_md5
-
-    d = Path(model_dir)
-    if not (d / MODEL_FILE).exists():
-        return None
-    h = hashlib.md5()
-    for name in (MODEL_FILE, CONFIG_FILE, *EXTRA_FILES):
-        if (d / name).exists():
-            h.update(f"{name}:{file_md5(d / name)};".encode())
-    return h.hexdigest()
 
 
 def read_config(model_dir: Path | str) -> dict[str, Any]:

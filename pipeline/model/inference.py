@@ -44,13 +44,13 @@ from torch import nn
 from pipeline.core.formats import SizeLimits
 from pipeline.core.images import fit_to_size
 from pipeline.core.taxonomy import LEVELS, Taxonomy
-from pipeline.model import checkpoint
+from pipeline.model import bundle, checkpoint
 from pipeline.model.augment import flip_views
-from pipeline.model.checkpoint import ModelLoadError
+from pipeline.model.bundle import CONFIG_FILE, MODEL_FILE, OOD_FILE, ModelLoadError
 from pipeline.model.classifier import LesionClassifier, from_architecture, missing_metadata
 from pipeline.model.metadata import MetadataEncoder
 from pipeline.model.onnx import OnnxForward, export_onnx, onnx_available
-from pipeline.model.ood import OOD_FILE, OodDetector
+from pipeline.model.ood import OodDetector
 
 __all__ = ["ENGINES", "ModelLoadError", "Predictor", "derive_levels", "level_matrix", "load_model"]
 
@@ -260,21 +260,9 @@ class Predictor:
         detector) and ``classes`` (level -> class names).
         """
         tta = self.default_tta if tta is None else tta
-        u8 = self.resize(images)
-        n = u8.shape[0]
-        meta = self.encode_metadata(metadata, n)
-        logits, embs = [], []
-        for s in range(0, n, batch_size):
-            x = self.normalize(u8[s : s + batch_size])
-            m = meta[s : s + batch_size] if meta is not None else None
-            z, e = self.forward(x, m, tta)
-            logits.append(z.cpu())
-            embs.append(e.cpu().numpy())
-        k = len(self.classes)
-        z = torch.cat(logits, dim=1) if logits else torch.zeros((4 if tta else 1, 0, k))
+        z, emb = self.forward_all(images, metadata, tta, batch_size)
         native = self.probabilities(z).numpy().astype(np.float64)
         raw = native if self.temperature == 1.0 else self.probabilities(z, calibrated=False).numpy().astype(np.float64)
-        emb = np.concatenate(embs) if embs else np.zeros((0, self.model.embedding_dim), np.float32)
         levels = derive_levels(native, self.native_level, self.taxonomy)
         binary = levels["binary"]
         score = self.ood.score(emb, z.numpy()) if self.ood is not None else None
@@ -293,11 +281,34 @@ class Predictor:
             "classes": {lvl: list(self.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")},
         }
 
+    def forward_all(
+        self, images: Sequence[np.ndarray] | torch.Tensor, metadata: Any, tta: bool, batch_size: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits ``(views, n, k)`` on the CPU and plain-view embeddings ``(n, d)`` of every image,
+        ``batch_size`` images per forward pass."""
+        u8 = self.resize(images)
+        n = u8.shape[0]
+        meta = self.encode_metadata(metadata, n)
+        logits, embs = [], []
+        for s in range(0, n, batch_size):
+            x = self.normalize(u8[s : s + batch_size])
+            m = meta[s : s + batch_size] if meta is not None else None
+            z, e = self.forward(x, m, tta)
+            logits.append(z.cpu())
+            embs.append(e.cpu().numpy())
+        k = len(self.classes)
+        z = torch.cat(logits, dim=1) if logits else torch.zeros((4 if tta else 1, 0, k))
+        emb = np.concatenate(embs) if embs else np.zeros((0, self.model.embedding_dim), np.float32)
+        return z, emb
+
 
 def load_model(model_dir: Path | str, device: torch.device | str | None = None, engine: str = "auto") -> Predictor:
     """Load ``model_dir/model.pt`` (a state_dict, with ``weights_only=True``) + ``config.json``
-    (:mod:`pipeline.model.checkpoint`); ``engine``: see :meth:`Predictor.set_engine` (default ``auto``)."""
+    (:mod:`pipeline.model.checkpoint`); ``engine``: see :meth:`Predictor.set_engine` (default ``auto``).
+    A packaged model is first checked against its ``metadata.json`` (:func:`pipeline.model.bundle.verify`):
+    a file altered since packaging is refused with :class:`ModelLoadError` naming it."""
     model_dir = Path(model_dir)
+    bundle.verify(model_dir)
     cfg = checkpoint.read_config(model_dir)
     state = checkpoint.load_state(model_dir)
     model = from_architecture(cfg["architecture"])
@@ -305,7 +316,7 @@ def load_model(model_dir: Path | str, device: torch.device | str | None = None, 
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"{model_dir / checkpoint.MODEL_FILE}: does not match the architecture in {checkpoint.CONFIG_FILE} ({exc})"
+            f"{model_dir / MODEL_FILE}: does not match the architecture in {CONFIG_FILE} ({exc})"
         ) from None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -315,5 +326,5 @@ def load_model(model_dir: Path | str, device: torch.device | str | None = None, 
         try:
             OodDetector.from_config(entry, arrays or {}, 1.0)
         except (ValueError, KeyError) as exc:  # an inconsistent ood entry
-            raise ModelLoadError(f"{model_dir / checkpoint.CONFIG_FILE}: ood: {exc}") from None
+            raise ModelLoadError(f"{model_dir / CONFIG_FILE}: ood: {exc}") from None
     return Predictor(model, cfg, device, engine, arrays)

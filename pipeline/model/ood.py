@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
-#: The file beside ``model.pt`` holding the fitted statistics.
-OOD_FILE = "ood.npz"
+from pipeline.model.bundle import OOD_FILE  # the file beside model.pt holding the statistics
+
+__all__ = ["MESSAGE", "METHODS", "OodDetector", "energy", "mahalanobis_statistics"]
+
 METHODS = ("mahalanobis", "energy")
 #: What a person is told about an image the model cannot judge.
 MESSAGE = "this does not look like the dermoscopic images the model was trained on; no risk estimate is given"

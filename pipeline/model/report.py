@@ -1,13 +1,29 @@
-"""What a training run reports: ``history.csv`` (one row per epoch; epoch 0 is the untrained
-model) and ``curves.png``."""
+"""What a training run reports: ``metrics.json`` (the DVC metrics: best val balanced accuracy, macro
+AUC, epoch), ``run.json`` (every final number, device, backbone, sizes, timings), ``lineage.json``,
+``history.csv`` (one row per epoch, epoch 0 the untrained model: a DVC plot) and ``curves.png``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.fsutil import atomic_write_text
+from pipeline.core.fsutil import atomic_write_text, write_json
 from pipeline.core.reporting import pyplot, save_figure
+
+#: The train stage's DVC metrics (``reports/train/metrics.json``); the rest is in ``run.json``.
+DVC_METRICS = ("val_balanced_accuracy", "val_macro_auc", "best_epoch")
+
+
+def write_reports(reports: Path, history: list[dict[str, Any]], result: dict, info: dict, lin: dict) -> None:
+    """``reports/train/``: the DVC metrics, every number (``run.json``), the lineage, the history (a
+    DVC plot) and its curves."""
+    for row in history:
+        row.pop("images", None)
+    write_history(history, reports / "history.csv")
+    write_json(reports / "metrics.json", {k: result[k] for k in DVC_METRICS}, sort_keys=False)
+    write_json(reports / "run.json", {**info, "result": result})
+    write_json(reports / "lineage.json", lin)
+    plot_curves(history, {**result, **info}, reports / "curves.png")
 
 
 def write_history(history: list[dict[str, Any]], path: Path) -> None:

@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipeline.core import fsutil
 from pipeline.core.errors import LesionflowError
+from pipeline.model import bundle
 
 FORMAT = "lesionflow-retrieval/1"
 EMBEDDINGS_FILE, CASES_FILE, THUMBS_FILE, INDEX_FILE = "embeddings.npy", "cases.parquet", "thumbnails.bin", "index.json"
@@ -48,6 +49,11 @@ _CANDIDATES = 8
 
 class RetrievalError(LesionflowError, RuntimeError):
     """A retrieval index that cannot be used (missing, unreadable, or built for another model)."""
+
+
+def index_model_md5(folder: Path | str) -> str | None:
+    """The md5 of the model an index folder was built for (None when there is no index)."""
+    return (fsutil.read_json(Path(folder) / INDEX_FILE) or {}).get("model_md5")
 
 
 def normalise(embeddings: np.ndarray) -> np.ndarray:
@@ -108,6 +114,11 @@ class RetrievalIndex:
 
     def __len__(self) -> int:
         return len(self.cases)
+
+    @classmethod
+    def for_model(cls, model_dir: Path | str) -> RetrievalIndex:
+        """The index packaged with a model (its ``retrieval/`` folder), checked to be this model's."""
+        return cls.load(Path(model_dir) / bundle.RETRIEVAL_DIR, model_md5=bundle.model_md5(model_dir))
 
     @classmethod
     def load(cls, folder: Path | str, model_md5: str | None = None) -> RetrievalIndex:

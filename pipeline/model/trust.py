@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from pipeline.core.params import TrustParams
-from pipeline.model import calibration, ood
+from pipeline.model import bundle, calibration, ood
 from pipeline.model.inference import Predictor
 
 
@@ -63,5 +63,5 @@ def fit_trust(predictor: Predictor, train: SplitInputs, val: SplitInputs, p: Tru
         predictor.temperature,
     )
     predictor.ood = detector
-    arrays = {ood.OOD_FILE: detector.arrays} if detector.arrays else {}
+    arrays = {bundle.OOD_FILE: detector.arrays} if detector.arrays else {}
     return Trust(calib, detector.record(p.ood_pass_share, val_scores), arrays)

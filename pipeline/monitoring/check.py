@@ -9,15 +9,16 @@ from typing import Any
 
 from pipeline.core import params
 from pipeline.core.layout import Layout
+from pipeline.model.bundle import REFERENCE_DIR
 from pipeline.monitoring import batch, drift, inferencelog, logstore, profile
 
 
 def resolve_reference(root: Path, model_dir: Path, reference_dir: str | Path | None) -> Path:
     """The profile to compare with: the given one, else the one packaged with the model
-    (``<model_dir>/reference``), else the ``reference`` stage's."""
+    (its ``reference/`` folder), else the ``reference`` stage's."""
     if reference_dir:
         return root / reference_dir
-    packaged = root / model_dir / "reference"
+    packaged = root / model_dir / REFERENCE_DIR
     return packaged if packaged.exists() else Layout(root).reference_dir
 
 
@@ -54,7 +55,9 @@ def check_workspace(
         source = {"kind": "folder", "path": str(folder), "metadata_csv": metadata_csv}
     else:
         start, end = inferencelog.window(hours or p.window_hours)
-        location = logstore.resolve(p.log_url, root)
+        location = logstore.location(root)
+        if location is None:
+            raise profile.MonitorError(f"the inference log is off (${logstore.LOCATION_ENV}=off): nothing to check")
         current, skipped = batch.current_from_log(location, start, end), []
         source = {"kind": "log", "path": location, "window": [start.isoformat(), end.isoformat()]}
     return drift.run_check(ref, current, p, layout.monitoring_reports, source, skipped_images=skipped)

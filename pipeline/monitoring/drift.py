@@ -396,6 +396,8 @@ def _embedding_drift(
     summary: dict[str, Any],
     html: bool = True,
 ) -> dict[str, Any]:
+    """Drift of the projected embeddings: the share of drifted components (``share``) or a
+    domain classifier's ROC-AUC (``model``, Evidently's EmbeddingsDrift)."""
     if p.embedding_method == "share":
         snap, res, share = drift_report(ref, cur, emb, [], p, p.embedding_drift_share, html=False)
         _save(snap, stage, "embedding_drift", summary, html=False)  # 32 per-component plots help nobody
@@ -409,24 +411,7 @@ def _embedding_drift(
             "n_drifted_components": len(drifted),
             "drifted_components": drifted,
         }
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import EmbeddingsDrift
-    from evidently.metrics.embeddings import ModelDriftMethod
-
-    n = p.embedding_max_rows
-    r = ref[emb].sample(min(n, len(ref)), random_state=0) if len(ref) > n else ref[emb]
-    c = cur[emb].sample(min(n, len(cur)), random_state=0) if len(cur) > n else cur[emb]
-    dd = DataDefinition(numerical_columns=emb, embeddings={"embeddings": emb})
-    snap = Report(
-        [
-            EmbeddingsDrift(
-                embeddings_name="embeddings", drift_method=ModelDriftMethod(threshold=p.embedding_auc_threshold)
-            )
-        ]
-    ).run(
-        reference_data=Dataset.from_pandas(r.reset_index(drop=True).astype(float), data_definition=dd),
-        current_data=Dataset.from_pandas(c.reset_index(drop=True).astype(float), data_definition=dd),
-    )
+    snap = _embedding_model_report(ref, cur, emb, p)
     _save(snap, stage, "embedding_drift", summary, html)
     score = float(
         next(m["value"] for m in snap.dict()["metrics"] if m["config"]["type"] == "evidently:metric_v2:EmbeddingsDrift")
@@ -438,6 +423,23 @@ def _embedding_drift(
         "drifted": bool(score >= p.embedding_auc_threshold),
         "n_components": len(emb),
     }
+
+
+def _embedding_model_report(ref: pd.DataFrame, cur: pd.DataFrame, emb: list[str], p: Any) -> Any:
+    """Evidently's EmbeddingsDrift (domain classifier) on at most ``embedding_max_rows`` rows of each."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    n = p.embedding_max_rows
+    r = ref[emb].sample(min(n, len(ref)), random_state=0) if len(ref) > n else ref[emb]
+    c = cur[emb].sample(min(n, len(cur)), random_state=0) if len(cur) > n else cur[emb]
+    dd = DataDefinition(numerical_columns=emb, embeddings={"embeddings": emb})
+    method = ModelDriftMethod(threshold=p.embedding_auc_threshold)
+    return Report([EmbeddingsDrift(embeddings_name="embeddings", drift_method=method)]).run(
+        reference_data=Dataset.from_pandas(r.reset_index(drop=True).astype(float), data_definition=dd),
+        current_data=Dataset.from_pandas(c.reset_index(drop=True).astype(float), data_definition=dd),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """Where the inference log lives: a local folder, or object storage shared by every replica.
 
-The location is a path or a URL (``monitor.log_url`` in params.yaml; ``$LESIONFLOW_INFERENCE_LOG``
-overrides it in the service):
+:func:`location` is the one answer, for the service's writer and the monitor's reader alike:
+``$LESIONFLOW_INFERENCE_LOG`` when set (``off`` turns logging off), else ``monitor.log_url`` of
+params.yaml, else :data:`pipeline.core.layout.INFERENCE_LOG`. The params.yaml is the one that
+ships beside the ``pipeline`` package (a Bento's own ``src/params.yaml``, so ``bentoml serve`` and a
+container honour it; in a checkout, the project's), else the project's found from the working
+directory. A relative path is taken relative to the folder of that params.yaml. The location is a
+path or a URL:
 
 * a **local path** (the default, ``logs/inference``): one file per UTC day,
   ``inference-YYYY-MM-DD.jsonl``, appended one line per record under an exclusive ``flock``, so
@@ -64,6 +69,41 @@ def resolve(location: str | Path, root: Path) -> str:
         return str(location)
     path = _local(location)
     return str(path if path.is_absolute() else (Path(root) / path).resolve())
+
+
+#: The variable that overrides ``monitor.log_url`` (``off`` disables the log).
+LOCATION_ENV = "LESIONFLOW_INFERENCE_LOG"
+_OFF = ("off", "0", "false", "none")
+#: The folder holding the ``pipeline`` package: a Bento's ``src/``, or a checkout's root.
+PACKAGE_HOME = Path(__file__).resolve().parents[2]
+
+
+def _params_file() -> Path | None:
+    """The params.yaml beside the ``pipeline`` package, else the project's from the working directory."""
+    from pipeline.core import project
+
+    if (PACKAGE_HOME / "params.yaml").is_file():
+        return PACKAGE_HOME / "params.yaml"
+    found = project.find_root()
+    return None if found is None else found / "params.yaml"
+
+
+def location(root: Path | str | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """Where the inference log is written and read (see the module docstring): a URL as given, a
+    local folder as an absolute path, or None when ``$LESIONFLOW_INFERENCE_LOG`` turns it off.
+    ``root``: the project whose params.yaml decides (``lesionflow serve``, the monitor); relative
+    paths, the default included, are then taken relative to it."""
+    from pipeline.core import params
+    from pipeline.core.layout import INFERENCE_LOG
+
+    env = os.environ if environ is None else environ
+    explicit = env.get(LOCATION_ENV, "").strip()
+    if explicit:
+        return None if explicit.lower() in _OFF else resolve(explicit, Path.cwd())
+    params_file = Path(root) / "params.yaml" if root is not None else _params_file()
+    if params_file is None or not params_file.is_file():
+        return resolve(INFERENCE_LOG, Path(root) if root is not None else Path.cwd())
+    return resolve(params.load_section("monitor", params_file).log_url, params_file.parent)
 
 
 def day_file(folder: Path | str, day: date) -> Path:

@@ -29,14 +29,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.core import lineage
 from pipeline.core.errors import LesionflowError
-from pipeline.core.fsutil import staged_dir, write_json
+from pipeline.core.fsutil import read_json, staged_dir, write_json
 from pipeline.core.metadata import FIELDS
 from pipeline.core.params import FeatureConfig, from_dict, to_dict
 from pipeline.core.predictions import P_MALIGNANT, pred_column, prob_column
 from pipeline.features.imagestats import stat_columns
-from pipeline.model.checkpoint import MODEL_FILE
+from pipeline.model import bundle
 
 PROFILE_FORMAT = "lesionflow-reference/2"
 PROFILE_FILE = "profile.parquet"
@@ -167,13 +166,18 @@ def load_reference(reference_dir: Path | str) -> Reference:
     return Reference(d, frame, schema, projection)
 
 
+def profile_model_md5(reference_dir: Path | str) -> str | None:
+    """The md5 of the model a profile folder was built with (None when there is no profile)."""
+    return ((read_json(Path(reference_dir) / SCHEMA_FILE) or {}).get("model") or {}).get("model_md5")
+
+
 def check_model_matches(reference: Reference, model_dir: Path | str) -> None:
     """Refuse a model other than the one the profile was built with (embeddings incomparable)."""
     expected = (reference.schema.get("model") or {}).get("model_md5")
-    weights = Path(model_dir) / MODEL_FILE
-    if expected and weights.exists() and lineage.file_md5(weights) != expected:
+    actual = bundle.model_md5(model_dir, missing_ok=True)
+    if expected and actual is not None and actual != expected:
         raise MonitorError(
-            f"{weights}: md5 {lineage.file_md5(weights)} differs from the model of the reference profile "
+            f"{Path(model_dir) / bundle.MODEL_FILE}: md5 {actual} differs from the model of the reference profile "
             f"{reference.path} ({expected}): rebuild the profile (dvc repro reference) or pass the matching model"
         )
 

@@ -19,7 +19,7 @@ from pipeline.core.predictions import pred_column
 from pipeline.core.taxonomy import Taxonomy
 from pipeline.data import splits
 from pipeline.features.imagestats import DEFAULT_CONFIG, SHARPNESS, stat_columns
-from pipeline.model.checkpoint import CONFIG_FILE, MODEL_FILE
+from pipeline.model import bundle
 from pipeline.monitoring.batch import compute_batch
 from pipeline.monitoring.profile import (
     META_COLUMNS,
@@ -134,10 +134,9 @@ def _schema(
     t0: float,
 ) -> dict[str, Any]:
     train_csv = inputs.splits_dir / "train.csv"
-    weights = inputs.model_dir / MODEL_FILE
     lin = lineage.lineage(
         params={"monitor": to_dict(p), "labels": taxonomy.to_dict()},
-        files=[train_csv, weights, inputs.model_dir / CONFIG_FILE],
+        files=[train_csv, *(inputs.model_dir / name for name in bundle.TRAINED_FILES)],
     )
     pred = pred_column(predictor.native_level)
     return profile_schema(
@@ -150,7 +149,7 @@ def _schema(
         tta=p.tta,
         model={
             "dir": str(inputs.model_dir),
-            "model_md5": lineage.file_md5(weights),
+            "model_md5": bundle.model_md5(inputs.model_dir),
             "backbone": predictor.config["architecture"]["backbone"],
             "embedding_dim": int(predictor.model.embedding_dim),
         },

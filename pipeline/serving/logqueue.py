@@ -21,13 +21,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from pipeline.monitoring.inferencelog import InferenceLog, utcnow
+from pipeline.monitoring.inferencelog import InferenceLog
+from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import logworker
 
 logger = logging.getLogger(__name__)
@@ -37,15 +34,15 @@ RESTART_AFTER_S = 10.0
 
 
 class BackgroundLog:
-    """:meth:`InferenceLog.log` in a writer process (see the module docstring). The log is
-    :meth:`InferenceLog.from_env` of ``model_path``, here and in the writer (which inherits this
-    process's environment). At most ``max_queue_bytes`` of images wait; beyond that :meth:`submit`
-    drops the record and counts it. :meth:`flush` waits until every record is written (tests,
-    shutdown); :meth:`close` also ends the writer."""
+    """:meth:`InferenceLog.log` in a writer process (see the module docstring): the log of the model
+    at ``model_path`` at ``location`` (:func:`pipeline.monitoring.logstore.location`; None: no log).
+    At most ``max_queue_bytes`` of images wait; beyond that :meth:`submit` drops the record and
+    counts it. :meth:`flush` waits until every record is written (tests, shutdown); :meth:`close`
+    also ends the writer."""
 
-    def __init__(self, model_path: Path | str, max_queue_bytes: int = 64 << 20):
+    def __init__(self, model_path: Path | str, location: str | None, max_queue_bytes: int = 64 << 20):
         self.model_path = Path(model_path)
-        self.log = InferenceLog.from_env(self.model_path)
+        self.log = InferenceLog.for_model(self.model_path, location)
         self.max_queue_bytes = int(max_queue_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -81,7 +78,7 @@ class BackgroundLog:
         self._started_at = time.monotonic()
         with logworker.stop_signals_blocked():  # the writer must outlive a SIGTERM from its first instant
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", logworker.__name__, str(self.model_path)],
+                [sys.executable, "-m", logworker.__name__, str(self.model_path), str(self.log.location)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -159,21 +156,12 @@ class BackgroundLog:
             logger.warning("inference log: the writer ended (exit %s); %d record(s) lost", proc.returncode, lost)
 
     # -- the service's side ----------------------------------------------------------------------
-    def submit(
-        self,
-        rgb: np.ndarray,
-        metadata: Mapping[str, Any] | None,
-        prediction: Mapping[str, Any],
-        model_tag: str,
-        *,
-        source: str | None = None,
-        image_bytes: bytes | None = None,
-    ) -> bool:
-        """Queue one prediction for the log; False when it was dropped (queue full, or the writer
-        is down) or logging is off."""
+    def submit(self, answer: Answer) -> bool:
+        """Queue one answer for the log; False when it was dropped (queue full, or the writer is
+        down) or logging is off."""
         if not self.log.enabled:
             return False
-        size = int(getattr(rgb, "nbytes", 0)) + (len(image_bytes) if image_bytes else 0)
+        size = int(answer.rgb.nbytes) + (len(answer.image_bytes) if answer.image_bytes else 0)
         with self._lock:
             self._counts["submitted"] += 1
             full = self._queued_bytes and self._queued_bytes + size > self.max_queue_bytes
@@ -185,16 +173,7 @@ class BackgroundLog:
                 self._seq += 1
                 self._pending[self._seq] = size
                 self._queued_bytes += size
-                record = {
-                    "rgb": rgb,
-                    "metadata": metadata,
-                    "prediction": prediction,
-                    "model_tag": model_tag,
-                    "source": source,
-                    "image_bytes": image_bytes,
-                    "timestamp": utcnow(),
-                }  # InferenceLog.log's arguments, sent to the writer as they are
-                self._queue.put((self._seq, record))
+                self._queue.put((self._seq, answer))
         if dropped and (dropped == 1 or dropped % 1000 == 0):
             logger.warning(
                 "inference log: %s; %d record(s) dropped so far",

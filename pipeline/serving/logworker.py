@@ -1,8 +1,9 @@
 """The inference log's writer process, and the frames the service sends it.
 
 The service (:class:`pipeline.serving.logqueue.BackgroundLog`) starts ``python -m
-pipeline.serving.logworker MODEL_PATH`` once per worker and writes one frame per answer to its
-standard input; this process builds each record (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`:
+pipeline.serving.logworker MODEL_PATH LOCATION`` once per worker and writes one frame per answer
+(:class:`pipeline.monitoring.logrecord.Answer`) to its standard input; this process builds each
+record (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`:
 the image statistics, about 3 ms of Python per image) at the lowest CPU priority and appends it,
 in order. Being a process of its own, it never holds the service's interpreter lock: in a thread,
 the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
@@ -36,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.workers import one_thread_per_worker
-from pipeline.monitoring.inferencelog import InferenceLog, as_utc
+from pipeline.monitoring.inferencelog import InferenceLog
+from pipeline.monitoring.logrecord import Answer, as_utc
 
 HEADER = struct.Struct(">I")
 WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
@@ -57,29 +59,24 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def encode(record: Mapping[str, Any]) -> bytes:
-    """One log frame of ``record``: the keyword arguments of :meth:`InferenceLog.log` (``rgb``,
-    ``metadata``, ``prediction``, ``model_tag``, ``source``, ``image_bytes``, ``timestamp``), which
-    :func:`decode` gives back."""
-    pred = dict(record["prediction"])
-    emb = pred.pop("embedding", None)
-    emb_raw = b"" if emb is None else np.ascontiguousarray(emb, dtype=np.float32).tobytes()
-    img = np.ascontiguousarray(record["rgb"])
-    image_bytes = record.get("image_bytes")
-    metadata = record.get("metadata")
+def encode(answer: Answer) -> bytes:
+    """One log frame of ``answer``, which :func:`decode` gives back."""
+    emb_raw = b"" if answer.embedding is None else np.ascontiguousarray(answer.embedding, dtype=np.float32).tobytes()
+    img = np.ascontiguousarray(answer.rgb)
     header = {
         "op": "log",
-        "timestamp": record["timestamp"].isoformat(),
-        "metadata": None if metadata is None else dict(metadata),
-        "prediction": pred,
-        "model_tag": str(record["model_tag"]),
-        "source": record.get("source"),
+        "timestamp": answer.timestamp.isoformat(),
+        "request_id": answer.request_id,
+        "metadata": None if answer.metadata is None else dict(answer.metadata),
+        "prediction": dict(answer.prediction),
+        "model_tag": str(answer.model_tag),
+        "source": answer.source,
         "shape": list(img.shape),
         "dtype": str(img.dtype),
-        "sizes": [img.nbytes, len(emb_raw), -1 if image_bytes is None else len(image_bytes)],
+        "sizes": [img.nbytes, len(emb_raw), -1 if answer.image_bytes is None else len(answer.image_bytes)],
     }
     head = json.dumps(header, separators=(",", ":"), default=_plain).encode("utf-8")
-    return b"".join((HEADER.pack(len(head)), head, img.tobytes(), emb_raw, image_bytes or b""))
+    return b"".join((HEADER.pack(len(head)), head, img.tobytes(), emb_raw, answer.image_bytes or b""))
 
 
 def encode_flush() -> bytes:
@@ -88,22 +85,21 @@ def encode_flush() -> bytes:
     return HEADER.pack(len(head)) + head
 
 
-def decode(header: Mapping[str, Any], payload: bytes) -> dict[str, Any]:
-    """The keyword arguments of :meth:`InferenceLog.log` from a frame's header and payload."""
+def decode(header: Mapping[str, Any], payload: bytes) -> Answer:
+    """The :class:`Answer` of a frame's header and payload."""
     n_rgb, n_emb, n_img = header["sizes"]
     rgb = np.frombuffer(payload[:n_rgb], dtype=np.dtype(header["dtype"])).reshape(header["shape"])
-    prediction = dict(header["prediction"])
-    if n_emb:
-        prediction["embedding"] = np.frombuffer(payload[n_rgb : n_rgb + n_emb], dtype=np.float32)
-    return {
-        "rgb": rgb,
-        "metadata": header["metadata"],
-        "prediction": prediction,
-        "model_tag": header["model_tag"],
-        "source": header["source"],
-        "image_bytes": None if n_img < 0 else payload[n_rgb + n_emb : n_rgb + n_emb + n_img],
-        "timestamp": as_utc(header["timestamp"]),
-    }
+    return Answer(
+        rgb=rgb,
+        prediction=header["prediction"],
+        model_tag=header["model_tag"],
+        metadata=header["metadata"],
+        embedding=np.frombuffer(payload[n_rgb : n_rgb + n_emb], dtype=np.float32) if n_emb else None,
+        timestamp=as_utc(header["timestamp"]),
+        request_id=header["request_id"],
+        source=header["source"],
+        image_bytes=None if n_img < 0 else payload[n_rgb + n_emb : n_rgb + n_emb + n_img],
+    )
 
 
 class FrameReader:
@@ -144,10 +140,9 @@ class FrameReader:
         return header, payload
 
 
-def serve(model_path: Path, fd_in: int, out: Any) -> int:
-    """Write the records of the frames read from ``fd_in``, answering on ``out``; returns at the
-    end of the input (after putting any buffered segment)."""
-    log = InferenceLog.from_env(model_path)
+def serve(log: InferenceLog, fd_in: int, out: Any) -> int:
+    """Write the records of the frames read from ``fd_in`` to ``log``, answering on ``out``; returns
+    at the end of the input (after putting any buffered segment)."""
     frames = FrameReader(fd_in)
     while True:
         if not frames.ready(IDLE_TICK_S):
@@ -163,7 +158,7 @@ def serve(model_path: Path, fd_in: int, out: Any) -> int:
             answer = FLUSHED
         else:
             try:
-                answer = WRITTEN if log.log(**decode(header, payload)) is not None else FAILED
+                answer = WRITTEN if log.log(decode(header, payload)) is not None else FAILED
             except Exception as exc:  # noqa: BLE001 - a bad frame must not end the log
                 logger.warning("inference log: could not decode a record: %s", exc)
                 answer = FAILED
@@ -189,10 +184,10 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.serving.logworker MODEL_PATH`` (started by the service)."""
+    """``python -m pipeline.serving.logworker MODEL_PATH LOCATION`` (started by the service)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pipeline.serving.logworker MODEL_PATH", file=sys.stderr)
+    if len(args) != 2:
+        print("usage: python -m pipeline.serving.logworker MODEL_PATH LOCATION", file=sys.stderr)
         return 2
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -202,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return serve(Path(args[0]), sys.stdin.fileno(), sys.stdout.buffer)
+    return serve(InferenceLog.for_model(Path(args[0]), args[1]), sys.stdin.fileno(), sys.stdout.buffer)
 
 
 if __name__ == "__main__":

@@ -122,60 +122,43 @@ def _text(description: str, media: str = "text/plain") -> dict[str, Any]:
     return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
 
 
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _infer_operation() -> dict[str, Any]:
+    """BentoML's batchable ``POST /infer``."""
+    items = {"type": "array", "items": {"$ref": "#/components/schemas/InferItem"}}
+    body = {"type": "object", "properties": {"items": items}, "required": ["items"]}
+    example = {"items": [{"pixels": "AAAA", "age": 45, "sex": "female"}]}
+    return {
+        "summary": "Batchable prediction of preprocessed images (BentoML adaptive batching)",
+        "requestBody": {"required": True, "content": {"application/json": {"example": example, "schema": body}}},
+        "responses": {
+            "200": _json(
+                {"type": "array", "items": {"$ref": "#/components/schemas/InferResult"}},
+                "one result per item, in order",
+            ),
+            "400": _json(_BENTOML_ERROR, "the request does not match the input schema (BentoML's validation)"),
+            "500": _json(_BENTOML_ERROR, "internal error"),
+        },
+    }
+
+
 def _bentoml_paths(components: dict[str, Any]) -> dict[str, Any]:
     """BentoML's own endpoints, as they answer."""
     components["InferItem"] = InferItem.model_json_schema(ref_template="#/components/schemas/{model}")
     components["InferResult"] = InferResult.model_json_schema(ref_template="#/components/schemas/{model}")
     probe = {"200": _text("alive / ready"), "503": _text("not ready")}
+    infra = {"tags": ["Infrastructure"]}
     return {
-        "/livez": {"get": {"tags": ["Infrastructure"], "summary": "Liveness", "responses": probe}},
-        "/healthz": {"get": {"tags": ["Infrastructure"], "summary": "Liveness (= /livez)", "responses": probe}},
-        "/readyz": {"get": {"tags": ["Infrastructure"], "summary": "Readiness (model loaded)", "responses": probe}},
+        "/livez": {"get": {**infra, "summary": "Liveness", "responses": probe}},
+        "/healthz": {"get": {**infra, "summary": "Liveness (= /livez)", "responses": probe}},
+        "/readyz": {"get": {**infra, "summary": "Readiness (model loaded)", "responses": probe}},
         "/metrics": {
-            "get": {
-                "tags": ["Infrastructure"],
-                "summary": "Prometheus metrics",
-                "responses": {"200": _text("Prometheus text format")},
-            }
+            "get": {**infra, "summary": "Prometheus metrics", "responses": {"200": _text("Prometheus text format")}}
         },
-        "/infer": {
-            "post": {
-                "summary": "Batchable prediction of preprocessed images (BentoML adaptive batching)",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "example": {"items": [{"pixels": "AAAA", "age": 45, "sex": "female"}]},
-                            "schema": {
-                                "type": "object",
-                                "properties": {
-                                    "items": {"type": "array", "items": {"$ref": "#/components/schemas/InferItem"}}
-                                },
-                                "required": ["items"],
-                            },
-                        }
-                    },
-                },
-                "responses": {
-                    "200": {
-                        "description": "one result per item, in order",
-                        "content": {
-                            "application/json": {
-                                "schema": {"type": "array", "items": {"$ref": "#/components/schemas/InferResult"}}
-                            }
-                        },
-                    },
-                    "400": {
-                        "description": "the request does not match the input schema (BentoML's validation)",
-                        "content": {"application/json": {"schema": _BENTOML_ERROR}},
-                    },
-                    "500": {
-                        "description": "internal error",
-                        "content": {"application/json": {"schema": _BENTOML_ERROR}},
-                    },
-                },
-            }
-        },
+        "/infer": {"post": _infer_operation()},
     }
 
 

@@ -5,8 +5,8 @@ BentoML's bundled assets: nothing is fetched from the internet). ``GET /`` stays
 page (``web/``).
 
 The handlers only translate HTTP: parsing and validation are :mod:`pipeline.serving.requests`,
-predictions and responses :class:`pipeline.serving.service.LesionflowService` (reached through
-``bentoml.get_current_service()``).
+predictions and responses the worker's :class:`pipeline.serving.engine.Classifier`, which every
+handler reaches, typed, through :func:`classifier`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from pipeline.core.metadata import FIELDS
 from pipeline.model.retrieval import ATTRIBUTION
 from pipeline.serving import openapi
+from pipeline.serving.engine import Classifier
 from pipeline.serving.requests import ApiError, parse_request, similar_count
 from pipeline.serving.schemas import ApiErrorBody, BatchClassification, Classification, Health, ModelInfo, SimilarCases
 
@@ -36,40 +37,49 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 app = FastAPI(title="lesionflow", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def classifier() -> Classifier:
+    """The worker's classifier (:class:`pipeline.serving.service.LesionflowService` holds it), or
+    ApiError 503 while the model is still loading."""
+    found = getattr(bentoml.get_current_service(), "classifier", None)
+    if not isinstance(found, Classifier):
+        raise ApiError(503, "model", "the model is still loading; try again shortly")
+    return found
+
+
 def _internal_error(what: str) -> JSONResponse:
     return JSONResponse({"error": f"internal error while {what}; see the server log", "status": 500}, status_code=500)
 
 
-def _similar_requested(request: Request, svc: Any, default: int | None = None) -> int | None:
+def _similar_requested(request: Request, c: Classifier, default: int | None = None) -> int | None:
     """How many similar cases the request asks for (``?similar=K``), or ApiError."""
     k = similar_count(request, default)
-    if k is not None and svc.retrieval is None:
+    if k is not None and c.retrieval is None:
         raise ApiError(503, "similar", "this model was packaged without a retrieval index of training cases")
     return k
 
 
 async def _predict(request: Request, batch: bool, similar: int | None) -> list[dict[str, Any]] | JSONResponse:
     """The responses of the request's images (``finalise``), or the error response."""
-    svc: Any = bentoml.get_current_service()
     try:
-        items = await parse_request(request, svc.vocab, batch)
+        c = classifier()
+        items = await parse_request(request, c.vocab, batch)
         prepared = [
-            await anyio.to_thread.run_sync(svc.prepare, field, data, meta, similar) for field, data, meta in items
+            await anyio.to_thread.run_sync(c.prepare, field, data, meta, similar) for field, data, meta in items
         ]
     except ApiError as exc:
         return exc.response()
     try:
-        preds = await asyncio.gather(*(svc.batcher.submit(item) for item, _ in prepared))
+        preds = await asyncio.gather(*(c.batcher.submit(item) for item, _ in prepared))
     except Exception:
         logger.exception("inference failed")
         return _internal_error("predicting")
-    return [svc.finalise(pred, info, similar) for (_, info), pred in zip(prepared, preds)]
+    return [c.finalise(pred, info, similar) for (_, info), pred in zip(prepared, preds)]
 
 
 async def _handle(request: Request, batch: bool) -> JSONResponse:
-    svc: Any = bentoml.get_current_service()
     try:
-        similar = _similar_requested(request, svc)
+        c = classifier()
+        similar = _similar_requested(request, c)
     except ApiError as exc:
         return exc.response()
     results = await _predict(request, batch, similar)
@@ -80,9 +90,9 @@ async def _handle(request: Request, batch: bool) -> JSONResponse:
             {
                 "results": results,
                 "n": len(results),
-                "model_tag": svc.tag,
-                "data_version": svc.data_version,
-                "disclaimer": svc.disclaimer,
+                "model_tag": c.tag,
+                "data_version": c.data_version,
+                "disclaimer": c.disclaimer,
             }
         )
     return JSONResponse(results[0])
@@ -127,9 +137,9 @@ async def similar(request: Request) -> JSONResponse:
     lesions most similar to the image by the model's own embeddings, one image per lesion, each
     with its confirmed diagnosis, how it was confirmed, the similarity and a thumbnail URL. None for
     an image out of distribution."""
-    svc: Any = bentoml.get_current_service()
     try:
-        k = _similar_requested(request, svc, default=(svc.retrieval.meta.get("k", 6) if svc.retrieval else 6))
+        c = classifier()
+        k = _similar_requested(request, c, default=(c.retrieval.meta.get("k", 6) if c.retrieval else 6))
     except ApiError as exc:
         return exc.response()
     results = await _predict(request, False, k)
@@ -157,9 +167,12 @@ async def similar(request: Request) -> JSONResponse:
 async def case_thumbnail(name: str = FastApiPath(description="<image_id>.jpg, e.g. ISIC_0024306.jpg")) -> Response:
     """The JPEG thumbnail (``<image_id>.jpg``) of a training case returned by ``/similar``
     (HAM10000, CC BY-NC-SA 4.0)."""
-    svc: Any = bentoml.get_current_service()
+    try:
+        c = classifier()
+    except ApiError as exc:
+        return exc.response()
     image_id = name[: -len(".jpg")] if name.endswith(".jpg") else None
-    jpeg = svc.retrieval.thumbnail(image_id) if svc.retrieval is not None and image_id else None
+    jpeg = c.retrieval.thumbnail(image_id) if c.retrieval is not None and image_id else None
     if jpeg is None:
         return ApiError(404, "name", f"no training case {name!r} in this model's retrieval index").response()
     return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
@@ -175,10 +188,10 @@ async def case_thumbnail(name: str = FastApiPath(description="<image_id>.jpg, e.
 async def gradcam_overlay(request: Request) -> Response:
     """The request of ``/classify``; a PNG of the image's own size with the Grad-CAM heatmap of the
     predicted class (header ``X-Gradcam-Class``)."""
-    svc: Any = bentoml.get_current_service()
     try:
-        field, data, meta = (await parse_request(request, svc.vocab, batch=False))[0]
-        png, target = await anyio.to_thread.run_sync(svc.gradcam_png, field, data, meta)
+        c = classifier()
+        field, data, meta = (await parse_request(request, c.vocab, batch=False))[0]
+        png, target = await anyio.to_thread.run_sync(c.gradcam_png, field, data, meta)
     except ApiError as exc:
         return exc.response()
     except Exception:
@@ -189,7 +202,10 @@ async def gradcam_overlay(request: Request) -> Response:
 
 @app.get("/model", summary="What is served: model, threshold, vocabularies, limits", response_model=ModelInfo)
 async def model_info() -> JSONResponse:
-    return JSONResponse(bentoml.get_current_service().info())
+    try:
+        return JSONResponse(classifier().info())
+    except ApiError as exc:
+        return exc.response()
 
 
 @app.get(
@@ -199,12 +215,11 @@ async def model_info() -> JSONResponse:
     responses={503: {"model": Health, "description": "the model is still loading"}},
 )
 async def health() -> JSONResponse:
-    svc: Any = bentoml.get_current_service()
-    ready = svc.__is_ready__()
-    return JSONResponse(
-        {"status": "ok" if ready else "loading", "ready": ready, "model_tag": svc.tag},
-        status_code=200 if ready else 503,
-    )
+    try:
+        c = classifier()
+    except ApiError:
+        return JSONResponse({"status": "loading", "ready": False, "model_tag": None}, status_code=503)
+    return JSONResponse({"status": "ok", "ready": True, "model_tag": c.tag})
 
 
 @app.get("/", include_in_schema=False)
@@ -222,8 +237,11 @@ async def api_docs() -> HTMLResponse:
 @app.get("/docs.json", include_in_schema=False)
 async def api_spec() -> JSONResponse:
     """The OpenAPI document of every endpoint, with this model's vocabularies."""
-    svc: Any = bentoml.get_current_service()
-    return JSONResponse(openapi.document(app, svc.vocab, svc.info(), FIELDS))
+    try:
+        c = classifier()
+    except ApiError as exc:
+        return exc.response()
+    return JSONResponse(openapi.document(app, c.vocab, c.info(), FIELDS))
 
 
 app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")

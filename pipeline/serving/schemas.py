@@ -106,7 +106,7 @@ class BatchClassification(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading"]
     ready: bool
-    model_tag: str
+    model_tag: str | None = Field(description="the served model (null while it is loading)")
 
 
 class ModelInfo(BaseModel):

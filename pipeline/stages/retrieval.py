@@ -18,7 +18,7 @@ from pipeline.core import lineage, params, stagecli
 from pipeline.core.errors import EXIT_OK
 from pipeline.core.layout import LAYOUT
 from pipeline.data import splits
-from pipeline.model import checkpoint, retrieval
+from pipeline.model import bundle, retrieval
 from pipeline.model.inference import load_model
 
 
@@ -28,10 +28,10 @@ def body(args: Namespace) -> int:
     files = splits.image_files(frame, args.images, LAYOUT.split_file("train", args.splits))
     predictor = load_model(args.model)
     meta = {
-        "model_md5": lineage.file_md5(args.model / checkpoint.MODEL_FILE),
+        "model_md5": bundle.model_md5(args.model),
         "lineage": lineage.lineage(
             params={"retrieval": params.to_dict(p)},
-            files=[args.model / checkpoint.MODEL_FILE, LAYOUT.split_file("train", args.splits)],
+            files=[args.model / bundle.MODEL_FILE, LAYOUT.split_file("train", args.splits)],
         ),
     }
     info = retrieval.build_index(predictor, frame, files, args.out, p, meta, progress=not args.no_progress)

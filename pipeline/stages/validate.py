@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.core import fsutil, lineage, params, stagecli
 from pipeline.core.errors import EXIT_FAILED, EXIT_OK
-from pipeline.data import contract, neardup
+from pipeline.data import contract, contract_report, neardup
 
 
 def write_outputs(result: contract.ValidationResult, args: Namespace, lin: dict) -> None:
@@ -29,10 +29,10 @@ def write_outputs(result: contract.ValidationResult, args: Namespace, lin: dict)
     fsutil.write_json(reports / "summary.json", result.metrics(), sort_keys=False)
     fsutil.write_json(reports / "checks.json", result.details())
     fsutil.write_json(reports / "lineage.json", lin)
-    fsutil.atomic_write_text(reports / "report.md", contract.render_markdown(result, args.metadata, args.images))
+    fsutil.atomic_write_text(reports / "report.md", contract_report.render_markdown(result, args.metadata, args.images))
     sheet = reports / contract.NEAR_SHEET
     if result.near_pairs:
-        captions, lesion_of = contract.captions(result, args.metadata)
+        captions, lesion_of = contract_report.captions(result, args.metadata)
         across_first = sorted(result.near_pairs, key=lambda q: lesion_of.get(q.a) == lesion_of.get(q.b))
         neardup.contact_sheet(across_first, dict(zip(result.index["image_id"], result.index["file"])), sheet, captions)
     elif sheet.exists():
@@ -54,7 +54,7 @@ def body(args: Namespace) -> int:
     )
     write_outputs(result, args, lin)
     if not result.passed:
-        print(contract.format_failures(result), file=sys.stderr)
+        print(contract_report.format_failures(result), file=sys.stderr)
         print(f"Reports: {args.reports / 'report.md'}, {args.reports / 'checks.json'}", file=sys.stderr)
         return EXIT_FAILED
     for c in result.warnings:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli.app import app
 from pipeline.cli.serve import serve_env
-from pipeline.serving import registry
+from pipeline.registry import package as packaging
 from tests.conftest import project_env
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
@@ -57,7 +57,8 @@ def workspace(tmp_path, monkeypatch):
     git("commit", "-qm", "data")
     model = write_model_dir(tmp_path / "artifacts/model")
     write_evaluation(model, tmp_path / "artifacts/evaluate", tmp_path / "reports/evaluate", threshold=THRESHOLD)
-    tag = registry.package(model, tmp_path / "artifacts/evaluate", tmp_path / "reports/evaluate", project_root=tmp_path)
+    evaluated = (model, tmp_path / "artifacts/evaluate", tmp_path / "reports/evaluate")
+    tag = packaging.package(*evaluated, project_root=tmp_path)
     return tmp_path, tag, git("rev-parse", "HEAD")
 
 

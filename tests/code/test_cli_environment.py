@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.serving import registry
+from pipeline.registry import package as packaging
 from tests.conftest import plain_env, project_env
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation, write_model_dir
 
@@ -69,7 +69,7 @@ def workspace(tmp_path_factory, tiny_data):
     before = os.environ.get("BENTOML_HOME")
     os.environ["BENTOML_HOME"] = str(store)
     try:
-        tag = registry.package(model, base / "evaluate", base / "reports", project_root=root)
+        tag = packaging.package(model, base / "evaluate", base / "reports", project_root=root)
     finally:
         os.environ["BENTOML_HOME"] = before if before is not None else ""
         if before is None:

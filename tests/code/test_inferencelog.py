@@ -18,7 +18,8 @@ import pytest
 from pipeline.core.images import decode_rgb
 from pipeline.core.params import to_dict
 from pipeline.features import imagestats
-from pipeline.monitoring import inferencelog, profile
+from pipeline.monitoring import inferencelog, logrecord, profile
+from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import logqueue
 from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
@@ -53,15 +54,8 @@ def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
         pred = _service_response(rng)
         emb = rng.standard_normal(64).astype(np.float32)
         meta = {"age": [45.0, None][k % 2], "sex": ["male", "female", None][k % 3], "localization": "back"}
-        rec = inferencelog.record_for(
-            rgb,
-            meta,
-            {**pred, "embedding": emb},
-            "lesionflow:abc",
-            projection=projection,
-            timestamp=T0 + timedelta(seconds=k),
-            request_id=f"req-{k}",
-        )
+        answer = Answer(rgb, pred, "lesionflow:abc", meta, emb, T0 + timedelta(seconds=k), f"req-{k}")
+        rec = logrecord.record_for(answer, projection=projection)
         inferencelog.append(rec, tmp_path)
         written.append((rec, rgb, pred, emb, meta))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inference-2026-03-01.jsonl", "inference-2026-03-02.jsonl"]
@@ -94,7 +88,7 @@ def test_records_of_the_service_read_back_without_loss(tmp_path, real_images):
 def test_read_by_time_window(tmp_path):
     rng = np.random.default_rng(1)
     for k in range(6):
-        rec = inferencelog.make_record(
+        rec = logrecord.make_record(
             stats={"brightness": 0.1 * k},
             metadata=None,
             prediction=_service_response(rng),
@@ -115,7 +109,7 @@ def test_concurrent_appends_never_interleave_and_torn_lines_are_skipped(tmp_path
 
     def writer(w: int) -> None:
         for k in range(25):
-            rec = inferencelog.make_record(
+            rec = logrecord.make_record(
                 stats=big_stats,
                 metadata=None,
                 prediction=_service_response(rng),
@@ -146,18 +140,13 @@ def test_images_only_when_configured_and_logger_never_raises(tmp_path, real_imag
     off = inferencelog.InferenceLog(tmp_path / "a")
     on = inferencelog.InferenceLog(tmp_path / "b", store_images=True)
     for log in (off, on):
-        rec = log.record(
-            stats=log.stats(real_images[0]),
-            metadata={"age": 50},
-            prediction=_service_response(rng),
-            model_tag="m",
-            image_bytes=b"\xff\xd8jpeg",
-        )
-        log.write(rec)
+        answer = Answer(real_images[0], _service_response(rng), "m", {"age": 50}, image_bytes=b"\xff\xd8jpeg")
+        assert log.log(answer) is not None
     assert "image_b64" not in inferencelog.read(tmp_path / "a").columns
     assert inferencelog.read(tmp_path / "b")["image_b64"].tolist() == ["/9hqcGVn"]
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
+    rec = logrecord.record_for(Answer(real_images[0], _service_response(rng), "m"))
     assert inferencelog.InferenceLog(blocked).write(rec) is None  # warns, does not raise
 
 
@@ -165,12 +154,12 @@ def test_bad_record_is_named():
     with pytest.raises(inferencelog.InferenceLogError, match="timestamp"):
         inferencelog.append({"stats": {}}, "/tmp/never")
     with pytest.raises(inferencelog.InferenceLogError, match="no class probabilities"):
-        inferencelog.make_record(stats={}, metadata=None, prediction={"p_malignant": 0.3}, model_tag="m")
+        logrecord.make_record(stats={}, metadata=None, prediction={"p_malignant": 0.3}, model_tag="m")
 
 
 def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
-    """The service's hook: InferenceLog.log(rgb, metadata, response + embedding, tag) -> one record
-    with the projected embedding when the model's reference profile is present."""
+    """The service's hook: InferenceLog.log(Answer) -> one record with the projected embedding when
+    the model's reference profile is present."""
     from pipeline.core.fsutil import write_json
 
     ref = tmp_path / "model" / "reference"
@@ -180,40 +169,41 @@ def test_service_hook_logs_one_line_per_prediction(tmp_path, real_images):
     log = inferencelog.InferenceLog(tmp_path / "log", reference_dir=ref)
     rng = np.random.default_rng(4)
     emb = rng.standard_normal(16).astype(np.float32)
-    path = log.log(
-        real_images[1],
-        {"age": 30, "sex": "female", "localization": "face"},
-        {**_service_response(rng), "embedding": emb},
-        "lesionflow:xyz",
-        source="image",
-    )
+    meta = {"age": 30, "sex": "female", "localization": "face"}
+    path = log.log(Answer(real_images[1], _service_response(rng), "lesionflow:xyz", meta, emb, source="image"))
     df = inferencelog.read(tmp_path / "log")
     assert path is not None and len(df) == 1 and df["source"][0] == "image"
     assert [df[f"emb_{i:02d}"][0] for i in range(4)] == pytest.approx((emb @ np.load(ref / "projection.npy")).tolist())
     assert df["brightness"][0] == pytest.approx(imagestats.image_statistics(real_images[1])["brightness"])
-    assert log.log(np.zeros((2, 2), np.uint8), None, {}, "m") is None  # a bad input is a warning, not an error
+    assert log.log(Answer(np.zeros((2, 2), np.uint8), {}, "m")) is None  # a bad input is a warning, not an error
 
 
-def _background_log(tmp_path, monkeypatch, log_dir="log", **kwargs) -> BackgroundLog:
+def _background_log(tmp_path, log_dir="log", **kwargs) -> BackgroundLog:
     """The service's BackgroundLog writing to ``tmp_path/log_dir`` (the model has no reference profile)."""
-    monkeypatch.setenv("LESIONFLOW_INFERENCE_LOG", str(tmp_path / log_dir))
-    return BackgroundLog(tmp_path / "model", **kwargs)
+    return BackgroundLog(tmp_path / "model", str(tmp_path / log_dir), **kwargs)
 
 
-def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images, monkeypatch):
+def _answer(rgb, rng=None, **kw) -> Answer:
+    """One answer of the service for ``rgb`` (an empty prediction without ``rng``)."""
+    return Answer(rgb, {} if rng is None else _service_response(rng), kw.pop("model_tag", "m"), **kw)
+
+
+def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images):
     """The service's BackgroundLog: submit() returns at once; the records appear, in order, with
     the time of the request (not of the write) and the statistics of each image."""
-    bg = _background_log(tmp_path, monkeypatch)
+    bg = _background_log(tmp_path)
     rng = np.random.default_rng(7)
     t_before = datetime.now(UTC)
     for k, rgb in enumerate(real_images):
         assert (
             bg.submit(
-                rgb,
-                {"age": 30 + k, "sex": "male", "localization": "back"},
-                _service_response(rng),
-                "lesionflow:abc",
-                source=f"image{k}",
+                _answer(
+                    rgb,
+                    rng,
+                    metadata={"age": 30 + k, "sex": "male", "localization": "back"},
+                    model_tag="lesionflow:abc",
+                    source=f"image{k}",
+                )
             )
             is True
         )
@@ -229,15 +219,15 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
     assert bg.close()
 
 
-def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images, monkeypatch):
+def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images):
     """A saturated service never waits for its log: beyond max_queue_bytes of waiting images a
     record is dropped and counted; what was queued is still written."""
     rgb = real_images[0]
-    bg = _background_log(tmp_path, monkeypatch, max_queue_bytes=2 * rgb.nbytes)
+    bg = _background_log(tmp_path, max_queue_bytes=2 * rgb.nbytes)
     rng = np.random.default_rng(8)
     os.kill(bg.pid, signal.SIGSTOP)  # the writer falls behind
     try:
-        accepted = [bg.submit(rgb, None, _service_response(rng), "m") for _ in range(5)]
+        accepted = [bg.submit(_answer(rgb, rng)) for _ in range(5)]
         assert accepted == [True, True, False, False, False]
         assert bg.counters()["dropped"] == 3
     finally:
@@ -245,34 +235,33 @@ def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_i
     assert bg.flush(timeout=30)
     assert bg.counters() == {"submitted": 5, "written": 2, "dropped": 3, "failed": 0, "queued": 0}
     assert len(inferencelog.read(tmp_path / "log")) == 2
-    assert bg.submit(rgb, None, _service_response(rng), "m") is True  # room again once drained
+    assert bg.submit(_answer(rgb, rng)) is True  # room again once drained
     assert bg.close()
 
 
-def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images, monkeypatch):
-    bg = _background_log(tmp_path, monkeypatch)
-    assert bg.submit(np.zeros((2, 2), np.uint8), None, {}, "m") is True  # accepted, fails in the writer
-    assert bg.submit(real_images[0], None, _service_response(np.random.default_rng(9)), "m") is True
+def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images):
+    bg = _background_log(tmp_path)
+    assert bg.submit(_answer(np.zeros((2, 2), np.uint8))) is True  # accepted, fails in the writer
+    assert bg.submit(_answer(real_images[0], np.random.default_rng(9))) is True
     assert bg.flush(timeout=30)
     assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1
     assert bg.close()
-    monkeypatch.setenv("LESIONFLOW_INFERENCE_LOG", "off")
-    off = BackgroundLog(tmp_path / "model")
-    assert off.pid is None and off.submit(real_images[0], None, {}, "m") is False and off.flush(timeout=1)
+    off = BackgroundLog(tmp_path / "model", None)  # logstore.location() is None when the log is off
+    assert off.pid is None and off.submit(_answer(real_images[0])) is False and off.flush(timeout=1)
 
 
-def test_a_stop_signal_while_the_writer_is_still_starting_loses_nothing(tmp_path, real_images, monkeypatch):
+def test_a_stop_signal_while_the_writer_is_still_starting_loses_nothing(tmp_path, real_images):
     """A service stopped right after it started (its process group gets SIGTERM, or SIGINT from a
     terminal) while the writer's interpreter is still importing: the writer lives on, and every
     record the service sends is written by it (it used to die, losing all of them)."""
-    bg = _background_log(tmp_path, monkeypatch)
+    bg = _background_log(tmp_path)
     writer = bg.pid
     assert writer is not None
     os.kill(writer, signal.SIGTERM)  # within milliseconds of the start: long before its imports end
     os.kill(writer, signal.SIGINT)
     rng = np.random.default_rng(12)
     for rgb in real_images:
-        assert bg.submit(rgb, None, _service_response(rng), "m")
+        assert bg.submit(_answer(rgb, rng))
     assert bg.close(timeout=60), bg.counters()
     assert bg.counters()["written"] == len(real_images) and bg.counters()["failed"] == 0
     assert len(inferencelog.read(tmp_path / "log")) == len(real_images)
@@ -284,24 +273,24 @@ def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(t
     service's interpreter lock); a SIGTERM to the service's process group does not lose queued
     records (the writer ends only when the service closes its input); a writer that dies is
     counted (its unanswered records failed) and started again."""
-    bg = _background_log(tmp_path, monkeypatch)
+    bg = _background_log(tmp_path)
     rng = np.random.default_rng(10)
-    assert bg.submit(real_images[0], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    assert bg.submit(_answer(real_images[0], rng)) and bg.flush(timeout=30)
     writer = bg.pid
     assert writer is not None and writer != os.getpid() and os.getpriority(os.PRIO_PROCESS, writer) == 19
     os.kill(writer, signal.SIGTERM)
-    assert bg.submit(real_images[1], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    assert bg.submit(_answer(real_images[1], rng)) and bg.flush(timeout=30)
     assert bg.pid == writer and bg.counters()["written"] == 2
 
     monkeypatch.setattr(logqueue, "RESTART_AFTER_S", 0.0)
     os.kill(writer, signal.SIGSTOP)
-    assert bg.submit(real_images[2], None, _service_response(rng), "m")  # sent to a writer about to die
+    assert bg.submit(_answer(real_images[2], rng))  # sent to a writer about to die
     os.kill(writer, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while bg.counters()["failed"] < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert bg.counters()["failed"] == 1 and bg.counters()["queued"] == 0
-    assert bg.submit(real_images[3], None, _service_response(rng), "m") and bg.flush(timeout=30)
+    assert bg.submit(_answer(real_images[3], rng)) and bg.flush(timeout=30)
     assert bg.pid not in (None, writer) and bg.counters()["written"] == 3
     assert len(inferencelog.read(tmp_path / "log")) == 3
 
@@ -309,3 +298,34 @@ def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(t
     assert bg.close() and bg.pid is None
     with pytest.raises(ProcessLookupError):  # ended and reaped
         os.kill(last, 0)
+
+
+def test_the_log_location_has_one_answer_for_writer_and_reader(tmp_path, monkeypatch):
+    """$LESIONFLOW_INFERENCE_LOG first (off turns the log off), then monitor.log_url of the
+    params.yaml that decides (a project's, or the one packaged beside the code, as in a Bento's
+    src/), relative to that file's folder; else logs/inference."""
+    import yaml
+
+    from pipeline.monitoring import logstore
+    from tests.conftest import PROJECT_ROOT
+
+    def project(folder, log_url=None):
+        folder.mkdir(parents=True)
+        doc = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+        if log_url is not None:
+            doc["monitor"]["log_url"] = log_url
+        (folder / "params.yaml").write_text(yaml.safe_dump(doc))
+        return folder
+
+    monkeypatch.delenv(logstore.LOCATION_ENV, raising=False)
+    a = project(tmp_path / "a", "audit/log")
+    assert logstore.location(a) == str(a / "audit/log")
+    assert logstore.location(project(tmp_path / "b", "s3://bucket/log")) == "s3://bucket/log"
+    assert logstore.location(tmp_path) == str(tmp_path / "logs/inference")  # no params.yaml: the default
+    bento_src = project(tmp_path / "bento/src", "/var/lib/lesionflow/log")
+    monkeypatch.setattr(logstore, "PACKAGE_HOME", bento_src)  # the code's own folder, as a Bento has it
+    assert logstore.location() == "/var/lib/lesionflow/log"
+    monkeypatch.setenv(logstore.LOCATION_ENV, str(tmp_path / "explicit"))
+    assert logstore.location() == logstore.location(a) == str(tmp_path / "explicit")
+    monkeypatch.setenv(logstore.LOCATION_ENV, "off")
+    assert logstore.location() is None and logstore.location(a) is None

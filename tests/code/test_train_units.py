@@ -12,10 +12,9 @@ import torch
 
 from pipeline.core import images, params
 from pipeline.core.taxonomy import Taxonomy
-from pipeline.model import backbones, classifier, datapath, inference, training
+from pipeline.model import backbones, classifier, datapath, fitting, inference, training
 from pipeline.model.augment import GpuAugment
 from pipeline.model.metadata import MetadataEncoder
-from pipeline.stages import train
 
 TAX = Taxonomy.default()
 ENCODER = MetadataEncoder.from_params(params.load_section("metadata"))
@@ -273,7 +272,7 @@ def test_train_params_are_strict_and_overrides_merge():
         params.from_dict(params.TrainParams, {**base, "augment": {"scale": [1.2, 0.9]}}, "train")
     # the backbone name is checked against the registry by the stage, naming the key
     with pytest.raises(params.ParamsError, match="train.backbone: unknown backbone 'vgg11'"):
-        train.check_backbone(params.from_dict(params.TrainParams, {**base, "backbone": "vgg11"}, "train"))
+        fitting.check_backbone(params.from_dict(params.TrainParams, {**base, "backbone": "vgg11"}, "train"))
 
 
 def test_gpu_profile_is_valid():

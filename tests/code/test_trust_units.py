@@ -11,7 +11,7 @@ from pipeline.core import images
 from pipeline.core.formats import SizeLimits
 from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, prediction_frame
 from pipeline.core.taxonomy import Taxonomy
-from pipeline.model import calibration, checkpoint, ood
+from pipeline.model import bundle, calibration, checkpoint, ood
 
 LIMITS = SizeLimits(64, 64, 4.0)
 
@@ -82,8 +82,8 @@ def test_mahalanobis_score_separates_far_points_and_threshold_passes_the_share(t
     near = det.score(np.array([[4.0] + [0.0] * 7]), None)[0]
     assert near < det.score(np.array([[2.0, -2.0] + [0.0] * 6]), None)[0]
     # stored as plain arrays and read back without pickle
-    checkpoint.save(tmp_path / "m", {}, {"ood": det.record(0.95, val_scores)}, {ood.OOD_FILE: det.arrays})
-    arrays = checkpoint.load_arrays(tmp_path / "m", ood.OOD_FILE)
+    checkpoint.save(tmp_path / "m", {}, {"ood": det.record(0.95, val_scores)}, {bundle.OOD_FILE: det.arrays})
+    arrays = checkpoint.load_arrays(tmp_path / "m", bundle.OOD_FILE)
     again = ood.OodDetector.from_config(det.record(0.95, val_scores), arrays, 1.0)
     assert np.allclose(again.score(far, None), det.score(far, None))
     with pytest.raises(ValueError, match="ood.npz"):
@@ -123,11 +123,11 @@ def test_fingerprint_tells_apart_models_that_answer_differently(tmp_path):
 
     checkpoint.save(tmp_path / "a", {}, {"calibration": {"temperature": 1.0}})
     shutil.copytree(tmp_path / "a", tmp_path / "copy")
-    assert checkpoint.fingerprint(tmp_path / "a") == checkpoint.fingerprint(tmp_path / "copy")
+    assert bundle.fingerprint(tmp_path / "a") == bundle.fingerprint(tmp_path / "copy")
     checkpoint.save(tmp_path / "b", {}, {"calibration": {"temperature": 0.57}})
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
-    assert checkpoint.fingerprint(tmp_path / "a") != checkpoint.fingerprint(tmp_path / "b")
+    assert bundle.fingerprint(tmp_path / "a") != bundle.fingerprint(tmp_path / "b")
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
-    checkpoint.save(tmp_path / "c", {}, cfg, {ood.OOD_FILE: {"whitener": np.eye(2, dtype=np.float32)}})
-    assert checkpoint.fingerprint(tmp_path / "c") != checkpoint.fingerprint(tmp_path / "a")
-    assert checkpoint.fingerprint(tmp_path / "missing") is None
+    checkpoint.save(tmp_path / "c", {}, cfg, {bundle.OOD_FILE: {"whitener": np.eye(2, dtype=np.float32)}})
+    assert bundle.fingerprint(tmp_path / "c") != bundle.fingerprint(tmp_path / "a")
+    assert bundle.fingerprint(tmp_path / "missing") is None

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core import params
-from pipeline.data import contract
+from pipeline.data import contract, contract_report
 from pipeline.stages import validate
 from tests.conftest import IMAGES_DIR, METADATA_CSV, PROJECT_ROOT
 
@@ -72,7 +72,7 @@ def edit_meta(meta: Path, fn) -> None:
 
 def test_valid_fixture_passes(dataset):
     result = run(*dataset)
-    assert result.passed, contract.format_failures(result)
+    assert result.passed, contract_report.format_failures(result)
     assert result.n_rows == len(ROWS)
     assert len(result.index) == len(ROWS)
 
@@ -193,7 +193,7 @@ def test_identical_images_within_one_lesion_are_reported_not_rejected(dataset):
     meta, images = dataset
     shutil.copyfile(images / "ISIC_0000001.jpg", images / "ISIC_0000002.jpg")
     result = run(meta, images)
-    assert result.passed, contract.format_failures(result)
+    assert result.passed, contract_report.format_failures(result)
     assert result.duplicate_groups == [["ISIC_0000001", "ISIC_0000002"]]
 
 
@@ -241,7 +241,7 @@ def test_main_exits_nonzero_names_failures_and_writes_reports(dataset, tmp_path,
 
 def test_real_data_passes_the_contract():
     result = contract.validate(METADATA_CSV, IMAGES_DIR, P, META, DX, progress=False)
-    assert result.passed, contract.format_failures(result)
+    assert result.passed, contract_report.format_failures(result)
     assert result.n_rows == 10_015 and len(result.index) == 10_015
     # the two known byte-identical pairs, each within one lesion
     assert sorted(result.duplicate_groups) == [["ISIC_0024366", "ISIC_0029861"], ["ISIC_0024777", "ISIC_0029938"]]

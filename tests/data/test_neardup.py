@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from pipeline.core import params
-from pipeline.data import contract, neardup, splitting
+from pipeline.data import contract, contract_report, neardup, splitting
 from pipeline.stages import validate
 from tests.conftest import IMAGES_DIR, PROJECT_ROOT
 
@@ -87,7 +87,7 @@ def test_the_contract_warns_by_default_and_refuses_when_asked(folder_with_a_copy
     meta, images, rows = folder_with_a_copy
     first = rows["image_id"].iloc[0]
     result = contract.validate(meta, images, P, META, DX, progress=False)
-    assert result.passed, contract.format_failures(result)
+    assert result.passed, contract_report.format_failures(result)
     (warning,) = result.warnings
     assert warning.name == "near_duplicates_within_one_lesion" and warning.failures == 1
     assert "ISIC_9999999" in warning.examples[0] and first in warning.examples[0]

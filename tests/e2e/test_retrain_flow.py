@@ -43,11 +43,11 @@ class Workspace:
 
     def champion(self) -> tuple[str | None, list[str]]:
         """(champion tag, every model tag) of the workspace's BentoML store."""
-        from pipeline.serving import registry
+        from pipeline.registry import champions, store
 
         with mock.patch.dict(os.environ, {"BENTOML_HOME": str(self.root / ".lesionflow" / "bentoml")}):
-            champ = registry.champion()
-            return (champ["tag"] if champ else None), [str(m.tag) for m in registry._models()]
+            champ = champions.champion()
+            return (champ["tag"] if champ else None), [str(m.tag) for m in store.models()]
 
     def _run(self, name: str, ephemeral: bool = False) -> dict:
         proc = lesionflow(self.root, "run", "--retries", "0", api_url=None if ephemeral else self.api_url)
@@ -142,7 +142,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     by_key = {a["key"]: a for a in arts}
     assert "| absolute | `dx.accuracy` |" in by_key["lesionflow-retrain"]["data"], "gate table published"
     assert "dx.balanced_accuracy" in by_key["lesionflow-retrain"]["data"], "key metrics published"
-    link = by_key["lesionflow-report-model-card"]["data"]
+    link = by_key["lesionflow-report-evaluate-model-card-html"]["data"]
     assert (ws.root / "reports/evaluate/model_card.html").as_uri() in link, link
     # the packaged model carries its calibration and OOD detector; the card reports both
     card = (ws.root / "reports/evaluate/model_card.md").read_text()

@@ -164,10 +164,10 @@ def test_a_prefect_worker_runs_the_deployment_and_packages_a_champion(worked):
     assert flow_run["deployment_id"] is not None, "the run came from the deployment, through the worker"
     from unittest import mock
 
-    from pipeline.serving import registry
+    from pipeline.registry import champions
 
     with mock.patch.dict(os.environ, {"BENTOML_HOME": str(worked["root"] / ".bentoml")}):  # project_env's store
-        champ = registry.champion()
+        champ = champions.champion()
     assert champ is not None and (worked["root"] / ".lesionflow" / "last_run.json").exists()
     last = json.loads((worked["root"] / ".lesionflow" / "last_run.json").read_text())
     assert last["flow_run_id"] == flow_run["id"], "the worker's run wrote the run summary"

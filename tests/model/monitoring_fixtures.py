@@ -12,7 +12,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.core.fsutil import write_json
 from pipeline.core.taxonomy import Taxonomy
-from pipeline.model import backbones, checkpoint, classifier
+from pipeline.model import backbones, bundle, checkpoint, classifier
 from pipeline.monitoring.profile import stratified_sample
 
 INPUT_SIZE = (64, 86)
@@ -27,9 +27,9 @@ def tiny_model_dir(dest: Path, taxonomy: Taxonomy, backbone: str = "efficientnet
     model = classifier.build_model(backbone, len(classes), pretrained=pretrained, input_size=INPUT_SIZE, dropout=0.0)
     spec = backbones.backbone_spec(backbone)
     dest.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), dest / checkpoint.MODEL_FILE)
+    torch.save(model.state_dict(), dest / bundle.MODEL_FILE)
     write_json(
-        dest / checkpoint.CONFIG_FILE,
+        dest / bundle.CONFIG_FILE,
         {
             "format": checkpoint.FORMAT,
             "architecture": classifier.architecture(backbone, len(classes), INPUT_SIZE, 0.0, None),

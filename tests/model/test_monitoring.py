@@ -250,7 +250,7 @@ def test_inference_log_window_is_checked_like_a_folder(setup, tmp_path):
     from datetime import datetime, timedelta
 
     from pipeline.core.images import decode_rgb
-    from pipeline.monitoring import inferencelog
+    from pipeline.monitoring import inferencelog, logrecord
 
     ref, predictor = setup["ref"], setup["predictor"]
     rows = setup["cur_rows"]
@@ -258,20 +258,23 @@ def test_inference_log_window_is_checked_like_a_folder(setup, tmp_path):
     out = predictor.predict(rgbs, tta=False)
     t0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
     for j, (rgb, (_, meta)) in enumerate(zip(rgbs, rows.iterrows())):
-        rec = inferencelog.record_for(
+        answer = logrecord.Answer.from_predictions(
             rgb,
-            meta[["age", "sex", "localization"]].to_dict(),
             out,
+            j,
             "lesionflow:test",
-            row=j,
-            projection=ref.projection,
-            feature_config=ref.feature_config,
+            metadata=meta[["age", "sex", "localization"]].to_dict(),
             timestamp=t0 + timedelta(minutes=j),
             source=f"{meta['image_id']}.jpg",
         )
+        rec = logrecord.record_for(answer, projection=ref.projection, feature_config=ref.feature_config)
         inferencelog.append(rec, tmp_path / "log")
-    old = inferencelog.make_record(
-        stats={}, metadata=None, prediction=out, model_tag="old", timestamp=t0 - timedelta(days=3)
+    old = logrecord.make_record(
+        stats={},
+        metadata=None,
+        prediction=logrecord.Answer.from_predictions(rgbs[0], out, 0, "old").prediction,
+        model_tag="old",
+        timestamp=t0 - timedelta(days=3),
     )
     inferencelog.append(old, tmp_path / "log")  # outside the window
     cur = batch.current_from_log(tmp_path / "log", t0, t0 + timedelta(days=1))

@@ -1,5 +1,5 @@
 """The BentoML service through HTTP: a real `bentoml serve` on 127.0.0.1 (started once for the
-module) serving a tiny untrained model packaged with pipeline.serving.registry into a temporary
+module) serving a tiny untrained model packaged with pipeline.registry.package into a temporary
 BENTOML_HOME. Valid images (JPEG/PNG, any size, multipart or raw body) get probabilities that
 sum to one at every level and match pipeline.model.inference's; every kind of bad input gets its 4xx
 JSON error naming the field; the service keeps answering afterwards."""

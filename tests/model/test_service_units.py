@@ -103,3 +103,53 @@ def test_batcher_batches_while_busy_and_isolates_failures():
     assert calls[:3] == [[1], [2, 3, 4, 5], [6, 7]]  # queued requests batched, at most 4 at a time
     assert isinstance(bad[0], RuntimeError) and ok == 90  # a failed batch does not stop the batcher
     assert b.stats()["largest_batch"] == 4 and b.stats()["images"] == 9
+
+
+def _targets(node) -> list:
+    """The names an assignment binds, tuples unpacked (``self.a, self.b = ...``)."""
+    import ast
+
+    found = []
+    for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+        found += target.elts if isinstance(target, ast.Tuple) else [target]
+    return found
+
+
+def test_every_name_the_routes_use_on_the_classifier_exists():
+    """The routes reach the worker's Classifier typed (routes.classifier()); every attribute they
+    use on it is one Classifier has (a method, a property, a class attribute or one its __init__
+    sets), so a renamed attribute fails here rather than as a 500 in production."""
+    import ast
+    import inspect
+
+    from pipeline.serving import engine, routes
+
+    cls = next(n for n in ast.parse(inspect.getsource(engine)).body if isinstance(n, ast.ClassDef))
+    defined = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    defined |= {t.id for n in cls.body if isinstance(n, (ast.Assign, ast.AnnAssign)) for t in _targets(n)}
+    defined |= {
+        t.attr
+        for n in ast.walk(cls)
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in _targets(n)
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
+    tree = ast.parse(inspect.getsource(routes))
+    holders = {
+        t.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign)
+        and isinstance(n.value, ast.Call)
+        and getattr(n.value.func, "id", "") == "classifier"
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+    holders |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for a in n.args.args
+                if isinstance(a.annotation, ast.Name) and a.annotation.id == "Classifier"}  # fmt: skip
+    used = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in holders
+    }
+    assert holders and used, "the routes reach the classifier through routes.classifier()"
+    assert used <= defined, f"routes use names Classifier does not have: {sorted(used - defined)}"

@@ -255,3 +255,42 @@ def test_a_model_without_an_index_says_so(client):
     assert r.status_code == 503 and "without a retrieval index" in r.json()["error"]
     assert client.post("/classify?similar=3", files={"image": ("x.jpg", data)}).status_code == 503
     assert client.post("/classify", files={"image": ("x.jpg", data)}).json()["similar"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# the Python client
+
+
+def test_the_python_client_gives_typed_answers_of_every_image_route(trusted_server, trusted_client):
+    """pipeline.serving.client against the served model: each call returns the service's response
+    model, the same answer as the raw HTTP request, and a refused request raises naming the field."""
+    from pipeline.serving.client import ApiRequestError, LesionflowClient
+    from pipeline.serving.schemas import BatchClassification, Health
+
+    base, tag, _ = trusted_server
+    image_id, other = trust_sample()["image_id"][:2]
+    path = IMAGES_DIR / f"{image_id}.jpg"
+    png = io.BytesIO()
+    Image.open(IMAGES_DIR / f"{other}.jpg").save(png, format="PNG")
+    with LesionflowClient(base) as client:
+        r = client.classify(path, age=55, sex="male", localization="back", similar=3)
+        raw = trusted_client.post(
+            "/classify",
+            params={"similar": 3},
+            files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+            data={"age": "55", "sex": "male", "localization": "back"},
+        ).json()
+        assert isinstance(r, Classification) and r == Classification.model_validate(raw)
+        assert r.model_tag == tag and r.metadata.age == 55 and [c.image_id for c in r.similar][:1] == [image_id]
+        batch = client.classify_batch([path, png.getvalue()])
+        assert isinstance(batch, BatchClassification) and batch.n == 2
+        assert batch.results[0].p_malignant == pytest.approx(client.classify(path).p_malignant)
+        cases = client.similar(path, k=2)
+        assert isinstance(cases, SimilarCases) and len(cases.similar) == 2 and cases.similar[0].image_id == image_id
+        overlay, predicted = client.gradcam(path)
+        assert overlay[:8] == b"\x89PNG\r\n\x1a\n" and predicted in client.model().classes["dx"]
+        assert isinstance(client.model(), ModelInfo) and client.model().model_tag == tag
+        assert client.health() == Health(status="ok", ready=True, model_tag=tag)
+        with pytest.raises(ApiRequestError) as refused:
+            client.classify(_png(1, 1))
+        assert refused.value.status == 422 and refused.value.field == "image" and "64x64" in refused.value.message

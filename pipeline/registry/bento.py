@@ -1,5 +1,5 @@
 """Bentos: building the Bento of ``bentofile.yaml`` around the champion (offline), finding the
-newest one and its Dockerfile. The model store itself is :mod:`pipeline.serving.registry`."""
+newest one and its Dockerfile, and the command that serves one."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.serving.registry import (
-    BENTO_NAME,
-    RegistryError,
-    _bento_store,
-    _known_tags,
-    bentoml_home,
-    champion,
-    describe,
-)
+from pipeline.registry.champions import champion
+from pipeline.registry.store import BENTO_NAME, RegistryError, bentoml_home, get_bento
+from pipeline.registry.trace import describe
 
 BUILD_TIMEOUT_S = 900
 #: The service's import path (``service:`` in bentofile.yaml).
@@ -55,19 +49,8 @@ def _build_command(champ: dict, root: Path) -> list[str]:
             str(root)]  # fmt: skip
 
 
-def build_bento(project_root: Path = Path(".")) -> str:
-    """Build a Bento of ``bentofile.yaml`` serving the champion (pinned by tag); return its tag.
-
-    Runs ``bentoml build`` in a subprocess (offline: ``python.lock_packages: false``; the model
-    store is ``$BENTOML_HOME``). The built Bento holds its generated Dockerfile under
-    ``env/docker/``. Raises :class:`RegistryError` without a champion or when the build fails.
-    """
-    root = Path(project_root).resolve()
-    champ = champion()
-    if champ is None:
-        raise RegistryError(f"no champion in the BentoML store at {bentoml_home()}: package a model first")
-    if not (root / "bentofile.yaml").exists():
-        raise RegistryError(f"{root / 'bentofile.yaml'}: not found")
+def _run_build(champ: dict, root: Path) -> str:
+    """Run ``bentoml build``; the tag it printed, or :class:`RegistryError` with its output's tail."""
     env = {
         **os.environ,
         "BENTOML_HOME": str(bentoml_home()),
@@ -86,18 +69,28 @@ def build_bento(project_root: Path = Path(".")) -> str:
     tags = [ln.split("__tag__:", 1)[1].strip() for ln in proc.stdout.splitlines() if "__tag__:" in ln]
     if not tags:
         raise RegistryError(f"bentoml build printed no tag:\n{proc.stdout[-2000:]}")
-    bento = _bento_store().get(tags[-1])
-    if not (Path(bento.path) / "env" / "docker" / "Dockerfile").exists():
-        raise RegistryError(f"bento {tags[-1]}: no generated Dockerfile under {bento.path}/env/docker")
     return tags[-1]
+
+
+def build_bento(project_root: Path = Path(".")) -> str:
+    """Build a Bento of ``bentofile.yaml`` serving the champion (pinned by tag); return its tag.
+
+    Runs ``bentoml build`` in a subprocess (offline: ``python.lock_packages: false``; the model
+    store is ``$BENTOML_HOME``). The built Bento holds its generated Dockerfile under
+    ``env/docker/``. Raises :class:`RegistryError` without a champion or when the build fails.
+    """
+    root = Path(project_root).resolve()
+    champ = champion()
+    if champ is None:
+        raise RegistryError(f"no champion in the BentoML store at {bentoml_home()}: package a model first")
+    if not (root / "bentofile.yaml").exists():
+        raise RegistryError(f"{root / 'bentofile.yaml'}: not found")
+    tag = _run_build(champ, root)
+    if not bento_dockerfile(tag).exists():
+        raise RegistryError(f"bento {tag}: no generated Dockerfile under {get_bento(tag).path}/env/docker")
+    return tag
 
 
 def bento_dockerfile(tag: str) -> Path:
     """Path of the generated Dockerfile inside a built Bento."""
-    from bentoml.exceptions import NotFound
-
-    try:
-        bento = _bento_store().get(tag)
-    except NotFound:
-        raise RegistryError(f"unknown bento {tag!r}; {_known_tags()}") from None
-    return Path(bento.path) / "env" / "docker" / "Dockerfile"
+    return Path(get_bento(tag).path) / "env" / "docker" / "Dockerfile"

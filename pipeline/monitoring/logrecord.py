@@ -1,0 +1,223 @@
+"""One record of the inference log: what the service answered for one image, as one JSON line.
+
+:class:`Answer` is the one typed object that travels from the service (which builds it when it
+answers) through the log's writer process (:mod:`pipeline.serving.logworker` sends it as one
+frame) to :func:`record_for`, which adds the image statistics and the projected embedding and
+gives the JSON record. :func:`flatten` turns a record back into a flat row with the column names
+of the reference profile, which is what drift monitoring reads.
+
+A record holds the timestamp, the request id, the model tag, the image statistics of
+:func:`pipeline.features.imagestats.image_statistics` (the EDA statistics plus sharpness), the
+metadata (age, sex, localization), the prediction (class probabilities, predicted class,
+malignancy probability, decision, out-of-distribution verdict) and, when the model carries its
+reference profile, the penultimate embedding reduced by the profile's fixed random projection. The
+uploaded file is stored only when asked (``image_bytes``).
+
+NumPy only (no pandas, torch or Evidently): the service imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.errors import LesionflowError
+from pipeline.core.metadata import FIELDS
+from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
+from pipeline.features.imagestats import image_statistics
+
+SCHEMA = 1
+LEVELS = ("dx", "risk", "binary")
+
+
+class InferenceLogError(LesionflowError, ValueError):
+    """A record that cannot be logged (missing field, bad timestamp): the message names it."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(ts: Any) -> datetime:
+    """A timezone-aware UTC datetime from a datetime (naive = UTC), a pandas Timestamp or an ISO 8601 string."""
+    if hasattr(ts, "to_pydatetime"):
+        ts = ts.to_pydatetime()
+    if isinstance(ts, str):
+        try:
+            ts = datetime.fromisoformat(ts.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise InferenceLogError(f"timestamp: not an ISO 8601 time: {ts!r}") from None
+    if not isinstance(ts, datetime):
+        raise InferenceLogError(f"timestamp: expected a datetime or ISO string, got {ts!r}")
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return as_utc(ts).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe scalar: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class Answer:
+    """What the service answered for one image, as the inference log receives it.
+
+    ``prediction`` is the service's response for the image (``dx_probabilities`` ...,
+    ``p_malignant``, ``decision``, ``in_distribution``, ``ood_score``), with the probabilities even
+    when they were withheld from the person; ``rgb`` the decoded image its statistics are computed
+    from; ``embedding`` the model's penultimate embedding (never logged raw: projected)."""
+
+    rgb: np.ndarray
+    prediction: Mapping[str, Any]
+    model_tag: str
+    metadata: Mapping[str, Any] | None = None
+    embedding: np.ndarray | None = None
+    timestamp: datetime = field(default_factory=utcnow)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    source: str | None = None
+    image_bytes: bytes | None = None
+
+    @classmethod
+    def from_predictions(cls, rgb: np.ndarray, out: Mapping[str, Any], row: int, model_tag: str, **kw: Any) -> Answer:
+        """The answer of row ``row`` of :meth:`pipeline.model.inference.Predictor.predict`'s output."""
+        prediction: dict[str, Any] = {}
+        for level in LEVELS:
+            probs = out.get(f"{level}_probs")
+            if probs is not None:
+                prediction[f"{level}_probabilities"] = dict(zip(out["classes"][level], np.asarray(probs)[row].tolist()))
+        for key in ("p_malignant", "in_distribution", "ood_score"):
+            if out.get(key) is not None:
+                prediction[key] = np.asarray(out[key])[row].item()
+        emb = out.get("embeddings")
+        return cls(rgb, prediction, model_tag, embedding=None if emb is None else np.asarray(emb)[row], **kw)
+
+
+def _prediction_part(prediction: Mapping[str, Any]) -> dict[str, Any]:
+    """The prediction of one image from the service's response fields."""
+    out: dict[str, Any] = {}
+    for level in LEVELS:
+        probs = prediction.get(f"{level}_probabilities")
+        if probs:
+            out["level"], out["probabilities"] = level, {str(k): float(v) for k, v in probs.items()}
+            break
+    if "probabilities" not in out:
+        raise InferenceLogError("prediction: no class probabilities (dx_probabilities / risk_ / binary_)")
+    probs = out["probabilities"]
+    out["pred_class"] = max(probs, key=probs.get)
+    p_mal = prediction.get("p_malignant")
+    out["p_malignant"] = None if p_mal is None else clean(float(p_mal))
+    decision = prediction.get("decision")
+    out["decision"] = None if decision is None else str(decision)
+    inside = prediction.get("in_distribution")
+    out["in_distribution"] = None if inside is None else bool(inside)
+    return out
+
+
+def make_record(
+    *,
+    stats: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    prediction: Mapping[str, Any],
+    model_tag: str,
+    embedding: Iterable[float] | None = None,
+    request_id: str | None = None,
+    timestamp: datetime | None = None,
+    source: str | None = None,
+    image_bytes: bytes | None = None,
+) -> dict[str, Any]:
+    """A log record from already computed statistics (see :func:`record_for`)."""
+    meta = dict(metadata or {})
+    rec: dict[str, Any] = {
+        "schema": SCHEMA,
+        "timestamp": iso(timestamp or utcnow()),
+        "request_id": request_id or uuid.uuid4().hex,
+        "model_tag": str(model_tag),
+        "stats": {str(k): clean(v) for k, v in stats.items()},
+        "metadata": {k: clean(meta.get(k)) for k in FIELDS},
+        "prediction": _prediction_part(prediction),
+    }
+    if source is not None:
+        rec["source"] = str(source)
+    if embedding is not None:
+        rec["embedding"] = [float(v) for v in embedding]
+    if image_bytes is not None:
+        rec["image_b64"] = base64.b64encode(image_bytes).decode("ascii")
+    return rec
+
+
+def project(embedding: Any, projection: np.ndarray | None) -> list[float] | None:
+    """One embedding through the reference profile's projection matrix (None without either)."""
+    if projection is None or embedding is None:
+        return None
+    e = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if e.shape[0] != projection.shape[0]:
+        raise InferenceLogError(
+            f"embedding: {e.shape[0]} values but the projection expects {projection.shape[0]} "
+            "(the reference profile belongs to another model)"
+        )
+    return [float(v) for v in e @ projection]
+
+
+def record_for(
+    answer: Answer,
+    projection: np.ndarray | None = None,
+    feature_config: Any = None,
+    store_image: bool = False,
+) -> dict[str, Any]:
+    """The log record of one answer: the statistics of its image (with ``feature_config``), its
+    metadata and prediction, its embedding through ``projection`` (the reference profile's
+    ``projection.npy``; none without it) and, with ``store_image``, the uploaded file."""
+    return make_record(
+        stats=image_statistics(answer.rgb, feature_config),
+        metadata=answer.metadata,
+        prediction=answer.prediction,
+        model_tag=answer.model_tag,
+        embedding=project(answer.embedding, projection),
+        request_id=answer.request_id,
+        timestamp=answer.timestamp,
+        source=answer.source,
+        image_bytes=answer.image_bytes if store_image else None,
+    )
+
+
+def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One record as a flat row: statistics and metadata under their own names, the prediction as
+    prediction columns (``p_<level>_<class>``, ``<level>_pred``, ``p_malignant``, ``decision``,
+    ``in_distribution``) and the projected embedding as ``emb_00``..."""
+    from pipeline.monitoring.profile import embedding_columns
+
+    row: dict[str, Any] = {k: record.get(k) for k in ("timestamp", "request_id", "model_tag")}
+    if "source" in record:
+        row["source"] = record["source"]
+    row.update(record.get("stats") or {})
+    row.update({k: (record.get("metadata") or {}).get(k) for k in FIELDS})
+    pred = record.get("prediction") or {}
+    level = pred.get("level")
+    row["pred_level"] = level
+    if level:
+        row[pred_column(level)] = pred.get("pred_class")
+        for cls, p in (pred.get("probabilities") or {}).items():
+            row[prob_column(level, cls)] = p
+    row[P_MALIGNANT] = pred.get("p_malignant")
+    row[DECISION] = pred.get("decision")
+    row[IN_DISTRIBUTION] = pred.get("in_distribution")
+    emb = record.get("embedding")
+    if emb is not None:
+        row.update(zip(embedding_columns(len(emb)), emb))
+    if "image_b64" in record:
+        row["image_b64"] = record["image_b64"]
+    return row

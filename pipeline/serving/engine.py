@@ -1,0 +1,322 @@
+"""What the service does with a request, without the web framework: the packaged model and
+everything it answers with.
+
+:class:`Classifier` is built once per worker from a packaged model folder
+(:mod:`pipeline.model.bundle`). Its methods are the service's steps: :meth:`Classifier.prepare`
+(decode and resize one image, in a request thread), :meth:`Classifier.predict_items` (one model
+call for a batch of prepared images, through THE prediction path :mod:`pipeline.model.inference`),
+:meth:`Classifier.finalise` (the one place a prediction becomes a response, and the inference log's
+record), :meth:`Classifier.gradcam_png` and :meth:`Classifier.info`. The BentoML service
+(:mod:`pipeline.serving.service`) holds one as ``classifier``; the HTTP routes
+(:mod:`pipeline.serving.routes`) reach it typed, through :func:`pipeline.serving.routes.classifier`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core import images
+from pipeline.core.metadata import FIELDS
+from pipeline.core.taxonomy import DIAGNOSIS_NAMES
+from pipeline.model import bundle
+from pipeline.model.ood import MESSAGE as OOD_MESSAGE
+from pipeline.model.retrieval import RetrievalError, RetrievalIndex
+from pipeline.monitoring import logstore
+from pipeline.monitoring.logrecord import Answer
+from pipeline.serving.batching import Batcher
+from pipeline.serving.logqueue import BackgroundLog
+from pipeline.serving.requests import (
+    MAX_BATCH_IMAGES,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_REQUEST_BYTES,
+    ApiError,
+    decode_image,
+    validate_metadata,
+    vocabulary,
+)
+from pipeline.serving.schemas import InferItem
+
+logger = logging.getLogger("lesionflow.service")
+
+#: Largest adaptive batch of model calls (on 2 CPU cores, EfficientNet-Lite0 is fastest per image
+#: at 8-16 images; larger batches fall out of the caches and get slower).
+MAX_BATCH_SIZE = int(os.environ.get("LESIONFLOW_MAX_BATCH_SIZE", "16"))
+#: Inference engine (pipeline.model.inference.ENGINES).
+ENGINE = os.environ.get("LESIONFLOW_ENGINE", "auto")
+#: Images waiting for the inference log's writer process, at most (MB).
+LOG_QUEUE_MB = float(os.environ.get("LESIONFLOW_LOG_QUEUE_MB", "64"))
+
+DISCLAIMER = (
+    "Research prototype, not a medical device: not for clinical use. The output is a statistical "
+    "estimate from a model trained on HAM10000 dermoscopic images; it must not be used to diagnose, "
+    "treat or rule out any condition. Any concern about a skin lesion needs a clinician."
+)
+REFER = "refer: malignancy probability at or above the operating threshold; a specialist should assess this lesion"
+NO_REFER = "no referral indicated at this threshold"
+
+#: A prepared image: the model input (uint8 (3, H, W)), its metadata, and how many similar cases it asks for.
+Item = tuple[np.ndarray, dict[str, Any], int | None]
+
+
+class Classifier:
+    """The packaged model at ``path`` (tag ``tag``) and what the service answers with."""
+
+    disclaimer = DISCLAIMER
+
+    def __init__(self, path: Path, tag: str, data_version: str, device: str = "cpu"):
+        import torch
+
+        from pipeline.model.inference import load_model
+
+        self.path, self.tag, self.data_version = Path(path), tag, data_version
+        self.operating_point = bundle.require_operating_point(self.path)
+        self.predictor = load_model(self.path, device=device, engine=ENGINE)
+        self.inference_log = BackgroundLog(self.path, logstore.location(), int(LOG_QUEUE_MB * (1 << 20)))
+        self.vocab = vocabulary(self.predictor.config)
+        self.retrieval = self._load_retrieval()
+        self.classes = {lvl: list(self.predictor.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")}
+        h, w = self.predictor.input_size
+        self.input_shape = (3, h, w)
+        self.batcher = Batcher(self.predict_items, MAX_BATCH_SIZE)
+        self._explain_lock = threading.Lock()
+        self._explainer: Any = None
+        # warm-up: the first forward pass allocates
+        self.predictor.predict(torch.zeros((1, 3, h, w), dtype=torch.uint8))
+
+    @property
+    def threshold(self) -> float:
+        return self.operating_point.threshold
+
+    def _load_retrieval(self) -> RetrievalIndex | None:
+        """The model's index of similar confirmed training cases, when packaged with it."""
+        if not (self.path / bundle.RETRIEVAL_DIR).is_dir():
+            return None
+        try:
+            return RetrievalIndex.for_model(self.path)
+        except RetrievalError as exc:
+            logger.warning("similar cases disabled: %s", exc)
+            return None
+
+    # -- preprocessing (request threads) ------------------------------------------------------
+    def prepare(
+        self, field: str, data: bytes, meta: dict[str, Any], similar: int | None = None
+    ) -> tuple[Item, dict[str, Any]]:
+        """Decode + resize one image; raises ApiError. Returns the model input and the request info
+        (the metadata, the field, the image's size and byte count, the decoded image and the
+        uploaded file: for :meth:`finalise`, never sent back)."""
+        rgb = decode_image(data, field, self.predictor.size_limits)
+        u8 = self.predictor.resize([rgb])[0].numpy()
+        info = {**meta, "field": field, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "bytes": len(data)}
+        return (u8, meta, similar), {**info, "rgb": rgb, "data": data}
+
+    # -- the model call (one batch) -----------------------------------------------------------
+    def _similar(self, pred: dict[str, Any], items: list[Item]) -> dict[int, list[Any]]:
+        """The similar cases each item asked for (none out of distribution), in one pass over the index."""
+        inside = pred["in_distribution"]
+        wanted = [j for j, it in enumerate(items) if it[2] and (inside is None or inside[j])]
+        if not wanted or self.retrieval is None:
+            return {}
+        found = self.retrieval.query(pred["embeddings"][wanted], max(items[j][2] for j in wanted))
+        return {j: cases[: items[j][2]] for j, cases in zip(wanted, found)}
+
+    def predict_items(self, items: list[Item]) -> list[dict[str, Any]]:
+        """Predict a batch of prepared images (the evaluated path); with an item's ``k``, its
+        ``similar`` holds the k most similar training cases."""
+        import pandas as pd
+        import torch
+
+        if not items:
+            return []
+        x = torch.from_numpy(np.stack([it[0] for it in items]))
+        meta = pd.DataFrame([{k: it[1].get(k) for k in FIELDS} for it in items])
+        pred = self.predictor.predict(x, metadata=meta)
+        similar = self._similar(pred, items)
+        return [
+            {
+                "dx": None if pred["dx_probs"] is None else pred["dx_probs"][j].tolist(),
+                "risk": None if pred["risk_probs"] is None else pred["risk_probs"][j].tolist(),
+                "binary": pred["binary_probs"][j].tolist(),
+                "p_malignant": float(pred["p_malignant"][j]),
+                "in_distribution": None if pred["in_distribution"] is None else bool(pred["in_distribution"][j]),
+                "ood_score": None if pred["ood_score"] is None else float(pred["ood_score"][j]),
+                "embedding": pred["embeddings"][j],  # for the inference log; not sent back
+                "similar": similar.get(j, []),  # retrieval.Case objects, made into JSON by finalise()
+            }
+            for j in range(len(items))
+        ]
+
+    def infer_items(self, items: list[InferItem]) -> list[dict[str, Any]]:
+        """``/infer``: images already at the model's input size (uint8 (3, H, W), base64 ``pixels``)
+        plus optional metadata; the class probabilities per item, or ``{"error": ...}`` for an item
+        that is not a valid tensor (the other items are unaffected)."""
+        out: list[dict[str, Any]] = [{} for _ in items]
+        ok: list[int] = []
+        batch: list[Item] = []
+        for i, it in enumerate(items):
+            try:
+                batch.append(self._infer_item(it))
+                ok.append(i)
+            except ApiError as exc:
+                out[i] = {"error": f"{exc.field}: {exc.message}"}
+        for i, res in zip(ok, self.predict_items(batch)):
+            res.pop("embedding", None)
+            res.pop("similar", None)
+            out[i] = res
+        return out
+
+    def _infer_item(self, it: InferItem) -> Item:
+        size = int(np.prod(self.input_shape))
+        try:
+            raw = base64.b64decode(it.pixels, validate=True)
+        except (ValueError, TypeError):
+            raise ApiError(422, "pixels", "not base64") from None
+        if len(raw) != size:
+            raise ApiError(422, "pixels", f"{len(raw)} bytes, expected {size} (uint8 {self.input_shape})")
+        meta = validate_metadata({"age": it.age, "sex": it.sex, "localization": it.localization}, self.vocab)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.input_shape), meta, None
+
+    # -- the one place a prediction becomes a response -----------------------------------------
+    @staticmethod
+    def similar_cases(cases: list[Any]) -> list[dict[str, Any]]:
+        """The response entries of similar confirmed training cases, each with its diagnosis's name
+        and its thumbnail's URL."""
+        return [
+            {
+                **case.to_dict(),
+                "diagnosis": DIAGNOSIS_NAMES.get(case.dx, case.dx),
+                "thumbnail_url": f"/cases/{case.image_id}.jpg",
+            }
+            for case in cases
+        ]
+
+    def _probabilities(self, pred: dict[str, Any]) -> dict[str, Any]:
+        dx, risk = pred.get("dx"), pred.get("risk")
+        return {
+            "dx_probabilities": None if dx is None else dict(zip(self.classes["dx"], dx)),
+            "risk_probabilities": None if risk is None else dict(zip(self.classes["risk"], risk)),
+            "binary_probabilities": dict(zip(self.classes["binary"], pred["binary"])),
+            "p_malignant": float(pred["p_malignant"]),
+        }
+
+    def _verdict(self, pred: dict[str, Any], withheld: bool) -> dict[str, Any]:
+        """The top classes and the referral decision at the operating point (none when withheld)."""
+        dx, risk = pred.get("dx"), pred.get("risk")
+        refer = self.operating_point.refer(float(pred["p_malignant"]))
+        return {
+            "dx_top": None if dx is None or withheld else self.classes["dx"][int(np.argmax(dx))],
+            "risk_class": None if risk is None or withheld else self.classes["risk"][int(np.argmax(risk))],
+            "threshold": self.threshold,
+            "refer": None if withheld else refer,
+            "decision": None if withheld else (REFER if refer else NO_REFER),
+        }
+
+    def finalise(
+        self, pred: dict[str, Any], request_info: dict[str, Any], similar: int | None = None
+    ) -> dict[str, Any]:
+        """The response of one image. Every prediction of /classify, /classify_batch and /similar
+        passes here exactly once, and here its answer goes to the inference log.
+
+        An image out of distribution gets no risk estimate: the probability fields, ``refer`` and
+        ``decision`` are null, ``message`` says why, and the probabilities are kept under
+        ``withheld_probabilities`` for API clients. ``similar``: add that many similar confirmed
+        cases (none for an image out of distribution)."""
+        probs = self._probabilities(pred)
+        withheld = pred.get("in_distribution") is False
+        ood = self.predictor.ood
+        result = {
+            "in_distribution": pred.get("in_distribution"),
+            "ood_score": pred.get("ood_score"),
+            "ood_threshold": None if ood is None else float(ood.threshold),
+            "message": OOD_MESSAGE if withheld else None,
+            **(dict.fromkeys(probs) if withheld else probs),
+            **self._verdict(pred, withheld),
+            "withheld_probabilities": probs if withheld else None,
+            "similar": None if similar is None else ([] if withheld else self.similar_cases(pred.get("similar") or [])),
+            "metadata": {k: request_info.get(k) for k in FIELDS},
+            "model_tag": self.tag,
+            "data_version": self.data_version,
+            "disclaimer": DISCLAIMER,
+        }
+        # the inference log: statistics, metadata and prediction (the probabilities even when
+        # withheld; never the image unless LESIONFLOW_LOG_IMAGES=1), built by the writer process
+        self.inference_log.submit(
+            Answer(
+                rgb=request_info["rgb"],
+                prediction={**result, **probs},
+                model_tag=self.tag,
+                metadata=result["metadata"],
+                embedding=pred.get("embedding"),
+                source=request_info.get("field"),
+                image_bytes=request_info.get("data") if self.inference_log.log.store_images else None,
+            )
+        )
+        return result
+
+    # -- Grad-CAM overlay of one image (the web page's /gradcam) ---------------------------------
+    def gradcam_png(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[bytes, str]:
+        """PNG bytes of the Grad-CAM overlay (:mod:`pipeline.model.explain`) for the predicted
+        native-level class, at the image's own size, and that class's name; raises ApiError for a
+        bad image. Runs on a private copy of the model (Grad-CAM hooks must not see the batcher's
+        forward passes), one image at a time."""
+        import pandas as pd
+        from PIL import Image
+
+        from pipeline.model import explain
+
+        rgb = decode_image(data, field, self.predictor.size_limits)
+        frame = pd.DataFrame([{k: meta.get(k) for k in FIELDS}])
+        with self._explain_lock:
+            if self._explainer is None:
+                self._explainer = self.predictor.clone(engine="torch")
+            pred = self._explainer.predict([rgb], metadata=frame)
+            target = int(np.argmax(pred["native_probs"][0]))
+            heat = explain.gradcam(self._explainer, rgb, target_class=target, metadata=frame)
+        buf = io.BytesIO()
+        Image.fromarray(explain.overlay(rgb, heat)).save(buf, format="PNG")
+        return buf.getvalue(), self.predictor.classes[target]
+
+    def info(self) -> dict[str, Any]:
+        """``/model``: what is served, its threshold, vocabularies and limits."""
+        p = self.predictor
+        return {
+            "model_tag": self.tag,
+            "data_version": self.data_version,
+            "threshold": self.threshold,
+            "decision_rule": self.operating_point.rule,
+            "native_level": p.native_level,
+            "classes": self.classes,
+            "input_size": list(p.input_size),
+            "tta": p.default_tta,
+            "engine": p.engine,
+            "input_limits": p.size_limits.to_dict(),
+            "calibration": p.config.get("calibration"),
+            "ood": p.config.get("ood"),
+            "metadata_fields": {
+                "age": f"number of years, {self.vocab.age_min:g}-{self.vocab.age_max:g}",
+                "sex": list(self.vocab.sex) if self.vocab.sex is not None else "any text",
+                "localization": list(self.vocab.localization) if self.vocab.localization is not None else "any text",
+            },
+            "uses_metadata": p.metadata_encoder is not None,
+            "similar_cases": None
+            if self.retrieval is None
+            else {"index_size": len(self.retrieval), "k": self.retrieval.meta.get("k", 6), "route": "/similar"},
+            "batching": self.batcher.stats(),
+            "inference_log": {"enabled": self.inference_log.enabled, **self.inference_log.counters()},
+            "limits": {
+                "max_image_bytes": MAX_IMAGE_BYTES,
+                "max_image_pixels": MAX_IMAGE_PIXELS,
+                "max_request_bytes": MAX_REQUEST_BYTES,
+                "max_batch_images": MAX_BATCH_IMAGES,
+                "formats": list(images.FORMATS),
+            },
+            "disclaimer": DISCLAIMER,
+        }
