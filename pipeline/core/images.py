@@ -26,6 +26,10 @@ from pipeline.core.formats import FORMATS, IMAGE_EXTENSIONS, SizeLimits
 
 #: Largest image accepted by default, in pixels (about 8000 x 6000).
 MAX_PIXELS: int = 48_000_000
+#: The working size: a decoded image's longer side is brought down to at most this many pixels
+#: (JPEG decoded at a reduced scale where it can be), so that memory and time per image are
+#: bounded whatever the upload; every model input, statistic and overlay is far smaller.
+WORKING_SIDE: int = 1024
 
 # PIL's own limit warns at MAX_IMAGE_PIXELS and raises at twice that; lesionflow checks the size
 # itself (before decoding) so that the message names the source.
@@ -90,28 +94,107 @@ def decode_rgb(
     formats: tuple[str, ...] = FORMATS,
     max_pixels: int = MAX_PIXELS,
     require_rgb: bool = False,
+    max_side: int | None = WORKING_SIDE,
 ) -> np.ndarray:
-    """Decode ``data`` (bytes or a path) to an ``(H, W, 3)`` uint8 RGB array.
+    """Decode ``data`` (bytes or a path) to an ``(H, W, 3)`` uint8 RGB array whose longer side is at
+    most ``max_side`` (:data:`WORKING_SIDE`; None: the full size).
 
     Raises :class:`ImageError` naming ``source`` when the data is empty, not an image, of a format
     outside ``formats``, larger than ``max_pixels`` (checked before decoding), truncated or
     corrupt, or (with ``require_rgb``) stored in a colour mode other than RGB. Other modes
-    (greyscale, palette, RGBA) are converted to RGB otherwise.
+    (greyscale, palette, RGBA, 16-bit greyscale in either byte order) are converted to 8-bit RGB.
     """
     source = source or (str(data) if not isinstance(data, (bytes, bytearray, memoryview)) else "image")
     probe(data, source, formats=formats, max_pixels=max_pixels)
     with _open(data, source) as img:
         if require_rgb and img.mode != "RGB":
             raise ImageError(source, f"colour mode is {img.mode}, expected RGB")
+        if max_side is not None and max(img.size) > max_side:
+            img.draft("RGB", _scaled(img.size, max_side))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
             raise ImageError(source, f"corrupt or truncated image data ({exc})") from None
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8).copy()
+        return to_rgb8(_working_size(img, max_side))
+
+
+#: Modes Pillow's box ``reduce`` takes (a fast first step of a large reduction).
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr")
+
+
+def _working_size(img: Image.Image, max_side: int | None) -> Image.Image:
+    """``img`` with its longer side at most ``max_side``, resized in its own mode (1 to 4 bytes a
+    pixel) before any conversion to RGB, so a huge upload never exists as a full-size RGB copy."""
+    if max_side is None or max(img.size) <= max_side:
+        return img
+    gap = 2.0 if img.mode in _REDUCIBLE else None
+    return img.resize(_scaled(img.size, max_side), Image.Resampling.BILINEAR, reducing_gap=gap)
+
+
+def _scaled(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so that the longer side is ``max_side`` (at least 1 pixel each)."""
+    w, h = size
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """A loaded image as an ``(H, W, 3)`` uint8 RGB array. 16-bit greyscale (``I;16``, ``I;16B``,
+    ``I``) is scaled from 0..65535 to 0..255 (Pillow's own conversion clips it: all white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey8[..., None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+#: JPEG segments that carry metadata about the picture or its taker, not its pixels or colours:
+#: APP1 (EXIF, GPS, XMP), APP3-APP12 and APP15 (vendors'), APP13 (IPTC, Photoshop) and COM (comments).
+#: APP0 (JFIF), APP2 (ICC colour profile) and APP14 (Adobe colour transform) stay: decoding needs them.
+_JPEG_DROP = {0xE1, *range(0xE3, 0xED), 0xED, 0xEF, 0xFE}
+#: PNG chunks with text, EXIF or a modification time.
+_PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+
+
+def strip_metadata(data: bytes) -> bytes:
+    """``data`` (a JPEG or PNG file) without its embedded metadata (EXIF with GPS position, camera
+    serial and times; XMP; IPTC; text chunks), the image data itself untouched byte for byte; data of
+    another kind is returned as it is."""
+    if data[:2] == b"\xff\xd8":
+        return _strip_jpeg(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return _strip_png(data)
+    return data
+
+
+def _strip_jpeg(data: bytes) -> bytes:
+    out, i = [data[:2]], 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA or marker == 0xD9:  # start of scan: the rest is image data
+            break
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker not in _JPEG_DROP:
+            out.append(data[i : i + 2 + length])
+        i += 2 + length
+    out.append(data[i:])
+    return b"".join(out)
+
+
+def _strip_png(data: bytes) -> bytes:
+    out, i = [data[:8]], 8
+    while i + 12 <= len(data):
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind, end = data[i + 4 : i + 8], i + 12 + length
+        if kind not in _PNG_DROP:
+            out.append(data[i:end])
+        i = end
+    out.append(data[i:])
+    return b"".join(out)
 
 
 def check_size(rgb: np.ndarray, limits: SizeLimits, source: str) -> None:

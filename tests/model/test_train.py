@@ -4,6 +4,7 @@ and DistributedDataParallel with two CPU processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,6 +211,17 @@ def _train_twice(common: list[str], tmp_path: Path, name: str) -> tuple[Path, Pa
     return ddp, one
 
 
+def _close(a: float, b: float) -> bool:
+    """Two losses from history.csv that data parallelism makes equal: they may differ by float
+    summation order (the gradient all-reduce and, with one thread per DDP rank against the test
+    process's own threads, the kernels' reduction order: 1e-4 relative is far above what that moves
+    and far below what a wrong gradient average would) plus the CSV's rounding to 6 significant
+    digits, up to one unit of the 6th digit between two independently rounded values (2.35471 vs
+    2.3547 was seen on an AMD EPYC machine)."""
+    quantum = 10.0 ** (math.floor(math.log10(abs(b))) - 5) if b else 1e-12
+    return abs(a - b) <= 1e-4 * abs(b) + quantum
+
+
 def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(tiny_data, tmp_path):
     """Data parallelism with 2 CPU processes (gloo) is one big batch cut in two.
 
@@ -275,7 +287,7 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
     assert step > 1e-3, f"the step barely moved the backbone ({float(step):.2e}): the comparison would be empty"
     assert apart < 1e-4 * step, f"DDP and one process {float(apart):.2e} apart after a step of {float(step):.2e}"
     h_ddp, h_one = (pd.read_csv(d / "reports" / "history.csv") for d in (ddp, one))
-    assert h_ddp["val_loss"].iloc[1] == pytest.approx(h_one["val_loss"].iloc[1], abs=1e-5)
+    assert _close(h_ddp["val_loss"].iloc[1], h_one["val_loss"].iloc[1])
 
     # 2. two AdamW epochs on the whole (even-sized) train split
     ddp, one = _train_twice(
@@ -292,7 +304,7 @@ def test_ddp_two_cpu_processes_train_disjoint_shards_and_match_single_process(ti
         assert not set(r0) & set(r1)
         assert sorted(r0 + r1) == sorted(whole)
     h_ddp, h_one = (pd.read_csv(d / "reports" / "history.csv") for d in (ddp, one))
-    assert h_ddp["val_loss"].iloc[0] == pytest.approx(h_one["val_loss"].iloc[0], abs=1e-6)  # same start
+    assert _close(h_ddp["val_loss"].iloc[0], h_one["val_loss"].iloc[0])  # the same start
     assert np.allclose(h_ddp["train_loss"].iloc[1:], h_one["train_loss"].iloc[1:], atol=0.02)
     assert np.allclose(h_ddp["val_loss"], h_one["val_loss"], atol=0.02)
     moved = abs(h_one["val_loss"].iloc[0] - h_one["val_loss"].iloc[-1])
