@@ -44,10 +44,10 @@ def sklearn_query(nn, index: RetrievalIndex, q: np.ndarray, k: int) -> list[str]
     dist, idx = nn.kneighbors(q[None, :], n_neighbors=min(len(index), k * 8))
     seen, out = set(), []
     for i in idx[0]:
-        lesion = index.cases.at[int(i), "lesion_id"]
+        lesion = index.cases["lesion_id"][int(i)]
         if lesion not in seen:
             seen.add(lesion)
-            out.append(str(index.cases.at[int(i), "image_id"]))
+            out.append(str(index.cases["image_id"][int(i)]))
             if len(out) == k:
                 break
     return out

@@ -3,9 +3,13 @@
 Side by side in one run (one server at a time, same model, same images, same load):
 * lesionflow's Bento service (``pipeline.serving.service``: decode in request threads, adaptive batching
   of the model calls across requests), served by ``bentoml serve``;
-* the baseline a user would otherwise write: a plain FastAPI + torch app
-  (``benchmarks/_plain_fastapi.py``) calling the same ``pipeline.model.inference`` predictor once per
+* the baseline a user would otherwise write: a plain FastAPI app (``benchmarks/_plain_fastapi.py``)
+  calling the same predictor (ONNX Runtime on the packaged ``model.onnx``, same threads) once per
   request, served by uvicorn.
+
+Authentication is on for both: every request carries a bearer token that the server checks (the
+Bento against its tokens file, ``$LESIONFLOW_API_TOKENS_FILE``; the plain app against the same
+token's sha256).
 
 Load: ``--clients`` concurrent clients (default 32), each sending one real JPEG per request as a
 multipart upload, back to back, for ``--duration`` seconds (default 30) after a warm-up. Reported
@@ -43,6 +47,7 @@ import numpy as np  # noqa: E402
 from benchmarks._machine import machine  # noqa: E402
 from pipeline.core import params
 from pipeline.core.fsutil import write_json  # noqa: E402
+from pipeline.model import bundle  # noqa: E402
 from pipeline.registry import bento as bentos  # noqa: E402
 from pipeline.registry import champions  # noqa: E402
 from pipeline.registry import package as packaging  # noqa: E402
@@ -87,6 +92,38 @@ def prepare_model(tmp: Path, tta: str = "config") -> tuple[Path, dict]:
     }
 
 
+def real_blobs(images_dir: Path, n: int) -> list[bytes]:
+    """The bytes of the first ``n`` HAM10000 JPEGs of ``images_dir`` (exits 2 when there are none)."""
+    paths = sorted(Path(images_dir).glob("ISIC_*.jpg"))[:n]
+    if not paths:
+        print("data/images is empty: pull the data first (dvc pull)", file=sys.stderr)
+        raise SystemExit(2)
+    return [p.read_bytes() for p in paths]
+
+
+def packaged_service(tmp: Path, tta: str = "config") -> tuple[dict, dict, str, Path, str]:
+    """The model packaged into a BENTOML_HOME under ``tmp`` (:func:`prepare_model`), a tokens file with
+    one token, and the environment a server of it runs with (inference log on, under ``tmp``).
+    Returns (environment, model info, tag, stored model folder, token)."""
+    home = tmp / "bentoml"
+    os.environ["BENTOML_HOME"] = str(home)
+    model_dir, model_info = prepare_model(tmp, tta)
+    tag = packaging.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
+    stored = Path(champions.champion()["path"])
+    tokens, token = bench_token(tmp)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONUNBUFFERED": "1",
+        "LESIONFLOW_API_TOKENS_FILE": str(tokens),
+        # the inference log is on, as in production, but kept out of the project's own log
+        "LESIONFLOW_INFERENCE_LOG": os.environ.get("LESIONFLOW_INFERENCE_LOG", str(tmp / "inference-log")),
+    }
+    env.pop("LESIONFLOW_MODEL_TAG", None)
+    return env, {**model_info, "model_md5": bundle.model_md5(stored)}, tag, stored, token
+
+
 def start(cmd: list[str], env: dict, ready_url: str, log: Path, timeout: float = 180) -> subprocess.Popen:
     import httpx
 
@@ -117,8 +154,38 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def load(url: str, blobs: list[bytes], clients: int, duration: float, warmup: float) -> dict:
-    """``clients`` concurrent clients posting images back to back; stats of the measured window."""
+def model_only(stored: Path, seconds: float = 5.0) -> dict:
+    """The ceiling of any server of this model on this machine: the packaged model's own predictor
+    (ONNX Runtime, every core), images/s on batches of 1 and 16 images already at its input size,
+    nothing else running."""
+    from pipeline.model.runtime import load_packaged
+
+    predictor = load_packaged(stored)
+    h, w = predictor.input_size
+    rng = np.random.default_rng(0)
+    out = {}
+    for batch in (1, 16):
+        x = rng.integers(0, 256, (batch, 3, h, w), dtype=np.uint8)
+        predictor.predict(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            predictor.predict(x)
+            n += batch
+        out[f"batch_{batch}_images_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    return out
+
+
+def bench_token(tmp: Path) -> tuple[Path, str]:
+    """A tokens file holding one new token (:func:`pipeline.serving.auth.add`), and the token."""
+    from pipeline.serving import auth
+
+    path = tmp / "api-tokens"
+    return path, auth.add(path, "benchmark")
+
+
+async def load(url: str, blobs: list[bytes], clients: int, duration: float, warmup: float, token: str = "") -> dict:
+    """``clients`` concurrent clients posting images back to back (with ``token`` as their bearer
+    token); stats of the measured window."""
     import aiohttp
 
     latencies: list[float] = []
@@ -151,7 +218,8 @@ async def load(url: str, blobs: list[bytes], clients: int, duration: float, warm
 
     conn = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout, headers=headers) as session:
         await asyncio.gather(*(client(session) for _ in range(clients)))
     wall = time.perf_counter() - t_measure  # includes the tail of requests started in the window
     lat = np.array(latencies) * 1000
@@ -171,25 +239,31 @@ async def load(url: str, blobs: list[bytes], clients: int, duration: float, warm
     }
 
 
-def bento_info(base: str) -> dict:
+def bento_info(base: str, token: str) -> dict:
     """The service's own counters after the load: adaptive batching, the inference engine, and the
     inference log (records written vs dropped while saturated)."""
     import httpx
 
     try:
-        info = httpx.get(f"{base}/model", timeout=10).json()
+        info = httpx.get(f"{base}/model", timeout=10, headers={"Authorization": f"Bearer {token}"}).json()
     except (httpx.HTTPError, ValueError):
         return {}
     return {k: info.get(k) for k in ("batching", "engine", "inference_log")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a load: clients, duration, warm-up and the images cycled through."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--images", type=int, default=64, help="distinct real images cycled through")
     ap.add_argument("--images-dir", type=Path, default=ROOT / "data/images")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = load_arguments(__doc__.split("\n\n")[0])
     ap.add_argument(
         "--servers",
         default="bento,plain",
@@ -205,28 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs-dir", type=Path, default=None, help="keep the servers' logs here")
     a = ap.parse_args(argv)
 
-    paths = sorted(a.images_dir.glob("ISIC_*.jpg"))[: a.images]
-    if not paths:
-        print("data/images is empty: pull the data first (dvc pull)", file=sys.stderr)
-        return 2
-    blobs = [p.read_bytes() for p in paths]
+    blobs = real_blobs(a.images_dir, a.images)
     tmp = Path(tempfile.mkdtemp(prefix="serve_load-"))
     results: dict[str, dict] = {}
     try:
-        home = tmp / "bentoml"
-        os.environ["BENTOML_HOME"] = str(home)
-        model_dir, model_info = prepare_model(tmp, a.tta)
-        tag = packaging.package(model_dir, tmp / "evaluate", tmp / "reports", project_root=ROOT)
-        stored = Path(champions.champion()["path"])
-        env = {
-            **os.environ,
-            "BENTOML_HOME": str(home),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "PYTHONUNBUFFERED": "1",
-            # the inference log is on, as in production, but kept out of the project's own log
-            "LESIONFLOW_INFERENCE_LOG": os.environ.get("LESIONFLOW_INFERENCE_LOG", str(tmp / "inference-log")),
-        }
-        env.pop("LESIONFLOW_MODEL_TAG", None)
+        env, model_info, tag, stored, token = packaged_service(tmp, a.tta)
+        env["LESIONFLOW_BENCH_TOKEN"] = token
+        ceiling = model_only(stored)
+        print(f"[model only] {ceiling}", flush=True)
         for name in a.servers.split(","):
             port = free_port()
             base = f"http://127.0.0.1:{port}"
@@ -269,13 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"(+{a.warmup:.0f} s warm-up)",
                     flush=True,
                 )
-                res = asyncio.run(load(f"{base}{route}", blobs, a.clients, a.duration, a.warmup))
+                res = asyncio.run(load(f"{base}{route}", blobs, a.clients, a.duration, a.warmup, token))
                 res["route"] = route
                 res["startup_s"] = round(startup, 1)
                 res["loadavg_1m_before"] = round(load_before[0], 2)
                 res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
                 if name.startswith("bento"):
-                    res.update(bento_info(base))
+                    res.update(bento_info(base, token))
             finally:
                 stop(proc)
             results[name] = res
@@ -301,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": a.duration,
             "warmup_s": a.warmup,
             "images": len(blobs),
-            "request": "POST /classify, multipart field 'image', one 150x200 JPEG (HAM10000)",
+            "request": "POST /classify, multipart field 'image', one 150x200 JPEG (HAM10000), bearer token",
             "client": "aiohttp, same machine",
+            "authentication": "on for both servers (bearer token checked on every request)",
         },
+        "model_only": ceiling,
         "results": results,
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "note": (

@@ -8,6 +8,7 @@ deployment on a cron schedule, and turning a run's final state into an exit code
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,18 @@ def parser(prog: str, doc: str, name: str, cron: str, timezone: str) -> argparse
     ap.add_argument("--cron", default=cron, help="cron schedule (with --serve)")
     ap.add_argument("--timezone", default=timezone, help="time zone of the cron schedule (with --serve)")
     return ap
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (``kill PID``, a supervisor, an eviction) end this process as Ctrl-C does: an
+    exception in the main thread, so that every ``finally`` runs (a running stage's DVC process
+    group is stopped: :func:`flows.stages.run_stage`) and Prefect's exit handlers stop its temporary
+    server. SIGTERM's default action ended the process at once and left that server running."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def root_or_none(prog: str) -> Path | None:

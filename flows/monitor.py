@@ -36,7 +36,7 @@ from prefect.states import Completed, Failed, State
 
 from flows import entry
 from pipeline.core import lineage, params
-from pipeline.core.errors import EXIT_USER_ERROR
+from pipeline.core.errors import EXIT_USER_ERROR, LesionflowError
 from pipeline.core.layout import Layout
 from pipeline.monitoring import decision
 from pipeline.monitoring.check import check_workspace
@@ -64,10 +64,35 @@ def check(
     model_dir: str | None,
     reference_dir: str | None,
 ) -> dict[str, Any]:
-    """Build the current batch (folder or log window) and run the check (pipeline.monitoring.check)."""
-    summary = check_workspace(Path(root), folder, metadata_csv, hours, model_dir, reference_dir)
+    """Build the current batch (folder or log window) and run the check (pipeline.monitoring.check);
+    a user's error (a missing profile, a bad table) is the summary's ``error``, not a traceback."""
+    try:
+        summary = check_workspace(Path(root), folder, metadata_csv, hours, model_dir, reference_dir)
+    except LesionflowError as exc:
+        get_run_logger().error("%s", exc)
+        return {"error": str(exc)}
     get_run_logger().info("%s", summary["reason"])
     return summary
+
+
+@task(name="apply-retention", cache_policy=NO_CACHE)
+def apply_retention(root: str) -> list[str]:
+    """Delete the inference log's days older than ``monitor.log_retention_days``
+    (:func:`pipeline.monitoring.logcare.prune`); a failure is a warning, never the check's end."""
+    from pipeline.monitoring import logcare, logstore
+
+    try:
+        location = logstore.location(Path(root))
+        if location is None:
+            return []
+        days = params.load_section("monitor", Layout(Path(root)).params_file).log_retention_days
+        removed = logcare.prune(location, days)
+    except Exception as exc:  # noqa: BLE001 - retention is maintenance, not the check
+        get_run_logger().warning("inference log retention not applied: %s", exc)
+        return []
+    if removed:
+        get_run_logger().info("inference log: %d day(s) older than %g days deleted", len(removed), days)
+    return removed
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -104,9 +129,11 @@ def monitor(
 ) -> State:
     """One drift check of ``folder`` (or of the inference log's last ``hours``) and what follows
     from it (see the module docstring)."""
-    logger = get_run_logger()
     root = str(Path(project_root).resolve())
+    apply_retention(root)
     summary = check(root, folder, metadata_csv, hours, model_dir, reference_dir)
+    if "error" in summary:
+        return Failed(name="CheckFailed", message=summary["error"])
     publish(summary)
     report = summary["report_dir"]
     if summary["decision"] != decision.DRIFT:
@@ -115,6 +142,14 @@ def monitor(
             message=f"{summary['reason']} (report: {report})",
             data=summary,
         )
+    return act_on_drift(summary, root, retrain_on_drift)
+
+
+def act_on_drift(summary: dict[str, Any], root: str, retrain_on_drift: bool) -> State:
+    """Confirmed drift: trigger the retraining deployment when the data changed since the champion
+    was trained (and ``retrain_on_drift``), else fail the run as an alert."""
+    logger = get_run_logger()
+    report = summary["report_dir"]
     data_md5 = lineage.data_version(Layout(Path(root)).data_pointer).get("md5")
     try:
         champ_md5 = champion_data_md5()

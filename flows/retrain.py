@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     root = entry.root_or_none("flows.retrain")
     if root is None:
         return EXIT_USER_ERROR
+    entry.exit_on_sigterm()
     if a.serve:
         serve_scheduled(a.name, a.cron, a.timezone, flow_params, project_root=root)
         return 0

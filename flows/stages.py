@@ -8,9 +8,11 @@ DVC's decision.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +101,7 @@ def _start_dvc(stage: str, cmd: list[str], project_root: str) -> subprocess.Pope
             text=True,
             bufsize=1,
             errors="replace",
+            start_new_session=True,  # its own process group: stopped with the run (_stop), not orphaned
         )
     except FileNotFoundError:
         raise StageFailed(
@@ -130,6 +133,25 @@ def _stream(stage: str, proc: subprocess.Popen, tail: deque[str]) -> bool:
     return ran
 
 
+#: Seconds a stopped stage gets to end cleanly (DVC releases its lock, training writes nothing half).
+STOP_GRACE_S = 30.0
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a DVC process that is still running, and every process of its group: SIGTERM, then
+    SIGKILL after :data:`STOP_GRACE_S`. A finished one is left alone."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
 def run_stage(stage: str, project_root: str = ".", force: bool = False) -> dict[str, Any]:
     """``dvc repro --single-item [--force] <stage>``, streamed into the Prefect log.
@@ -143,8 +165,11 @@ def run_stage(stage: str, project_root: str = ".", force: bool = False) -> dict[
     t0 = time.monotonic()
     tail: deque[str] = deque(maxlen=60)
     proc = _start_dvc(stage, cmd, project_root)
-    ran = _stream(stage, proc, tail)
-    rc = proc.wait()
+    try:
+        ran = _stream(stage, proc, tail)
+        rc = proc.wait()
+    finally:
+        _stop(proc)  # the run was stopped (SIGTERM, Ctrl-C): DVC and the stage's process with it
     seconds = round(time.monotonic() - t0, 1)
     if rc != 0:
         raise StageFailed(stage, rc, list(tail), transient=is_transient(list(tail)))

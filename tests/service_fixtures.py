@@ -71,8 +71,9 @@ def serving(
         "BENTOML_HOME": str(home),
         "BENTOML_DO_NOT_TRACK": "true",
         "LESIONFLOW_MAX_IMAGE_BYTES": str(MAX_BYTES),
-        "LESIONFLOW_TORCH_THREADS": "1",
+        "LESIONFLOW_THREADS": "1",
         "LESIONFLOW_INFERENCE_LOG": str(tmp / "inference-log"),
+        "LESIONFLOW_AUTH": "off",  # reachable from this machine only; the auth tests pass tokens in env_extra
         **(env_extra or {}),
     }
     env.pop("LESIONFLOW_MODEL_TAG", None)
@@ -86,6 +87,7 @@ def serving(
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+    GROUPS[base] = proc.pid
     deadline = time.monotonic() + 90
     try:
         while True:
@@ -103,6 +105,41 @@ def serving(
     finally:
         stop_group(proc)
         log.close()
+
+
+#: The pid of each running server (by its base URL).
+GROUPS: dict[str, int] = {}
+
+
+#: The API token of each running server that requires one (by base URL), set by its fixture. Here,
+#: not in a conftest (which pytest may import as a module of its own, with a dict of its own).
+TOKENS: dict[str, str] = {}
+
+
+def token_for(base: str) -> str:
+    """The API token of the running server at ``base``."""
+    return TOKENS[base]
+
+
+def server_processes(base: str) -> dict[str, list[int]]:
+    """The live processes of the server at ``base`` by role (:func:`process_roles`)."""
+    return process_roles(GROUPS[base])
+
+
+def process_roles(pid: int) -> dict[str, list[int]]:
+    """The live processes of the server started as ``pid`` by role: the model ``worker``
+    (``_bentoml_impl.worker.service``), the inference log's ``writer`` and BentoML's ``server``
+    (its arbiter): the server process and all its descendants."""
+    import psutil
+
+    roles: dict[str, list[int]] = {"worker": [], "writer": [], "server": []}
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(p.cmdline())
+            role = "writer" if "logworker" in cmd else "worker" if "_bentoml_impl.worker" in cmd else "server"
+            roles[role].append(p.pid)
+    return roles
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -7,6 +7,8 @@ lesionflow dvc ARGS...              # DVC's own command line with the project's 
 lesionflow trace TAG                # data md5, git commit, params, metrics, gates + restore commands
 lesionflow predict PATH... [--model DIR_OR_TAG] [--out predictions.csv]
 lesionflow serve                    # the champion's Bento over HTTP (127.0.0.1:3000)
+lesionflow token add|list|revoke    # the API tokens clients send (required off 127.0.0.1)
+lesionflow logs prune | forget ID   # the inference log's retention; erase one answer's record
 lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
 lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
 lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # external validation
@@ -22,11 +24,13 @@ from pipeline.cli import (  # noqa: F401  (registers the commands)
     champions,
     data,
     external,
+    logs,
     predict,
     registry_views,
     run,
     serve,
     similar,
+    tokens,
 )
 from pipeline.cli.base import app
 

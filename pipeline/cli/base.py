@@ -76,9 +76,17 @@ def _configure() -> None:
     ROOT = project.configure()
 
 
+def safe(value: Any) -> str:
+    """``value`` as text for a console line or table cell, shown verbatim: what a user typed or a
+    file is called (``[/]``, ``[bold]``, ``x[1].jpg``) is never read as console markup."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
-    """Print ``error: message`` on stderr; the exit to raise."""
-    err.print(f"[bold red]error:[/] {message}")
+    """Print ``error: message`` (verbatim) on stderr; the exit to raise."""
+    err.print(f"[bold red]error:[/] {safe(message)}")
     return typer.Exit(code)
 
 

@@ -8,7 +8,7 @@ import json
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import app, fail, out, root, show
+from pipeline.cli.base import app, fail, out, root, safe, show
 
 
 @app.command()
@@ -29,11 +29,11 @@ def history(as_json: bool = typer.Option(False, "--json", help="Print the histor
         t.add_row(
             r["at"],
             ("[bold]" if r["current"] else "") + r["tag"] + (" (current)[/]" if r["current"] else ""),
-            r["event"] + (f" by {r['by']}" if r.get("by") else ""),
+            safe(r["event"] + (f" by {r['by']}" if r.get("by") else "")),
             str(r["data_md5"]),
             str(r["git_commit"])[:12],
             *[show(r["metrics"][k], 3) for k in champions.KEY_METRICS],
-            r["reason"] or "",
+            safe(r["reason"] or ""),
         )
     out.print(t)
 
@@ -55,7 +55,8 @@ def rollback(
     except RegistryError as exc:
         raise fail(str(exc)) from None
     out.print(
-        f"Champion: [bold]{event['tag']}[/] again (was {event['from']}); recorded: {event['reason']!r} by {event['by']}"
+        f"Champion: [bold]{safe(event['tag'])}[/] again (was {safe(event['from'])}); recorded: "
+        f"{safe(repr(event['reason']))} by {safe(event['by'])}"
     )
     if build:
         try:

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import DISCLAIMER, app, fail, out, resolve_model, root, show
+from pipeline.cli.base import DISCLAIMER, app, fail, out, resolve_model, root, safe, show
+from pipeline.core import fsutil
 from pipeline.core.errors import LesionflowError
 from pipeline.core.layout import Layout
 
@@ -32,21 +33,21 @@ def validate_external(
     from pipeline.audit import external
     from pipeline.core import params
 
-    base = root()
     for path, what in ((images_dir, "images folder"), (labels_csv, "labels CSV")):
         if not path.exists():
             raise fail(f"{path}: no such {what}")
     m = resolve_model(model)
     model_dir, label = m.path, m.label
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or images_dir.resolve().name).strip("-") or "external"
-    layout = Layout(base)
+    layout = Layout(root())
+    out_dir = _claim(out_dir.resolve() if out_dir is not None else layout.reports("external") / name)
     inputs = external.ExternalInputs(
         name=name,
         model_dir=model_dir,
         model_label=label,
         images_dir=images_dir.resolve(),
         labels_csv=labels_csv.resolve(),
-        out_dir=out_dir.resolve() if out_dir is not None else layout.reports("external") / name,
+        out_dir=out_dir,
         evaluate=params.load_section("evaluate", layout.params_file),
         monitor=params.load_section("monitor", layout.params_file),
     )
@@ -65,6 +66,14 @@ def validate_external(
         out.print(f"Recorded with {label}: {path} (lesionflow trace {label})")
 
 
+def _claim(folder: Path) -> Path:
+    """The report's folder, claimed before any work: a folder of someone else's files is never replaced."""
+    try:
+        return fsutil.claim_folder(folder)
+    except fsutil.OutputError as exc:
+        raise fail(str(exc)) from None
+
+
 def show_summary(r: dict) -> None:
     """The external figures next to the internal ones."""
     internal, at, fix = (r.get("internal") or {}).get("test") or {}, r["model_threshold"], r["restoring_target"]
@@ -73,7 +82,7 @@ def show_summary(r: dict) -> None:
         "sensitivity",
         "specificity",
         "threshold",
-        title=f"{r['name']}: {r['n_images']} images, model {r['model']}",
+        title=safe(f"{r['name']}: {r['n_images']} images, model {r['model']}"),
         caption=DISCLAIMER,
     )
     t.add_row(

@@ -9,7 +9,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import DISCLAIMER, app, err, fail, out, resolve_model, show
+from pipeline.cli.base import DISCLAIMER, app, err, fail, out, resolve_model, safe, show
 from pipeline.core import fsutil, images
 from pipeline.core.errors import EXIT_FAILED
 from pipeline.core.predictions import (
@@ -36,10 +36,12 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
     for r in rows.head(shown).to_dict("records"):
         dx = r.get(pred_column("dx"))
         if r.get(IN_DISTRIBUTION) is False:  # no risk estimate for an image the model cannot judge
-            table.add_row(Path(r["file"]).name, "-", "-", "-", "-", "[yellow]not judged: unlike the training images[/]")
+            table.add_row(
+                safe(Path(r["file"]).name), "-", "-", "-", "-", "[yellow]not judged: unlike the training images[/]"
+            )
             continue
         table.add_row(
-            Path(r["file"]).name,
+            safe(Path(r["file"]).name),
             dx or "-",
             show(r.get(prob_column("dx", dx)) if dx else None, 3),
             r.get(pred_column("risk"), "-"),
@@ -81,13 +83,12 @@ def predict(
     from pipeline.model import inference
 
     m = resolve_model(model)
-    thr = threshold if threshold is not None else m.threshold
-    if thr is None:
-        raise fail(
-            f"{m.path}: no operating threshold known for this model (it was never evaluated); "
-            "pass --threshold or use a packaged model"
-        )
+    thr = _threshold(m, threshold)
+    _claim(out_csv)
     files, problems = images.list_images(paths)
+    if not files:  # nothing the user pointed at is an image: say which, in one line
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise fail(f"{problems[0][0]}: {problems[0][1]}{more}")
     try:
         predictor = inference.load_model(m.path)
     except inference.ModelLoadError as exc:
@@ -95,11 +96,31 @@ def predict(
     dask = {"dask_address": dask_address, "workers": dask_workers} if dask_address or dask_workers else None
     rows, unread = predict_rows(predictor, m.path, files, float(thr), batch_size, tta, dask)
     for path, reason in problems + unread:
-        err.print(f"[yellow]skipped[/] {path}: {reason}")
+        err.print(f"[yellow]skipped[/] {safe(path)}: {safe(reason)}")
     if len(rows):
         rows["model"] = m.label
         show_table(rows, m.label, float(thr), predictor.taxonomy.binary_positive, shown)
     write_rows(rows, out_csv, shown, len(problems + unread))
+
+
+def _threshold(m: Any, given: float | None) -> float:
+    """The threshold to decide at: ``--threshold``, else the model's operating point."""
+    thr = given if given is not None else m.threshold
+    if thr is None:
+        raise fail(
+            f"{m.path}: no operating threshold known for this model (it was never evaluated); "
+            "pass --threshold or use a packaged model"
+        )
+    return float(thr)
+
+
+def _claim(out_csv: Path | None) -> None:
+    """Refuse, before any work, an ``--out`` file this command did not write."""
+    if out_csv is not None:
+        try:
+            fsutil.claim_file(out_csv, is_predictions_csv)
+        except fsutil.OutputError as exc:
+            raise fail(str(exc)) from None
 
 
 def write_rows(rows: pd.DataFrame, out_csv: Path | None, shown: int, skipped: int) -> None:
@@ -108,11 +129,19 @@ def write_rows(rows: pd.DataFrame, out_csv: Path | None, shown: int, skipped: in
     if len(rows) > shown:
         out.print(f"... {len(rows) - shown} more rows" + (f" in {out_csv}" if out_csv else " (use --out FILE.csv)"))
     if out_csv is not None:
-        fsutil.atomic_write_text(out_csv, rows.to_csv(index=False))
+        fsutil.atomic_write_text(out_csv, rows.to_csv(index=False))  # claimed before predicting
         out.print(f"Wrote {len(rows)} row(s) to {out_csv}")
     out.print(f"{len(rows)} predicted, {skipped} skipped.")
     if not len(rows):
         raise fail("no image could be read", code=EXIT_FAILED)
+
+
+def is_predictions_csv(path: Path) -> bool:
+    """Whether ``path`` is a predictions CSV this command wrote (its header: ``file``, the
+    prediction columns, ``model``)."""
+    with open(path, "rb") as fh:
+        header = fh.readline(64 << 10)
+    return header.startswith(b"file,") and P_MALIGNANT.encode() in header and header.rstrip().endswith(b",model")
 
 
 def predict_rows(

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import app, fail, out, show
+from pipeline.cli.base import app, fail, out, safe, show
 
 
 def print_champion() -> dict[str, Any] | None:
@@ -28,8 +28,8 @@ def print_champion() -> dict[str, Any] | None:
     )
     last = champions.timeline()[-1]
     if last["event"] == "rollback":
-        out.print(f"  restored by rollback {last['at']:%Y-%m-%d %H:%M} UTC by {last.get('by')}: {last.get('reason')} "
-                  "(lesionflow history)")  # fmt: skip
+        why = f"{safe(last.get('by'))}: {safe(last.get('reason'))}"
+        out.print(f"  restored by rollback {last['at']:%Y-%m-%d %H:%M} UTC by {why} (lesionflow history)")
     bento = bentos.latest_bento()
     out.print(f"Bento: {bento or 'none built'}" + ("   (lesionflow serve)" if bento else ""))
     return champ
@@ -133,9 +133,11 @@ def _print_champion_history(tag: str) -> None:
     if not mine:
         return
     state = "the current champion" if rows[-1]["tag"] == tag else "not the champion now"
-    out.print(f"  champion:    {state}; " + "; ".join(
-        f"{r['event']} {r['at']}" + (f" by {r['by']}: {r['reason']}" if r["event"] == "rollback" else "") for r in mine
-    ))  # fmt: skip
+    events = [
+        f"{r['event']} {r['at']}" + (f" by {safe(r['by'])}: {safe(r['reason'])}" if r["event"] == "rollback" else "")
+        for r in mine
+    ]
+    out.print(f"  champion:    {state}; " + "; ".join(events))
 
 
 def print_external(records: list[dict[str, Any]]) -> None:
@@ -149,7 +151,7 @@ def print_external(records: list[dict[str, Any]]) -> None:
         b, at = (r.get("metrics") or {}).get("binary") or {}, r.get("model_threshold") or {}
         flagged = r.get("ood_flagged_share")
         t.add_row(
-            str(r.get("name")),
+            safe(r.get("name")),
             str(r.get("created_at")),
             str(r.get("n_images")),
             show(b.get("roc_auc"), 3),

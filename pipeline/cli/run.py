@@ -30,8 +30,10 @@ def run(
 ) -> None:
     """Run the retraining flow once: validate, split, eda, train, evaluate (gates), package."""
     base = root()
+    from flows import entry
     from flows import retrain as flow
 
+    entry.exit_on_sigterm()
     state = flow.retrain(
         retries=retries,
         retry_delay_seconds=retry_delay,

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cli.base import DISCLAIMER, app, err, fail, out, root
+from pipeline.core.layout import Layout
 
 
 def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
@@ -25,19 +26,53 @@ def serve_env(env: dict[str, str], project_root: Path) -> dict[str, str]:
     return env
 
 
+#: Addresses only this machine reaches.
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def auth_env(env: dict[str, str], project_root: Path, host: str, no_auth: bool) -> tuple[dict[str, str], str]:
+    """The served process's authentication, and a line saying which: the tokens file
+    (``$LESIONFLOW_API_TOKENS_FILE``, else the project's ``.lesionflow/api-tokens`` when it holds
+    a token); without one, open only on a loopback address or with ``--no-auth``; else refused."""
+    from pipeline.serving import auth
+
+    env = dict(env)
+    tokens = Path(env.get(auth.TOKENS_ENV) or auth.project_tokens_file(Layout(project_root).state_dir))
+    if tokens.is_file() and auth.read_entries(tokens):
+        env[auth.TOKENS_ENV] = str(tokens)
+        env.pop(auth.AUTH_ENV, None)
+        return env, f"API tokens required ({tokens}; lesionflow token list)"
+    if host in LOOPBACK or no_auth:
+        env[auth.AUTH_ENV] = "off"
+        reach = "this machine only" if host in LOOPBACK else f"ANYONE WHO REACHES {host} (--no-auth)"
+        return env, f"no API tokens: open to {reach}"
+    raise fail(
+        f"serving on {host} makes the service reachable from other machines, and no API token exists: "
+        "create one with `lesionflow token add NAME` (clients send it as 'Authorization: Bearer ...'), "
+        "or pass --no-auth to serve without authentication"
+    )
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(3000, min=1, max=65535, help="Port."),
     bento: str | None = typer.Option(None, help="Bento tag to serve (default: the latest lesionflow bento)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve a non-loopback address without API tokens."),
 ) -> None:
-    """Serve the champion over HTTP (the latest lesionflow Bento, else the project's service)."""
+    """Serve the champion over HTTP (the latest lesionflow Bento, else the project's service). API
+    tokens (lesionflow token add) are required on any address but 127.0.0.1 unless --no-auth."""
     base = root()
+    from pipeline.serving.auth import TokenError
+
+    try:
+        env, access = auth_env(dict(os.environ), base, host, no_auth)
+    except TokenError as exc:
+        raise fail(str(exc)) from None
     from pipeline.registry import bento as bentos
     from pipeline.registry.champions import champion
 
     target = bento or bentos.latest_bento()
-    env = dict(os.environ)
     if target is None:
         champ = champion()
         if champ is None:
@@ -58,6 +93,7 @@ def serve(
     cmd = bentos.serve_command(target, host, port)
     out.print(f"$ {' '.join(cmd)}")
     out.print(f"inference log (read by `lesionflow monitor` and flows/monitor.py): {env['LESIONFLOW_INFERENCE_LOG']}")
+    out.print(f"access: {access}")
     out.print(f"{DISCLAIMER} Listening on http://{host}:{port} (Ctrl-C to stop).")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -97,10 +133,14 @@ def monitor(
 ) -> None:
     """Drift check: compare new images (or the inference log) with the training reference (Evidently)."""
     base = root()
-    if path is not None and not path.is_dir():
-        raise fail(f"{path}: not a folder of images")
-    if metadata is not None and not metadata.is_file():
-        raise fail(f"{metadata}: metadata CSV not found")
+    from pipeline.core.errors import LesionflowError
+    from pipeline.monitoring.check import preflight
+
+    try:  # the inputs read before the flow starts: a user's mistake is one line, not a failed run
+        preflight(base, str(path) if path else None, str(metadata) if metadata else None,
+                  _from_cwd(model_dir), _from_cwd(reference_dir))  # fmt: skip
+    except LesionflowError as exc:
+        raise fail(str(exc)) from None
     from flows import monitor as flow
 
     state = flow.monitor(

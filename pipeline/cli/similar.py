@@ -30,11 +30,29 @@ def contact_sheet(query: Any, cases: list[Any], index: Any, path: Path, cell: in
         sheet.paste(img, (i * cell + (cell - img.width) // 2, 4))
         draw.text((i * cell + 6, cell + 2), title, fill="black")
         draw.text((i * cell + 6, cell + 18), sub, fill="dimgray")
+    from PIL import PngImagePlugin
+
     from pipeline.model.retrieval import ATTRIBUTION
 
     draw.text((6, cell + 32), ATTRIBUTION, fill="gray")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", SHEET_SOFTWARE)
+    sheet.save(path, format="PNG", pnginfo=info)
+
+
+#: The PNG text of a contact sheet this command wrote (a later one may replace it, nothing else).
+SHEET_SOFTWARE = "lesionflow similar"
+
+
+def is_contact_sheet(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.info.get("Software") == SHEET_SOFTWARE
+    except (OSError, UnidentifiedImageError):
+        return False
 
 
 def cases_table(cases: list[Any], title: str, attribution: str) -> Table:
@@ -75,13 +93,15 @@ def similar(
     sheet: Path | None = typer.Option(None, "--sheet", help="Also write a contact sheet PNG here."),
 ) -> None:
     """The confirmed training cases most similar to IMAGE (one image per lesion)."""
-    from pipeline.core import images
+    from pipeline.core import fsutil, images
     from pipeline.core.layout import Layout
     from pipeline.model import bundle, inference
     from pipeline.model.retrieval import ATTRIBUTION, RetrievalError, RetrievalIndex
 
     m = resolve_model(model)
     try:
+        if sheet is not None:
+            fsutil.claim_file(sheet, is_contact_sheet)
         rgb = images.decode_rgb(image, str(image))
         predictor = inference.load_model(m.path)
         images.check_size(rgb, predictor.size_limits, str(image))
@@ -89,7 +109,7 @@ def similar(
             index = RetrievalIndex.for_model(m.path)
         else:  # a trained model's folder: the retrieval stage's index, if built for it
             index = RetrievalIndex.load(Layout(base.root()).retrieval_dir, model_md5=bundle.model_md5(m.path))
-    except (images.ImageError, inference.ModelLoadError, RetrievalError) as exc:
+    except (images.ImageError, inference.ModelLoadError, RetrievalError, fsutil.OutputError) as exc:
         raise fail(str(exc)) from None
     pred = predictor.predict([rgb], tta=False)
     if pred["in_distribution"] is not None and not pred["in_distribution"][0]:

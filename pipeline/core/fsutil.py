@@ -72,17 +72,68 @@ def require_json(path: Path | str, what: str, hint: str = "") -> dict[str, Any]:
     return doc
 
 
+#: The file that marks a folder outside the project's output trees as lesionflow's own output.
+OUTPUT_MARKER = ".lesionflow-output"
+#: The project's output trees (``artifacts/``, ``reports/`` beside ``dvc.yaml``): lesionflow's own.
+OUTPUT_TREES = ("artifacts", "reports")
+
+
+class OutputError(LesionflowError, FileExistsError):
+    """An output that would replace something lesionflow did not write; nothing was changed."""
+
+
+def _in_output_tree(path: Path) -> bool:
+    """Whether ``path`` lies in a project's ``artifacts/`` or ``reports/``."""
+    return any(p.name in OUTPUT_TREES and (p.parent / "dvc.yaml").is_file() for p in path.resolve().parents)
+
+
+def _own_folder(folder: Path) -> bool:
+    """Whether lesionflow wrote ``folder``: it carries the marker, or lies in a project's output tree."""
+    return (folder / OUTPUT_MARKER).exists() or _in_output_tree(folder)
+
+
+def claim_folder(final: Path | str) -> Path:
+    """``final`` as an output folder that may be replaced: missing, empty, or lesionflow's own earlier
+    output; else :class:`OutputError` naming it (a folder of someone's files is never replaced)."""
+    final = Path(final)
+    if not final.exists():
+        return final
+    if not final.is_dir():
+        raise OutputError(f"{final}: exists and is not a folder; choose another output folder (nothing was changed)")
+    if any(final.iterdir()) and not _own_folder(final):
+        raise OutputError(
+            f"{final}: holds files lesionflow did not write; choose a new or empty output folder (nothing was changed)"
+        )
+    return final
+
+
+def claim_file(path: Path | str, ours: Any) -> Path:
+    """``path`` as an output file that may be replaced: missing, or one ``ours(path)`` recognises as
+    lesionflow's earlier output; else :class:`OutputError` naming it."""
+    path = Path(path)
+    if path.exists() and (not path.is_file() or not ours(path)):
+        raise OutputError(
+            f"{path}: exists and was not written by lesionflow; choose another file name (nothing was changed)"
+        )
+    return path
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path | str) -> Iterator[Path]:
     """Yield an empty staging directory; on success it replaces ``final`` in one rename.
 
-    On an exception the staging directory is removed and ``final`` is left exactly as it was.
+    ``final`` must be missing, empty or lesionflow's own earlier output (:func:`claim_folder`),
+    checked before anything is done. A folder outside the project's output trees gets the
+    :data:`OUTPUT_MARKER`, so the next run may replace it. On an exception the staging directory
+    is removed and ``final`` is left exactly as it was.
     """
-    final = Path(final)
+    final = claim_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
     try:
         yield stage
+        if not _in_output_tree(final):  # elsewhere: marked as ours, so the next run may replace it
+            (stage / OUTPUT_MARKER).write_text("written by lesionflow; replaced whole by its next run\n")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -10,9 +10,10 @@ a user gives with a folder of images (``lesionflow monitor --metadata``, externa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from pipeline.core.errors import LesionflowError
 
@@ -24,15 +25,36 @@ class MetadataError(LesionflowError, ValueError):
     """A bad metadata table; the message names the file, row and field."""
 
 
+def read_csv(path: Path | str, what: str = "table", **options: Any) -> pd.DataFrame:
+    """The one reader of a CSV file a user gives (``pandas.read_csv(path, **options)``), or a
+    :class:`MetadataError` naming the file and what is wrong with it: missing, a folder, empty, not
+    UTF-8 text (a UTF-16 export, a binary file), not a table."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise MetadataError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise MetadataError(f"{path}: {what} is a folder, not a CSV file")
+    try:
+        return pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError:
+        raise MetadataError(f"{path}: {what} is empty (no header row)") from None
+    except UnicodeDecodeError:
+        raise MetadataError(f"{path}: {what} is not UTF-8 text (save it as CSV UTF-8)") from None
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MetadataError(f"{path}: {what} cannot be read as a CSV table ({first})") from None
+
+
 def read_metadata_csv(path: Path | str, taxonomy: Any = None) -> pd.DataFrame:
     """A metadata table for a folder of images: ``image_id`` (the file stem) plus any of
     :data:`FIELDS` and ``dx`` (labels, checked against ``taxonomy`` when given). Rows are numbered
     as in a spreadsheet (the header is row 1)."""
+    import pandas as pd
+
     path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"image_id": str})
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise MetadataError(f"{path}: cannot be read as CSV ({exc})") from None
+    df = read_csv(path, "metadata table", dtype={"image_id": str})
     if "image_id" not in df:
         raise MetadataError(f"{path}: no 'image_id' column (columns: {', '.join(map(str, df.columns))})")
     dup = df["image_id"][df["image_id"].duplicated()]

@@ -24,11 +24,14 @@ own identifying columns (``file``, ``image_id``, ``request_id``) and, with label
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.core.taxonomy import LEVELS, Taxonomy
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 P_MALIGNANT = "p_malignant"
 THRESHOLD = "threshold"
@@ -109,10 +112,14 @@ def prediction_frame(
         cols[OOD_SCORE] = np.round(np.asarray(ood_score, dtype=np.float64), 4)
         if withhold and DECISION in cols:
             cols[DECISION] = np.where(inside, cols[DECISION], None)
+    import pandas as pd
+
     return pd.DataFrame(cols)
 
 
 def truth_frame(dx: Sequence[str], taxonomy: Taxonomy) -> pd.DataFrame:
     """The truth columns of labelled images: ``dx`` and ``<level>_true`` of the coarser levels."""
+    import pandas as pd
+
     dx = list(dx)
     return pd.DataFrame({true_column(level): (dx if level == "dx" else taxonomy.labels(dx, level)) for level in LEVELS})

@@ -54,6 +54,24 @@ class ProjectNotFound(RuntimeError):
         )
 
 
+#: The folder holding the ``pipeline`` package: a Bento's ``src/``, or a checkout's root.
+PACKAGE_HOME = Path(__file__).resolve().parents[2]
+
+
+def params_file(root: Path | str | None = None) -> Path | None:
+    """The ``params.yaml`` that applies to code running from this installation: ``root``'s when a
+    project root is given; else the one beside the ``pipeline`` package (a Bento ships the
+    project's in its ``src/``, so a Bento honours it wherever it runs; in a checkout it is the
+    project's own); else the project's found from the working directory; None when there is none."""
+    if root is not None:
+        candidate = Path(root) / "params.yaml"
+        return candidate if candidate.is_file() else None
+    if (PACKAGE_HOME / "params.yaml").is_file():
+        return PACKAGE_HOME / "params.yaml"
+    found = find_root()
+    return None if found is None else found / "params.yaml"
+
+
 def find_root(start: Path | str | None = None) -> Path | None:
     """The nearest folder at or above ``start`` (default: the working directory) that holds every
     file of :data:`ROOT_MARKERS`, or None."""

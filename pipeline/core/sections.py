@@ -367,6 +367,16 @@ class RetrievalParams:
             fail("batch_size", f"must be at least 1, got {self.batch_size}")
 
 
+@section("serving")
+@dataclasses.dataclass(frozen=True)
+class ServingParams:
+    """What the service shows of other patients: the similar confirmed cases' diagnosis, how it was
+    confirmed and their similarity always; their age, sex and body site only when
+    ``share_case_demographics`` (a decision for the site's data-protection officer)."""
+
+    share_case_demographics: bool = False
+
+
 @section("eda")
 @dataclasses.dataclass(frozen=True)
 class EdaParams:
@@ -429,6 +439,8 @@ class MonitorParams:
     embedding_auc_threshold: float = 0.6
     embedding_max_rows: int = 1000
     log_url: str = INFERENCE_LOG
+    log_metadata: Literal["binned", "exact", "off"] = "binned"
+    log_retention_days: float = 90.0
     window_hours: float = 24.0
     retrain_deployment: str = "lesionflow-retrain/lesionflow-retrain-scheduled"
 
@@ -455,6 +467,8 @@ class MonitorParams:
             fail("embedding_auc_threshold", f"must be in (0.5, 1], got {self.embedding_auc_threshold}")
         if not self.window_hours > 0:
             fail("window_hours", f"must be positive, got {self.window_hours}")
+        if not self.log_retention_days > 0:
+            fail("log_retention_days", f"must be a positive number of days, got {self.log_retention_days}")
         if self.retrain_deployment.count("/") != 1 or not all(self.retrain_deployment.split("/")):
             fail("retrain_deployment", f"must be '<flow name>/<deployment name>', got {self.retrain_deployment!r}")
         for i, name in enumerate(self.key_features):

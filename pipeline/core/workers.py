@@ -29,6 +29,35 @@ def one_thread_per_worker() -> None:
         pass
 
 
+#: glibc ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def return_freed_memory(mmap_above: int = 1 << 20, arenas: int = 2) -> bool:
+    """Make this process give memory back to the system once it is freed (glibc; elsewhere a
+    no-op returning False). A long-running server that decodes large images in many threads
+    otherwise keeps every freed buffer: glibc raises its mmap threshold after the first large
+    free (so later image buffers of 1-32 MB come from the heap) and gives each thread an arena of
+    its own, and the process grows by hundreds of MB under a burst of large uploads that it has
+    long finished with. Allocations of ``mmap_above`` bytes or more are mapped (and unmapped when
+    freed), at most ``arenas`` arenas are used, and free heap tops are trimmed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return False
+    if mallopt is None:
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_above)) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, int(mmap_above)) == 1
+    ok &= mallopt(_M_ARENA_MAX, int(arenas)) == 1
+    return bool(ok)
+
+
 def map_chunks(
     fn: Callable[[list[Any]], list[Any]],
     items: Sequence[Any],

@@ -35,6 +35,7 @@ import pandas as pd
 from pipeline.core import images, params
 from pipeline.core.errors import LesionflowError
 from pipeline.core.formats import SizeLimits
+from pipeline.core.metadata import read_csv
 from pipeline.core.workers import map_chunks
 from pipeline.data import neardup
 
@@ -422,10 +423,7 @@ def read_metadata_table(metadata_csv: Path) -> pd.DataFrame:
     """The metadata table as text ids; :class:`ContractError` when it is missing or not a CSV."""
     if not metadata_csv.exists():
         raise ContractError(f"{metadata_csv}: metadata table not found (run `dvc pull`)")
-    try:
-        return pd.read_csv(metadata_csv, dtype={"lesion_id": str, "image_id": str})
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ContractError(f"{metadata_csv}: not a readable CSV table: {exc}") from exc
+    return read_csv(metadata_csv, "metadata table", dtype={"lesion_id": str, "image_id": str})
 
 
 def validate(

@@ -226,14 +226,21 @@ def apply(checked: BatchCheck, layout: Layout) -> dict[str, str]:
     saved_pointer = pointer.read_bytes() if pointer.exists() else None
     saved_meta = meta_csv.read_bytes()
     before = lineage.data_version(pointer).get("md5", "unknown")
+    taken = sorted(src.name for src in checked.files.values() if (images_dir / src.name).exists())
+    if taken:  # a file that exists is never replaced, and so never removed by the rollback below
+        raise IngestError(
+            f"{images_dir / taken[0]}: a file of that name exists in the data (not listed in its metadata "
+            f"table); {len(taken)} such name(s); nothing was changed"
+        )
     created: list[Path] = []
     try:
         for src in checked.files.values():
             dest = images_dir / src.name
             tmp = dest.with_name(f".{dest.name}.ingest")
             shutil.copyfile(src, tmp)
+            os.link(tmp, dest)  # fails if a file of that name appeared meanwhile: never replaced
             created.append(dest)
-            os.replace(tmp, dest)
+            tmp.unlink()
         # the current rows stay byte for byte; the batch's follow in the current column order
         columns = pd.read_csv(meta_csv, nrows=0).columns
         batch = pd.read_csv(checked.batch_csv, dtype=str, keep_default_na=False)[list(columns)]
@@ -243,9 +250,10 @@ def apply(checked: BatchCheck, layout: Layout) -> dict[str, str]:
         os.replace(tmp_meta, meta_csv)
         dvc("add", "-q", str(layout.data_dir.relative_to(layout.root)), cwd=layout.root)
     except BaseException:
-        for f in created:
+        for f in created:  # only the files this ingest made
             f.unlink(missing_ok=True)
-            f.with_name(f".{f.name}.ingest").unlink(missing_ok=True)
+        for src in checked.files.values():
+            (images_dir / f".{src.name}.ingest").unlink(missing_ok=True)
         meta_csv.write_bytes(saved_meta)
         if saved_pointer is not None:
             pointer.write_bytes(saved_pointer)

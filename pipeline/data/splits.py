@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline.core import images
 from pipeline.core.errors import LesionflowError
 from pipeline.core.layout import LAYOUT, SPLITS
+from pipeline.core.metadata import read_csv
 
 #: Columns every split file has.
 REQUIRED = ("image_id", "lesion_id", "dx")
@@ -30,7 +31,7 @@ def read_split(splits_dir: Path | str, name: str, required: Sequence[str] = REQU
     path = LAYOUT.split_file(name, Path(splits_dir))
     if not path.exists():
         raise SplitError(f"{path}: split file not found (run the split stage first: dvc repro split)")
-    df = pd.read_csv(path, dtype={"lesion_id": str, "image_id": str})
+    df = read_csv(path, "split file", dtype={"lesion_id": str, "image_id": str})
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise SplitError(f"{path}: column(s) {', '.join(missing)} missing (columns: {', '.join(df.columns)})")
@@ -52,7 +53,7 @@ def split_table(splits_dir: Path | str, metadata_csv: Path | str | None = None) 
     if len(dup):
         raise SplitError(f"{splits_dir}: image {dup.iloc[0]} appears in more than one split file")
     if metadata_csv is not None:
-        listed = set(pd.read_csv(metadata_csv, usecols=["image_id"], dtype=str)["image_id"])
+        listed = set(read_csv(metadata_csv, "metadata table", usecols=["image_id"], dtype=str)["image_id"])
         unknown = sorted(set(table["image_id"]) - listed)
         if unknown:
             raise SplitError(f"{metadata_csv}: does not list image {unknown[0]} found in the split files")

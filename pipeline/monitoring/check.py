@@ -22,6 +22,30 @@ def resolve_reference(root: Path, model_dir: Path, reference_dir: str | Path | N
     return packaged if packaged.exists() else Layout(root).reference_dir
 
 
+def preflight(
+    root: Path,
+    folder: str | None = None,
+    metadata_csv: str | None = None,
+    model_dir: str | None = None,
+    reference_dir: str | None = None,
+) -> None:
+    """What a check needs, read before it starts: the folder holds images, the metadata table is
+    one, the reference profile is there; a :class:`~pipeline.core.errors.LesionflowError` naming
+    the file or folder otherwise."""
+    from pipeline.core import images
+    from pipeline.core.metadata import read_metadata_csv
+
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise profile.MonitorError(f"{folder}: not a folder of images")
+        if not images.list_images([folder])[0]:
+            raise profile.MonitorError(f"{folder}: holds no image files ({', '.join(images.IMAGE_EXTENSIONS)})")
+    if metadata_csv is not None:
+        read_metadata_csv(metadata_csv)
+    mdir = Path(model_dir) if model_dir else Layout(root).model_dir
+    profile.load_reference(resolve_reference(root, mdir, reference_dir))
+
+
 def check_workspace(
     root: Path,
     folder: str | None = None,

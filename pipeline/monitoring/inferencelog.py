@@ -94,10 +94,15 @@ class InferenceLog:
     """
 
     def __init__(
-        self, location: Path | str | None, reference_dir: Path | str | None = None, store_images: bool = False
+        self,
+        location: Path | str | None,
+        reference_dir: Path | str | None = None,
+        store_images: bool = False,
+        metadata: str = "binned",
     ):
         self.location = None if location is None else str(location)
         self.store_images = store_images
+        self.metadata = metadata
         self.projection: np.ndarray | None = None
         self.feature_config = None
         if reference_dir is not None and Path(reference_dir, PROJECTION_FILE).exists():
@@ -109,13 +114,15 @@ class InferenceLog:
         return self.location is not None
 
     @classmethod
-    def for_model(cls, model_path: Path | str, location: str | None) -> InferenceLog:
-        """The log of the model packaged at ``model_path`` (its reference profile) at ``location``;
-        ``$LESIONFLOW_LOG_IMAGES=1`` stores the uploaded files."""
+    def for_model(cls, model_path: Path | str, location: str | None, metadata: str = "binned") -> InferenceLog:
+        """The log of the model packaged at ``model_path`` (its reference profile) at ``location``,
+        keeping ``metadata`` of each request (``monitor.log_metadata``); ``$LESIONFLOW_LOG_IMAGES=1``
+        stores the uploaded files (without their EXIF and other embedded metadata)."""
         return cls(
             location,
             Path(model_path) / REFERENCE_DIR,
-            store_images=os.environ.get("LESIONFLOW_LOG_IMAGES", "0") == "1",
+            store_images=logstore.images_kept(),
+            metadata=metadata,
         )
 
     def log(self, answer: Answer) -> str | None:
@@ -125,7 +132,7 @@ class InferenceLog:
         if not self.enabled:
             return None
         try:
-            rec = record_for(answer, self.projection, self.feature_config, store_image=self.store_images)
+            rec = record_for(answer, self.projection, self.feature_config, self.store_images, self.metadata)
         except Exception as exc:  # noqa: BLE001 - logging must never fail a prediction
             logger.warning("inference log: could not build the record: %s", exc)
             return None

@@ -13,7 +13,7 @@ malignancy probability, decision, out-of-distribution verdict) and, when the mod
 reference profile, the penultimate embedding reduced by the profile's fixed random projection. The
 uploaded file is stored only when asked (``image_bytes``).
 
-NumPy only (no pandas, torch or Evidently): the service imports it.
+NumPy only (no pandas, torch, SciPy or Evidently): the service imports it.
 """
 
 from __future__ import annotations
@@ -31,10 +31,17 @@ import numpy as np
 from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import FIELDS
 from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
-from pipeline.features.imagestats import image_statistics
 
 SCHEMA = 1
 LEVELS = ("dx", "risk", "binary")
+
+
+def _statistics(rgb: np.ndarray, feature_config: Any) -> dict[str, float]:
+    """:func:`pipeline.features.imagestats.image_statistics`, imported where the record is built (the
+    log's writer process), not in the service that only hands the answer over."""
+    from pipeline.features.imagestats import image_statistics
+
+    return image_statistics(rgb, feature_config)
 
 
 class InferenceLogError(LesionflowError, ValueError):
@@ -172,25 +179,48 @@ def project(embedding: Any, projection: np.ndarray | None) -> list[float] | None
     return [float(v) for v in e @ projection]
 
 
+#: How much of a request's metadata a record keeps (``monitor.log_metadata``).
+METADATA_POLICIES = ("binned", "exact", "off")
+AGE_BIN_YEARS = 5
+
+
+def kept_metadata(metadata: Mapping[str, Any] | None, policy: str = "binned") -> dict[str, Any]:
+    """The metadata a record keeps: ``exact``; ``binned`` (the default): the age as the start of its
+    5-year bin (HAM10000's ages are such bins already), sex and site as given; ``off``: none."""
+    if policy not in METADATA_POLICIES:
+        raise InferenceLogError(f"log_metadata: expected one of {', '.join(METADATA_POLICIES)}, got {policy!r}")
+    meta = {k: clean((metadata or {}).get(k)) for k in FIELDS}
+    if policy == "off":
+        return dict.fromkeys(FIELDS)
+    age = meta.get("age")
+    if policy == "binned" and isinstance(age, (int, float)):
+        meta["age"] = float(AGE_BIN_YEARS * math.floor(age / AGE_BIN_YEARS))
+    return meta
+
+
 def record_for(
     answer: Answer,
     projection: np.ndarray | None = None,
     feature_config: Any = None,
     store_image: bool = False,
+    metadata: str = "exact",
 ) -> dict[str, Any]:
     """The log record of one answer: the statistics of its image (with ``feature_config``), its
-    metadata and prediction, its embedding through ``projection`` (the reference profile's
-    ``projection.npy``; none without it) and, with ``store_image``, the uploaded file."""
+    metadata as ``metadata`` says (:func:`kept_metadata`), its prediction, its embedding through
+    ``projection`` (the reference profile's ``projection.npy``; none without it) and, with
+    ``store_image``, the uploaded file without its embedded metadata (EXIF and the like)."""
+    from pipeline.core.images import strip_metadata
+
     return make_record(
-        stats=image_statistics(answer.rgb, feature_config),
-        metadata=answer.metadata,
+        stats=_statistics(answer.rgb, feature_config),
+        metadata=kept_metadata(answer.metadata, metadata),
         prediction=answer.prediction,
         model_tag=answer.model_tag,
         embedding=project(answer.embedding, projection),
         request_id=answer.request_id,
         timestamp=answer.timestamp,
         source=answer.source,
-        image_bytes=answer.image_bytes if store_image else None,
+        image_bytes=strip_metadata(answer.image_bytes) if store_image and answer.image_bytes else None,
     )
 
 

@@ -74,18 +74,10 @@ def resolve(location: str | Path, root: Path) -> str:
 #: The variable that overrides ``monitor.log_url`` (``off`` disables the log).
 LOCATION_ENV = "LESIONFLOW_INFERENCE_LOG"
 _OFF = ("off", "0", "false", "none")
-#: The folder holding the ``pipeline`` package: a Bento's ``src/``, or a checkout's root.
-PACKAGE_HOME = Path(__file__).resolve().parents[2]
 
 
-def _params_file() -> Path | None:
-    """The params.yaml beside the ``pipeline`` package, else the project's from the working directory."""
-    from pipeline.core import project
-
-    if (PACKAGE_HOME / "params.yaml").is_file():
-        return PACKAGE_HOME / "params.yaml"
-    found = project.find_root()
-    return None if found is None else found / "params.yaml"
+#: Set to 1 to keep the uploaded files in the log (:func:`images_kept`).
+IMAGES_ENV = "LESIONFLOW_LOG_IMAGES"
 
 
 def location(root: Path | str | None = None, environ: dict[str, str] | None = None) -> str | None:
@@ -93,17 +85,23 @@ def location(root: Path | str | None = None, environ: dict[str, str] | None = No
     local folder as an absolute path, or None when ``$LESIONFLOW_INFERENCE_LOG`` turns it off.
     ``root``: the project whose params.yaml decides (``lesionflow serve``, the monitor); relative
     paths, the default included, are then taken relative to it."""
-    from pipeline.core import params
+    from pipeline.core import params, project
     from pipeline.core.layout import INFERENCE_LOG
 
     env = os.environ if environ is None else environ
     explicit = env.get(LOCATION_ENV, "").strip()
     if explicit:
         return None if explicit.lower() in _OFF else resolve(explicit, Path.cwd())
-    params_file = Path(root) / "params.yaml" if root is not None else _params_file()
-    if params_file is None or not params_file.is_file():
+    found = project.params_file(root)
+    if found is None:
         return resolve(INFERENCE_LOG, Path(root) if root is not None else Path.cwd())
-    return resolve(params.load_section("monitor", params_file).log_url, params_file.parent)
+    return resolve(params.load_section("monitor", found).log_url, found.parent)
+
+
+def images_kept(environ: dict[str, str] | None = None) -> bool:
+    """Whether the log keeps each answer's uploaded file (``$LESIONFLOW_LOG_IMAGES=1``; without its
+    EXIF and other embedded metadata); off by default."""
+    return (os.environ if environ is None else environ).get(IMAGES_ENV, "0").strip() == "1"
 
 
 def day_file(folder: Path | str, day: date) -> Path:
@@ -111,13 +109,27 @@ def day_file(folder: Path | str, day: date) -> Path:
     return Path(folder) / f"{FILE_PREFIX}{day.isoformat()}{FILE_SUFFIX}"
 
 
+def private_folder(folder: Path | str) -> Path:
+    """``folder``, created readable by its owner only (0700) when missing; an ``OSError`` when it is a
+    symbolic link (a log of patients' answers is never written where a link points)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise OSError(f"{folder}: is a symbolic link; the inference log is not written through links")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    return folder
+
+
 def append_local(folder: Path | str, day: date, line: bytes) -> Path:
     """Append one line to the day file: a single ``write`` on an ``O_APPEND`` descriptor under an
-    exclusive ``flock``; returns the file."""
-    path = day_file(folder, day)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    exclusive ``flock``; returns the file. Files are 0600 in a 0700 folder; neither is reached
+    through a symbolic link."""
+    path = day_file(private_folder(folder), day)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
+        if os.fstat(fd).st_mode & 0o077:  # a file made before this rule: owner only from now on
+            os.fchmod(fd, 0o600)
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         view = memoryview(line)
@@ -190,7 +202,8 @@ class SegmentWriter:
         self._lines, self._seq = [], self._seq + 1
 
 
-def _local_files(folder: Path, first: date | None, last: date | None) -> list[Path]:
+def local_files(folder: Path, first: date | None, last: date | None) -> list[Path]:
+    """The local day files of the days ``first`` to ``last`` (either optional), oldest first."""
     out = []
     for p in sorted(folder.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}")):
         m = _DAY_FILE.match(p.name)
@@ -200,7 +213,8 @@ def _local_files(folder: Path, first: date | None, last: date | None) -> list[Pa
     return out
 
 
-def _remote_objects(url: str, first: date | None, last: date | None) -> tuple[Any, list[str]]:
+def remote_objects(url: str, first: date | None, last: date | None) -> tuple[Any, list[str]]:
+    """The file system and the objects of the days ``first`` to ``last`` (either optional), of every writer."""
     fs, root = _filesystem(url)
     if not fs.exists(root):
         return fs, []
@@ -225,12 +239,12 @@ def iter_lines(
         folder = _local(location)
         if not folder.is_dir():
             return
-        for path in _local_files(folder, first, last):
+        for path in local_files(folder, first, last):
             with open(path, encoding="utf-8") as fh:
                 for lineno, line in enumerate(fh, 1):
                     yield str(path), lineno, line
         return
-    fs, names = _remote_objects(str(location), first, last)
+    fs, names = remote_objects(str(location), first, last)
     for name in names:
         for lineno, line in enumerate(fs.cat_file(name).decode("utf-8").splitlines(), 1):
             yield name, lineno, line

@@ -7,7 +7,8 @@ The stored folder (:mod:`pipeline.model.bundle`) holds the model's files, its op
 evaluation's verdict and numbers, the reference profile and the retrieval index of this very
 model, ``lesionflow.json`` (the full lineage record: data version, git state, ``dvc.lock`` stage
 hashes, params, test metrics with CIs, verdict, threshold, libraries) and ``metadata.json`` (the
-folder's schema, every file with its sha256).
+folder's schema, every file with its sha256) and ``model.onnx``, the same network exported for
+ONNX Runtime and checked against the weights, which the service answers with.
 """
 
 from __future__ import annotations
@@ -225,5 +226,17 @@ def package(model_dir: Path, evaluate_dir: Path, reports_dir: Path, *, project_r
             "packaged_at": record["packaged_at"],
             "record": bundle.RECORD_FILE,
         }
-        bundle.write_metadata(dest, name=MODEL_NAME, tag=str(m.tag), lineage=summary)
+        engines = {"onnx": _export_onnx(dest)}
+        bundle.write_metadata(dest, name=MODEL_NAME, tag=str(m.tag), lineage=summary, engines=engines)
         return str(m.tag)
+
+
+def _export_onnx(dest: Path) -> dict[str, Any]:
+    """``model.onnx`` beside the packaged weights (:func:`pipeline.model.inference.write_onnx`): what
+    the service runs without torch. A graph that disagrees with the weights is not packaged."""
+    from pipeline.model.inference import write_onnx
+
+    try:
+        return write_onnx(dest, bundle.ONNX_FILE)
+    except bundle.ModelLoadError as exc:
+        raise RegistryError(str(exc)) from None

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving.batching import Batcher
+from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
 from pipeline.serving.logqueue import BackgroundLog
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
@@ -67,30 +69,60 @@ NO_REFER = "no referral indicated at this threshold"
 Item = tuple[np.ndarray, dict[str, Any], int | None]
 
 
+def _settings() -> tuple[Any, Any]:
+    """The ``serving`` and ``monitor`` sections of the params.yaml that applies (a Bento's own), or
+    their defaults without one."""
+    from pipeline.core import params, project
+    from pipeline.core.sections import MonitorParams, ServingParams
+
+    found = project.params_file()
+    if found is None:
+        return ServingParams(), MonitorParams()
+    return params.load_section("serving", found), params.load_section("monitor", found)
+
+
+def load_predictor(path: Path, engine: str = "auto", device: str = "cpu", threads: int | None = None) -> Any:
+    """The packaged model's predictor: ONNX Runtime on its ``model.onnx`` without torch
+    (:func:`pipeline.model.runtime.load_packaged`) on the CPU with engine ``auto`` or ``onnx``;
+    otherwise torch (:func:`pipeline.model.inference.load_model`: a GPU, engine ``torch``, or a
+    model packaged before its graph was)."""
+    from pipeline.model import runtime
+
+    if engine in ("auto", "onnx") and device == "cpu" and runtime.runnable(path):
+        return runtime.load_packaged(path, threads)
+    import torch
+
+    from pipeline.model.inference import load_model
+
+    torch.set_num_threads(threads or runtime.default_threads())
+    return load_model(path, device=device, engine=engine)
+
+
 class Classifier:
     """The packaged model at ``path`` (tag ``tag``) and what the service answers with."""
 
     disclaimer = DISCLAIMER
 
-    def __init__(self, path: Path, tag: str, data_version: str, device: str = "cpu"):
-        import torch
-
-        from pipeline.model.inference import load_model
-
+    def __init__(self, path: Path, tag: str, data_version: str, device: str = "cpu", threads: int | None = None):
         self.path, self.tag, self.data_version = Path(path), tag, data_version
+        self.settings, monitor = _settings()
         self.operating_point = bundle.require_operating_point(self.path)
-        self.predictor = load_model(self.path, device=device, engine=ENGINE)
-        self.inference_log = BackgroundLog(self.path, logstore.location(), int(LOG_QUEUE_MB * (1 << 20)))
+        self.predictor = load_predictor(self.path, ENGINE, device, threads)
+        self.inference_log = BackgroundLog(
+            self.path, logstore.location(), int(LOG_QUEUE_MB * (1 << 20)), metadata=monitor.log_metadata
+        )
         self.vocab = vocabulary(self.predictor.config)
         self.retrieval = self._load_retrieval()
         self.classes = {lvl: list(self.predictor.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")}
         h, w = self.predictor.input_size
         self.input_shape = (3, h, w)
-        self.batcher = Batcher(self.predict_items, MAX_BATCH_SIZE)
+        self.batcher = Batcher(self.predict_items, MAX_BATCH_SIZE, MAX_QUEUED)
+        self.gate = PixelGate()  # pixels decoded at once: bounded memory whatever the uploads
+        self.gradcam_lane = Lane("Grad-CAM")  # off the threads that decode /classify's images
         self._explain_lock = threading.Lock()
         self._explainer: Any = None
         # warm-up: the first forward pass allocates
-        self.predictor.predict(torch.zeros((1, 3, h, w), dtype=torch.uint8))
+        self.predictor.predict(np.zeros((1, 3, h, w), dtype=np.uint8))
 
     @property
     def threshold(self) -> float:
@@ -107,14 +139,21 @@ class Classifier:
             return None
 
     # -- preprocessing (request threads) ------------------------------------------------------
+    def decode(self, field: str, data: bytes, pixels: int) -> np.ndarray:
+        """The image at its working size (:func:`pipeline.core.images.decode_rgb`), decoded when the
+        worker's :class:`~pipeline.serving.limits.PixelGate` has room for the ``pixels`` its header
+        declares; raises ApiError."""
+        with self.gate.hold(pixels):
+            return decode_image(data, field, self.predictor.size_limits)
+
     def prepare(
-        self, field: str, data: bytes, meta: dict[str, Any], similar: int | None = None
+        self, field: str, data: bytes, meta: dict[str, Any], similar: int | None = None, pixels: int = 0
     ) -> tuple[Item, dict[str, Any]]:
         """Decode + resize one image; raises ApiError. Returns the model input and the request info
         (the metadata, the field, the image's size and byte count, the decoded image and the
         uploaded file: for :meth:`finalise`, never sent back)."""
-        rgb = decode_image(data, field, self.predictor.size_limits)
-        u8 = self.predictor.resize([rgb])[0].numpy()
+        rgb = self.decode(field, data, pixels)
+        u8 = self.predictor.resize_u8([rgb])[0]
         info = {**meta, "field": field, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]), "bytes": len(data)}
         return (u8, meta, similar), {**info, "rgb": rgb, "data": data}
 
@@ -131,13 +170,10 @@ class Classifier:
     def predict_items(self, items: list[Item]) -> list[dict[str, Any]]:
         """Predict a batch of prepared images (the evaluated path); with an item's ``k``, its
         ``similar`` holds the k most similar training cases."""
-        import pandas as pd
-        import torch
-
         if not items:
             return []
-        x = torch.from_numpy(np.stack([it[0] for it in items]))
-        meta = pd.DataFrame([{k: it[1].get(k) for k in FIELDS} for it in items])
+        x = np.stack([it[0] for it in items])
+        meta = {k: [it[1].get(k) for it in items] for k in FIELDS}
         pred = self.predictor.predict(x, metadata=meta)
         similar = self._similar(pred, items)
         return [
@@ -185,13 +221,13 @@ class Classifier:
         return np.frombuffer(raw, dtype=np.uint8).reshape(self.input_shape), meta, None
 
     # -- the one place a prediction becomes a response -----------------------------------------
-    @staticmethod
-    def similar_cases(cases: list[Any]) -> list[dict[str, Any]]:
+    def similar_cases(self, cases: list[Any]) -> list[dict[str, Any]]:
         """The response entries of similar confirmed training cases, each with its diagnosis's name
-        and its thumbnail's URL."""
+        and its thumbnail's URL; other patients' age, sex and site only when
+        ``serving.share_case_demographics``."""
         return [
             {
-                **case.to_dict(),
+                **case.to_dict(demographics=self.settings.share_case_demographics),
                 "diagnosis": DIAGNOSIS_NAMES.get(case.dx, case.dx),
                 "thumbnail_url": f"/cases/{case.image_id}.jpg",
             }
@@ -220,7 +256,7 @@ class Classifier:
         }
 
     def finalise(
-        self, pred: dict[str, Any], request_info: dict[str, Any], similar: int | None = None
+        self, pred: dict[str, Any], request_info: dict[str, Any], similar: int | None = None, request_id: str = ""
     ) -> dict[str, Any]:
         """The response of one image. Every prediction of /classify, /classify_batch and /similar
         passes here exactly once, and here its answer goes to the inference log.
@@ -242,6 +278,7 @@ class Classifier:
             "withheld_probabilities": probs if withheld else None,
             "similar": None if similar is None else ([] if withheld else self.similar_cases(pred.get("similar") or [])),
             "metadata": {k: request_info.get(k) for k in FIELDS},
+            "request_id": request_id or uuid.uuid4().hex,
             "model_tag": self.tag,
             "data_version": self.data_version,
             "disclaimer": DISCLAIMER,
@@ -255,6 +292,7 @@ class Classifier:
                 model_tag=self.tag,
                 metadata=result["metadata"],
                 embedding=pred.get("embedding"),
+                request_id=result["request_id"],
                 source=request_info.get("field"),
                 image_bytes=request_info.get("data") if self.inference_log.log.store_images else None,
             )
@@ -262,27 +300,37 @@ class Classifier:
         return result
 
     # -- Grad-CAM overlay of one image (the web page's /gradcam) ---------------------------------
-    def gradcam_png(self, field: str, data: bytes, meta: dict[str, Any]) -> tuple[bytes, str]:
-        """PNG bytes of the Grad-CAM overlay (:mod:`pipeline.model.explain`) for the predicted
-        native-level class, at the image's own size, and that class's name; raises ApiError for a
-        bad image. Runs on a private copy of the model (Grad-CAM hooks must not see the batcher's
-        forward passes), one image at a time."""
-        import pandas as pd
+    def gradcam_png(self, field: str, data: bytes, meta: dict[str, Any], pixels: int = 0) -> tuple[bytes, str]:
+        """PNG bytes of the Grad-CAM overlay for the predicted native-level class, at the image's
+        working size (the page scales it), and that class's name; raises ApiError for a bad image.
+        With the packaged ONNX graph's class activation maps it is CAM, equal to Grad-CAM
+        (:mod:`pipeline.model.cam`), in one forward pass; otherwise :mod:`pipeline.model.explain`
+        on a private torch copy of the model (its hooks must not see the batcher's forward passes)."""
         from PIL import Image
 
-        from pipeline.model import explain
+        from pipeline.model.cam import overlay
 
-        rgb = decode_image(data, field, self.predictor.size_limits)
-        frame = pd.DataFrame([{k: meta.get(k) for k in FIELDS}])
+        rgb = self.decode(field, data, pixels)
+        columns = {k: [meta.get(k)] for k in FIELDS}
+        if getattr(self.predictor, "explains", False):
+            heat, target = self.predictor.explain(rgb, metadata=columns)
+        else:
+            heat, target = self._torch_gradcam(rgb, columns)
+        buf = io.BytesIO()
+        Image.fromarray(overlay(rgb, heat)).save(buf, format="PNG")
+        return buf.getvalue(), self.predictor.classes[target]
+
+    def _torch_gradcam(self, rgb: np.ndarray, columns: dict[str, list[Any]]) -> tuple[np.ndarray, int]:
+        """Grad-CAM in torch (a model packaged without class activation maps), one image at a time."""
+        from pipeline.model import explain
+        from pipeline.model.inference import load_model
+
         with self._explain_lock:
             if self._explainer is None:
-                self._explainer = self.predictor.clone(engine="torch")
-            pred = self._explainer.predict([rgb], metadata=frame)
+                self._explainer = load_model(self.path, device="cpu", engine="torch")
+            pred = self._explainer.predict([rgb], metadata=columns)
             target = int(np.argmax(pred["native_probs"][0]))
-            heat = explain.gradcam(self._explainer, rgb, target_class=target, metadata=frame)
-        buf = io.BytesIO()
-        Image.fromarray(explain.overlay(rgb, heat)).save(buf, format="PNG")
-        return buf.getvalue(), self.predictor.classes[target]
+            return explain.gradcam(self._explainer, rgb, target_class=target, metadata=columns), target
 
     def info(self) -> dict[str, Any]:
         """``/model``: what is served, its threshold, vocabularies and limits."""
@@ -310,6 +358,11 @@ class Classifier:
             if self.retrieval is None
             else {"index_size": len(self.retrieval), "k": self.retrieval.meta.get("k", 6), "route": "/similar"},
             "batching": self.batcher.stats(),
+            "admission": {
+                "decode_pixels": self.gate.capacity,
+                "decode_refused": self.gate.refused,
+                "gradcam_refused": self.gradcam_lane.refused,
+            },  # fmt: skip
             "inference_log": {"enabled": self.inference_log.enabled, **self.inference_log.counters()},
             "limits": {
                 "max_image_bytes": MAX_IMAGE_BYTES,

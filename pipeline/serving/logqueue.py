@@ -21,9 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.monitoring.inferencelog import InferenceLog
+from pipeline.monitoring import logstore
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import logworker
 
@@ -33,6 +34,21 @@ logger = logging.getLogger(__name__)
 RESTART_AFTER_S = 10.0
 
 
+@dataclass(frozen=True)
+class LogTarget:
+    """Where the writer process logs (None: no log), whether it keeps the uploaded files, and which
+    metadata of a request it keeps (``monitor.log_metadata``). The service holds only this: the
+    writer builds the records (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`)."""
+
+    location: str | None
+    store_images: bool
+    metadata: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.location is not None
+
+
 class BackgroundLog:
     """:meth:`InferenceLog.log` in a writer process (see the module docstring): the log of the model
     at ``model_path`` at ``location`` (:func:`pipeline.monitoring.logstore.location`; None: no log).
@@ -40,9 +56,11 @@ class BackgroundLog:
     counts it. :meth:`flush` waits until every record is written (tests, shutdown); :meth:`close`
     also ends the writer."""
 
-    def __init__(self, model_path: Path | str, location: str | None, max_queue_bytes: int = 64 << 20):
+    def __init__(
+        self, model_path: Path | str, location: str | None, max_queue_bytes: int = 64 << 20, metadata: str = "binned"
+    ):
         self.model_path = Path(model_path)
-        self.log = InferenceLog.for_model(self.model_path, location)
+        self.log = LogTarget(None if location is None else str(location), logstore.images_kept(), metadata)
         self.max_queue_bytes = int(max_queue_bytes)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -78,7 +96,14 @@ class BackgroundLog:
         self._started_at = time.monotonic()
         with logworker.stop_signals_blocked():  # the writer must outlive a SIGTERM from its first instant
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", logworker.__name__, str(self.model_path), str(self.log.location)],
+                [
+                    sys.executable,
+                    "-m",
+                    logworker.__name__,
+                    str(self.model_path),
+                    str(self.log.location),
+                    self.log.metadata,
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,

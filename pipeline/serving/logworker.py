@@ -1,7 +1,7 @@
 """The inference log's writer process, and the frames the service sends it.
 
 The service (:class:`pipeline.serving.logqueue.BackgroundLog`) starts ``python -m
-pipeline.serving.logworker MODEL_PATH LOCATION`` once per worker and writes one frame per answer
+pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and writes one frame per answer
 (:class:`pipeline.monitoring.logrecord.Answer`) to its standard input; this process builds each
 record (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`:
 the image statistics, about 3 ms of Python per image) at the lowest CPU priority and appends it,
@@ -32,13 +32,15 @@ import struct
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.core.workers import one_thread_per_worker
-from pipeline.monitoring.inferencelog import InferenceLog
 from pipeline.monitoring.logrecord import Answer, as_utc
+
+if TYPE_CHECKING:  # imported by the writer process only (pandas, SciPy): the service imports this module
+    from pipeline.monitoring.inferencelog import InferenceLog
 
 HEADER = struct.Struct(">I")
 WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
@@ -184,10 +186,10 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.serving.logworker MODEL_PATH LOCATION`` (started by the service)."""
+    """``python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` (started by the service)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m pipeline.serving.logworker MODEL_PATH LOCATION", file=sys.stderr)
+    if len(args) != 3:
+        print("usage: python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA", file=sys.stderr)
         return 2
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -197,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return serve(InferenceLog.for_model(Path(args[0]), args[1]), sys.stdin.fileno(), sys.stdout.buffer)
+    from pipeline.monitoring.inferencelog import InferenceLog
+
+    return serve(InferenceLog.for_model(Path(args[0]), args[1], args[2]), sys.stdin.fileno(), sys.stdout.buffer)
 
 
 if __name__ == "__main__":

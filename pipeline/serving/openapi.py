@@ -178,7 +178,29 @@ def document(app: FastAPI, vocab: Any, info: dict[str, Any], fields: Sequence[st
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     spec["paths"].update(_bentoml_paths(components))
     _with_vocabulary(spec, vocab)
+    _with_security(spec)
     return spec
+
+
+def _with_security(spec: dict[str, Any]) -> None:
+    """Bearer tokens on every operation but the public ones (:mod:`pipeline.serving.guard`), with
+    the 401 of a missing token and the 503 of a busy worker documented."""
+    from pipeline.serving.guard import is_public
+
+    spec["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "an API token (lesionflow token add NAME)"}
+    }
+    spec["security"] = [{"bearer": []}]
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ApiErrorBody"}}}
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            if is_public(path):
+                op["security"] = []
+                continue
+            op["responses"].setdefault("401", {"description": "missing or unknown API token", "content": error})
+            if op is operations.get("post"):
+                op["responses"].setdefault("413", {"description": "body over its route's limit", "content": error})
+                op["responses"].setdefault("503", {"description": "busy: retry after Retry-After s", "content": error})
 
 
 #: Swagger UI over /docs.json with BentoML's bundled assets (served by BentoML at /static_content).
@@ -191,15 +213,13 @@ DOCS_PAGE = """<!doctype html>
   <link rel="stylesheet" href="/static_content/swagger-ui.css">
 </head>
 <body>
-  <p style="font-family: sans-serif; margin: 1em">lesionflow API &middot; <a href="/">clinician page</a>
+  <link rel="stylesheet" href="/web/app.css">
+  <p class="docs-nav">lesionflow API &middot; <a href="/">clinician page</a>
      &middot; <a href="/docs.json">OpenAPI document</a> &middot; research prototype, not for clinical use</p>
   <div id="swagger-ui"></div>
   <script src="/static_content/swagger-ui-bundle.js"></script>
   <script src="/static_content/swagger-ui-standalone-preset.js"></script>
-  <script>
-    window.ui = SwaggerUIBundle({url: "/docs.json", dom_id: "#swagger-ui", deepLinking: true,
-      presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset], layout: "BaseLayout"});
-  </script>
+  <script src="/web/docs.js"></script>
 </body>
 </html>
 """

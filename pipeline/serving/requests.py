@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ MAX_IMAGE_PIXELS = int(os.environ.get("LESIONFLOW_MAX_IMAGE_PIXELS", str(images.
 MAX_BATCH_IMAGES = int(os.environ.get("LESIONFLOW_MAX_BATCH_IMAGES", "32"))
 #: Largest request body of /classify_batch.
 MAX_REQUEST_BYTES = int(os.environ.get("LESIONFLOW_MAX_REQUEST_BYTES", str(100 * 1024 * 1024)))
+#: Pixels one request may ask the service to decode, summed over its images (as their headers declare).
+MAX_REQUEST_PIXELS = int(os.environ.get("LESIONFLOW_MAX_REQUEST_PIXELS", str(64_000_000)))
 MULTIPART_SLACK = 64 * 1024  # multipart framing + metadata fields on top of the image bytes
 RAW_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "image/jpg")
 IMAGE_FIELDS = ("image", "file")
@@ -33,19 +36,25 @@ IMAGE_FIELDS = ("image", "file")
 QUERY_OPTIONS = ("similar",)
 MAX_SIMILAR = 50
 _AGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MetadataParams) if f.name in ("age_min", "age_max")}
+#: A number as a form or query value: ASCII digits, optional sign and decimals (no "²", "٣", "1_0", "1e5").
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)", re.ASCII)
+_MAX_NUMBER_CHARS = 24
 
 
 class ApiError(Exception):
-    """A client error: HTTP ``status``, the offending ``field`` and a message."""
+    """A client error: HTTP ``status``, the offending ``field`` and a message (``retry_after``:
+    seconds, for a 503 that a client should retry)."""
 
-    def __init__(self, status: int, field: str, message: str):
-        self.status, self.field, self.message = status, field, message
+    def __init__(self, status: int, field: str, message: str, retry_after: int | None = None):
+        self.status, self.field, self.message, self.retry_after = status, field, message, retry_after
         super().__init__(f"{field}: {message}")
 
     def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse(
             {"error": f"field '{self.field}': {self.message}", "field": self.field, "status": self.status},
             status_code=self.status,
+            headers=headers,
         )
 
 
@@ -86,12 +95,12 @@ def vocabulary(config: dict[str, Any]) -> Vocabulary:
 def _age(raw: Any, vocab: Vocabulary, where: str) -> float | None:
     if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return None
-    if isinstance(raw, bool):
-        raise ApiError(422, f"age{where}", f"must be a number of years, got {raw!r}")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"age{where}", f"must be a number of years, got {raw!r}") from None
+    text = raw.strip() if isinstance(raw, str) else raw
+    number = isinstance(text, (int, float)) and not isinstance(text, bool)
+    if not number and not (isinstance(text, str) and len(text) <= _MAX_NUMBER_CHARS and _NUMBER.fullmatch(text)):
+        shown = raw if not isinstance(raw, str) or len(raw) <= 40 else f"{raw[:40]}... ({len(raw)} characters)"
+        raise ApiError(422, f"age{where}", f"must be a number of years (digits 0-9), got {shown!r}")
+    value = float(text)
     if not math.isfinite(value) or not vocab.age_min <= value <= vocab.age_max:
         raise ApiError(
             422, f"age{where}", f"must be between {vocab.age_min:g} and {vocab.age_max:g} years, got {raw!r}"
@@ -122,9 +131,29 @@ def similar_count(request: Request, default: int | None = None) -> int | None:
     raw = request.query_params.get("similar")
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SIMILAR:
-        raise ApiError(422, "similar", f"must be a whole number of cases from 1 to {MAX_SIMILAR}, got {raw!r}")
+    if len(raw) > 3 or not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_SIMILAR:
+        shown = raw if len(raw) <= 20 else f"{raw[:20]}... ({len(raw)} characters)"
+        raise ApiError(422, "similar", f"must be a whole number of cases from 1 to {MAX_SIMILAR}, got {shown!r}")
     return int(raw)
+
+
+def check_request_pixels(items: list[tuple[str, bytes, Any]], budget: int = MAX_REQUEST_PIXELS) -> list[int]:
+    """The pixels each image declares in its header (read without decoding), or :class:`ApiError`:
+    the image's own problem (not an image, unsupported, over the per-image limit), or 413 when the
+    request's images declare more than ``budget`` pixels in all."""
+    declared = []
+    for field, data, _ in items:
+        _check_bytes(data, field)
+        try:
+            _, _, w, h = images.probe(data, field, max_pixels=MAX_IMAGE_PIXELS)
+        except images.ImageError as exc:
+            raise image_error(exc, field) from None
+        declared.append(w * h)
+    if sum(declared) > budget:
+        raise ApiError(
+            413, "image", f"the request's images declare {sum(declared):,} pixels in all, over the limit of {budget:,}"
+        )
+    return declared
 
 
 def check_fields(keys: list[str], allowed: tuple[str, ...]) -> None:
@@ -149,6 +178,11 @@ def image_error(exc: images.ImageError, field: str) -> ApiError:
     return ApiError(status, field, reason)
 
 
+def _check_bytes(data: bytes, field: str, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    if len(data) > max_bytes:
+        raise ApiError(413, field, f"image of {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes")
+
+
 def decode_image(
     data: bytes,
     field: str,
@@ -158,8 +192,7 @@ def decode_image(
 ) -> np.ndarray:
     """(H, W, 3) uint8 via :func:`pipeline.core.images.decode_rgb`, checked against the model's
     size ``limits`` (:func:`pipeline.core.images.check_size`), or :class:`ApiError`."""
-    if len(data) > max_bytes:
-        raise ApiError(413, field, f"image of {len(data):,} bytes exceeds the limit of {max_bytes:,} bytes")
+    _check_bytes(data, field, max_bytes)
     try:
         rgb = images.decode_rgb(data, field, max_pixels=max_pixels)
         if limits is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from starlette.staticfiles import StaticFiles
 from pipeline.core.metadata import FIELDS
 from pipeline.model.retrieval import ATTRIBUTION
 from pipeline.serving import openapi
+from pipeline.serving.batching import QueueFull
 from pipeline.serving.engine import Classifier
-from pipeline.serving.requests import ApiError, parse_request, similar_count
+from pipeline.serving.limits import busy
+from pipeline.serving.requests import ApiError, check_request_pixels, parse_request, similar_count
 from pipeline.serving.schemas import ApiErrorBody, BatchClassification, Classification, Health, ModelInfo, SimilarCases
 
 logger = logging.getLogger("lesionflow.service")
@@ -59,21 +62,39 @@ def _similar_requested(request: Request, c: Classifier, default: int | None = No
 
 
 async def _predict(request: Request, batch: bool, similar: int | None) -> list[dict[str, Any]] | JSONResponse:
-    """The responses of the request's images (``finalise``), or the error response."""
+    """The responses of the request's images (``finalise``), or the error response. The images'
+    declared pixels are checked against the request's budget and places in the model's queue are
+    taken before any image is decoded: a request the worker has no room for costs nothing."""
     try:
         c = classifier()
         items = await parse_request(request, c.vocab, batch)
+        declared = check_request_pixels(items)
+        c.batcher.reserve(len(items))
+    except QueueFull as exc:
+        return busy(str(exc)).response()
+    except ApiError as exc:
+        return exc.response()
+    try:
         prepared = [
-            await anyio.to_thread.run_sync(c.prepare, field, data, meta, similar) for field, data, meta in items
+            await anyio.to_thread.run_sync(c.prepare, field, data, meta, similar, pixels)
+            for (field, data, meta), pixels in zip(items, declared)
         ]
     except ApiError as exc:
+        c.batcher.release(len(items))
         return exc.response()
     try:
         preds = await asyncio.gather(*(c.batcher.submit(item) for item, _ in prepared))
     except Exception:
         logger.exception("inference failed")
         return _internal_error("predicting")
-    return [c.finalise(pred, info, similar) for (_, info), pred in zip(prepared, preds)]
+    ids = _request_ids(request, len(prepared))
+    return [c.finalise(pred, info, similar, rid) for (_, info), pred, rid in zip(prepared, preds, ids)]
+
+
+def _request_ids(request: Request, n: int) -> list[str]:
+    """The request's id (:mod:`pipeline.serving.guard`) for its one image, ``<id>-<k>`` for each of a batch's."""
+    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return [rid] if n == 1 else [f"{rid}-{k}" for k in range(n)]
 
 
 async def _handle(request: Request, batch: bool) -> JSONResponse:
@@ -146,7 +167,7 @@ async def similar(request: Request) -> JSONResponse:
     if isinstance(results, JSONResponse):
         return results
     r = results[0]
-    keep = ("in_distribution", "message", "similar", "model_tag", "data_version", "disclaimer")
+    keep = ("in_distribution", "message", "similar", "request_id", "model_tag", "data_version", "disclaimer")
     return JSONResponse({**{key: r[key] for key in keep}, "k": k, "attribution": ATTRIBUTION})
 
 
@@ -190,8 +211,10 @@ async def gradcam_overlay(request: Request) -> Response:
     predicted class (header ``X-Gradcam-Class``)."""
     try:
         c = classifier()
-        field, data, meta = (await parse_request(request, c.vocab, batch=False))[0]
-        png, target = await anyio.to_thread.run_sync(c.gradcam_png, field, data, meta)
+        with c.gradcam_lane.place():  # refused here, before the body is read, when the lane is full
+            items = await parse_request(request, c.vocab, batch=False)
+            (field, data, meta), pixels = items[0], check_request_pixels(items)[0]
+            png, target = await c.gradcam_lane.run(c.gradcam_png, field, data, meta, pixels)
     except ApiError as exc:
         return exc.response()
     except Exception:

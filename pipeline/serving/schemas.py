@@ -75,6 +75,9 @@ class Classification(BaseModel):
         None, description="with ?similar=K: the most similar confirmed training cases (empty when withheld)"
     )
     metadata: Metadata
+    request_id: str = Field(
+        description="this answer's id (also the X-Request-ID header): its inference-log record is erased by it"
+    )
     model_tag: str
     data_version: str
     disclaimer: str
@@ -87,6 +90,7 @@ class SimilarCases(BaseModel):
     message: str | None
     similar: list[SimilarCase]
     k: int
+    request_id: str
     model_tag: str
     data_version: str
     disclaimer: str

@@ -41,8 +41,9 @@ Which model: ``$LESIONFLOW_MODEL_TAG``, else the Bento argument ``model_tag`` (s
 (:func:`pipeline.registry.champions.champion`). Limits: ``$LESIONFLOW_MAX_IMAGE_BYTES``,
 ``$LESIONFLOW_MAX_IMAGE_PIXELS``, ``$LESIONFLOW_MAX_BATCH_IMAGES``, ``$LESIONFLOW_MAX_REQUEST_BYTES``
 (:mod:`pipeline.serving.requests`). Workers: ``$LESIONFLOW_WORKERS`` (default 1; the cores are split
-between them, or ``$LESIONFLOW_TORCH_THREADS`` torch threads each). Inference engine:
-``$LESIONFLOW_ENGINE`` (``auto``: ONNX Runtime on the CPU, checked against the torch model).
+between them, or ``$LESIONFLOW_THREADS`` threads each). Inference engine: ``$LESIONFLOW_ENGINE``
+(``auto``: ONNX Runtime on the packaged ``model.onnx``, without importing torch:
+:func:`pipeline.model.runtime.load_served`); ``$LESIONFLOW_DEVICE=cuda`` serves with torch on a GPU.
 
 Every answer goes to the inference log for drift monitoring, at
 :func:`pipeline.monitoring.logstore.location` (``$LESIONFLOW_INFERENCE_LOG``, else ``monitor.log_url``
@@ -60,17 +61,54 @@ from typing import Any
 
 import bentoml
 
-from pipeline.core.workers import one_thread_per_worker
+from pipeline.core.workers import one_thread_per_worker, return_freed_memory
 from pipeline.registry.champions import champion
 from pipeline.registry.store import MODEL_NAME
 from pipeline.serving import routes
 from pipeline.serving.engine import MAX_BATCH_SIZE, Classifier
+from pipeline.serving.guard import Guard, route_label
 from pipeline.serving.schemas import InferItem
 
 logger = logging.getLogger("lesionflow.service")
 
-#: Worker processes; the CPU cores are shared between them (torch threads per worker).
+#: Worker processes; the CPU cores are shared between them (model threads per worker).
 WORKERS = int(os.environ.get("LESIONFLOW_WORKERS", "1"))
+
+
+def label_metrics_by_route() -> None:
+    """BentoML labels its request metrics with the raw path, read before any middleware of ours
+    runs: every path a client invents (``/cases/x1.jpg``, ``/x2``) would add a series set to
+    ``/metrics``, without bound. This swaps its metrics middleware for one that labels a request
+    by its route (:func:`pipeline.serving.guard.route_label`) and hands the real path on. A
+    BentoML without that middleware is left alone (the test of bounded labels then fails)."""
+    try:
+        from bentoml._internal.server.http import instruments
+    except ImportError:
+        return
+    base = getattr(instruments, "RunnerTrafficMetricsMiddleware", None)
+    if base is None or getattr(base, "labels_by_route", False):
+        return
+
+    class ByRoute(base):  # type: ignore[misc, valid-type]
+        labels_by_route = True
+
+        def __init__(self, app: Any, **options: Any):
+            async def real_path(scope: dict, receive: Any, send: Any) -> None:
+                if "lesionflow.path" in scope:
+                    scope = {**scope, "path": scope["lesionflow.path"]}
+                await app(scope, receive, send)
+
+            super().__init__(real_path, **options)
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            if scope.get("type") == "http":
+                scope = {**scope, "path": route_label(scope["path"]), "lesionflow.path": scope["path"]}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = ByRoute
+
+
+label_metrics_by_route()
 
 
 def model_tag() -> str:
@@ -101,25 +139,23 @@ class LesionflowService:
     bento_model = bentoml.models.BentoModel(model_tag())
 
     def __init__(self) -> None:
-        import torch
-
         self.classifier: Classifier | None = None
-        threads = int(os.environ.get("LESIONFLOW_TORCH_THREADS", "0")) or max(
-            1, len(os.sched_getaffinity(0)) // WORKERS
-        )
+        threads = int(os.environ.get("LESIONFLOW_THREADS", "0") or 0) or max(1, len(os.sched_getaffinity(0)) // WORKERS)
         # numpy's BLAS on one thread: its calls here are small (the OOD whitening of a batch, the
         # retrieval query), and OpenBLAS's helper threads busy-wait between calls: under load one
         # of them took ~70% of a core from the model and the requests (p99 at 32 clients 310 -> 214 ms)
         one_thread_per_worker()
-        torch.set_num_threads(threads)
+        # a burst of large uploads must not leave the worker hundreds of MB larger (docs/security.md)
+        return_freed_memory()
         stored = self.bento_model
         classifier = Classifier(
             Path(stored.path),
             str(stored.tag),
             dict(stored.info.labels).get("data_md5", "unknown"),
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            device=os.environ.get("LESIONFLOW_DEVICE", "cpu"),
+            threads=threads,
         )
-        # the objects of startup (torch, pandas, BentoML, the model: about a million) never die:
+        # the objects of startup (BentoML, the model: several hundred thousand) never die:
         # keep them out of the garbage collector's full passes, which otherwise stalled every
         # answer in flight for ~180 ms every few seconds under load
         gc.collect()
@@ -153,3 +189,8 @@ class LesionflowService:
         for an item that is not a valid tensor (the other items of the batch are unaffected)."""
         assert self.classifier is not None
         return self.classifier.infer_items(items)
+
+
+# authentication, bounded bodies, request ids and security headers on every request (BentoML's
+# /infer included): pipeline.serving.guard
+LesionflowService.add_asgi_middleware(Guard)

@@ -18,6 +18,7 @@ import pandas as pd
 from pipeline.core import fsutil, lineage, params, stagecli
 from pipeline.core.errors import EXIT_OK, LesionflowError
 from pipeline.core.layout import SPLITS
+from pipeline.core.metadata import read_csv
 from pipeline.data import splitting
 
 
@@ -25,8 +26,8 @@ def read_inputs(args: Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metadata table and the validation index (text ids)."""
     if not args.index.exists():
         raise LesionflowError(f"{args.index}: validation index not found: run the validate stage first")
-    meta = pd.read_csv(args.metadata, dtype={"lesion_id": str, "image_id": str})
-    index = pd.read_csv(args.index, dtype={"image_id": str, "md5": str})
+    meta = read_csv(args.metadata, "metadata table", dtype={"lesion_id": str, "image_id": str})
+    index = read_csv(args.index, "image index", dtype={"image_id": str, "md5": str})
     return meta, index
 
 

@@ -126,9 +126,8 @@ def test_long_paths_in_messages_stay_on_one_line_when_not_a_terminal(workspace):
     deep = workspace["root"] / "some" / "deeply" / "nested" / "folder-with-a-long-name" / "ISIC_0000000.jpg"
     assert len(str(deep)) > 120
     res = run(["predict", str(deep)], workspace["sub"], workspace["home"])
-    assert res.returncode == 1
-    assert f"skipped {deep}: no such file or folder" in res.stdout.splitlines()
-    assert "error: no image could be read" in res.stdout
+    assert res.returncode == 2  # nothing given is an image: a user error, said in one line
+    assert f"error: {deep}: no such file or folder" in res.stdout.splitlines()
     res = run(["trace", "lesionflow-classifier:doesnotexist"], workspace["sub"], workspace["home"])
     assert res.returncode == 2
     (line,) = [ln for ln in res.stdout.splitlines() if "unknown tag" in ln]

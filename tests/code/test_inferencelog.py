@@ -200,7 +200,7 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
                 _answer(
                     rgb,
                     rng,
-                    metadata={"age": 30 + k, "sex": "male", "localization": "back"},
+                    metadata={"age": 32 + 5 * k, "sex": "male", "localization": "back"},
                     model_tag="lesionflow:abc",
                     source=f"image{k}",
                 )
@@ -212,7 +212,7 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
     assert bg.counters() == {"submitted": 4, "written": 4, "dropped": 0, "failed": 0, "queued": 0}
     df = inferencelog.read(tmp_path / "log")
     assert df["source"].tolist() == [f"image{k}" for k in range(4)]
-    assert df["age"].tolist() == [30.0, 31.0, 32.0, 33.0]
+    assert df["age"].tolist() == [30.0, 35.0, 40.0, 45.0]  # in 5-year bins: monitor.log_metadata's default
     assert ((df["timestamp"] >= pd.Timestamp(t_before)) & (df["timestamp"] <= pd.Timestamp(t_after))).all()
     for k, rgb in enumerate(real_images):
         assert df["brightness"][k] == pytest.approx(imagestats.image_statistics(rgb)["brightness"])
@@ -306,10 +306,11 @@ def test_the_log_location_has_one_answer_for_writer_and_reader(tmp_path, monkeyp
     src/), relative to that file's folder; else logs/inference."""
     import yaml
 
+    from pipeline.core import project
     from pipeline.monitoring import logstore
     from tests.conftest import PROJECT_ROOT
 
-    def project(folder, log_url=None):
+    def project_at(folder, log_url=None):
         folder.mkdir(parents=True)
         doc = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
         if log_url is not None:
@@ -318,12 +319,12 @@ def test_the_log_location_has_one_answer_for_writer_and_reader(tmp_path, monkeyp
         return folder
 
     monkeypatch.delenv(logstore.LOCATION_ENV, raising=False)
-    a = project(tmp_path / "a", "audit/log")
+    a = project_at(tmp_path / "a", "audit/log")
     assert logstore.location(a) == str(a / "audit/log")
-    assert logstore.location(project(tmp_path / "b", "s3://bucket/log")) == "s3://bucket/log"
+    assert logstore.location(project_at(tmp_path / "b", "s3://bucket/log")) == "s3://bucket/log"
     assert logstore.location(tmp_path) == str(tmp_path / "logs/inference")  # no params.yaml: the default
-    bento_src = project(tmp_path / "bento/src", "/var/lib/lesionflow/log")
-    monkeypatch.setattr(logstore, "PACKAGE_HOME", bento_src)  # the code's own folder, as a Bento has it
+    bento_src = project_at(tmp_path / "bento/src", "/var/lib/lesionflow/log")
+    monkeypatch.setattr(project, "PACKAGE_HOME", bento_src)  # the code's own folder, as a Bento has it
     assert logstore.location() == "/var/lib/lesionflow/log"
     monkeypatch.setenv(logstore.LOCATION_ENV, str(tmp_path / "explicit"))
     assert logstore.location() == logstore.location(a) == str(tmp_path / "explicit")

@@ -60,10 +60,10 @@ def test_results_equal_scikit_learns_nearest_neighbours_with_one_image_per_lesio
     for q, order in zip(index.query(queries, 6), idx):
         expected, seen = [], set()
         for i in order:
-            lesion = index.cases.at[i, "lesion_id"]
+            lesion = index.cases["lesion_id"][i]
             if lesion not in seen:
                 seen.add(lesion)
-                expected.append(index.cases.at[i, "image_id"])
+                expected.append(index.cases["image_id"][i])
             if len(expected) == 6:
                 break
         assert [c.image_id for c in q] == expected
@@ -118,6 +118,6 @@ def test_index_round_trips_through_plain_files_and_refuses_another_models(tmp_pa
     )
     with pytest.raises(RetrievalError, match="built for model md5 abc"):
         RetrievalIndex.load(tmp_path / "index", model_md5="other")
-    with pytest.raises(RetrievalError, match="cases.parquet: retrieval index file missing"):
+    with pytest.raises(RetrievalError, match="cases.json: retrieval index file missing"):
         (tmp_path / "index" / retrieval.CASES_FILE).unlink()
         RetrievalIndex.load(tmp_path / "index")

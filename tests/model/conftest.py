@@ -4,6 +4,8 @@
 * ``trusted_server``: an untrained image-only model with what the train stage fits after
   training (temperature, OOD detector), here fitted on 80 real HAM10000 images; non-dermoscopic
   photographs fall far outside them; and the retrieval index of those 80 images (similar cases).
+  It requires an API token, as on a hospital network: :func:`token_for` its URL
+  (``trusted_client`` sends it).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import pytest
 from pipeline.core import images, lineage, params
 from pipeline.model import retrieval
 from pipeline.model.inference import load_model
+from pipeline.serving import auth
 from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
-from tests.service_fixtures import serving
+from tests.service_fixtures import TOKENS, serving, token_for
 
 #: The real images the trusted model's OOD detector was fitted on (they pass its check).
 TRUST_IMAGES = 80
@@ -55,11 +58,15 @@ def trusted_server(tmp_path_factory):
     meta = {"model_md5": lineage.file_md5(model_dir / "model.pt")}
     p = params.load_section("retrieval", PROJECT_ROOT / "params.yaml")
     retrieval.build_index(load_model(model_dir, device="cpu"), rows, files, tmp / "retrieval", p, meta, False)
-    with serving(model_dir, tmp, tmp / "retrieval", env_extra={"LESIONFLOW_LOG_IMAGES": "1"}) as running:
+    token = auth.add(tmp / "api-tokens", "tests")
+    env = {"LESIONFLOW_LOG_IMAGES": "1", "LESIONFLOW_AUTH": "", auth.TOKENS_ENV: str(tmp / "api-tokens")}
+    with serving(model_dir, tmp, tmp / "retrieval", env_extra=env) as running:
+        TOKENS[running[0]] = token
         yield running
 
 
 @pytest.fixture(scope="module")
 def trusted_client(trusted_server):
-    with httpx.Client(base_url=trusted_server[0], timeout=30) as c:
+    headers = {"Authorization": f"Bearer {token_for(trusted_server[0])}"}
+    with httpx.Client(base_url=trusted_server[0], timeout=30, headers=headers) as c:
         yield c

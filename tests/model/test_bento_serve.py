@@ -1,7 +1,8 @@
 """A built Bento started as BentoML users start one (``bentoml serve <bento tag>``, no lesionflow
-command, no environment of ours, from an unrelated folder) writes its inference log where the
-params.yaml packaged with it says (``monitor.log_url``). It ships the project's params.yaml only,
-never the project's stores (where earlier Bentos and this very build lie)."""
+command, no environment of ours but the tokens file an operator mounts, from an unrelated folder)
+answers only with a token and writes its inference log where the params.yaml packaged with it says
+(``monitor.log_url``). It ships the project's params.yaml only, never the project's stores (where
+earlier Bentos and this very build lie)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from pipeline.monitoring import inferencelog
 from pipeline.registry import bento as bentos
+from pipeline.serving import auth
 from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
 from tests.service_fixtures import free_port, package, real_images, stop_group
 
@@ -42,7 +44,9 @@ def test_a_bento_served_with_plain_bentoml_serve_logs_where_its_params_say(tmp_p
     assert sorted(src.rglob("params.yaml")) == [src / "params.yaml"] and not (src / ".lesionflow").exists()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    token = auth.add(tmp_path / "api-tokens", "operator")  # what an operator mounts (a Secret, in Kubernetes)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+           auth.TOKENS_ENV: str(tmp_path / "api-tokens")}  # fmt: skip
     port = free_port()
     with open(tmp_path / "serve.log", "w") as out:
         proc = subprocess.Popen(
@@ -55,7 +59,9 @@ def test_a_bento_served_with_plain_bentoml_serve_logs_where_its_params_say(tmp_p
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
                 time.sleep(0.3)
             image = real_images(1)[0]
-            r = httpx.post(f"{base}/classify", files={"image": (image.name, image.read_bytes(), "image/jpeg")})
+            files = {"image": (image.name, image.read_bytes(), "image/jpeg")}
+            assert httpx.post(f"{base}/classify", files=files).status_code == 401  # no token, no answer
+            r = httpx.post(f"{base}/classify", files=files, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 200 and r.json()["model_tag"] == tag, r.text
         finally:
             stop_group(proc)

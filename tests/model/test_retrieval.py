@@ -71,10 +71,10 @@ def test_knn_evidence_equals_an_independent_sklearn_computation(built):
     for d_row, o_row, truth in zip(dist, order, test["dx"]):
         seen, picked = set(), []
         for d, i in zip(d_row, o_row):
-            lesion = index.cases.at[i, "lesion_id"]
+            lesion = index.cases["lesion_id"][i]
             if lesion not in seen:
                 seen.add(lesion)
-                picked.append((index.cases.at[i, "dx"], 1.0 - d))
+                picked.append((index.cases["dx"][i], 1.0 - d))
             if len(picked) == K:
                 break
         v = np.zeros(len(classes))

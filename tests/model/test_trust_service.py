@@ -36,6 +36,7 @@ from pipeline.monitoring import inferencelog
 from pipeline.serving.schemas import Classification, ModelInfo, SimilarCases
 from tests.model.conftest import trust_sample
 from tests.registry_fixtures import PROJECT_ROOT
+from tests.service_fixtures import token_for
 
 IMAGES_DIR = PROJECT_ROOT / "data" / "images"
 
@@ -153,8 +154,9 @@ def test_schemathesis_finds_no_server_error_and_no_response_outside_its_schema(t
     base = trusted_server[0]
     cmd = [
         *(sys.executable, "-m", "schemathesis.cli", "run", f"{base}/docs.json"),
+        *("-H", f"Authorization: Bearer {token_for(base)}"),  # every operation with a token
         "--checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-        *("--phases", "examples,fuzzing", "--max-examples", "10", "--workers", "1", "--seed", "1"),
+        *("--phases", "examples,fuzzing", "--max-examples", "20", "--workers", "1", "--seed", "1"),
         *("--max-time", "25", "--request-timeout", "30", "--no-color", "--generation-database", "none"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -272,7 +274,7 @@ def test_the_python_client_gives_typed_answers_of_every_image_route(trusted_serv
     path = IMAGES_DIR / f"{image_id}.jpg"
     png = io.BytesIO()
     Image.open(IMAGES_DIR / f"{other}.jpg").save(png, format="PNG")
-    with LesionflowClient(base) as client:
+    with LesionflowClient(base, token=token_for(base)) as client:
         r = client.classify(path, age=55, sex="male", localization="back", similar=3)
         raw = trusted_client.post(
             "/classify",
@@ -280,7 +282,8 @@ def test_the_python_client_gives_typed_answers_of_every_image_route(trusted_serv
             files={"image": (path.name, path.read_bytes(), "image/jpeg")},
             data={"age": "55", "sex": "male", "localization": "back"},
         ).json()
-        assert isinstance(r, Classification) and r == Classification.model_validate(raw)
+        assert isinstance(r, Classification) and r.request_id != raw["request_id"]  # one id per answer
+        assert r == Classification.model_validate({**raw, "request_id": r.request_id})
         assert r.model_tag == tag and r.metadata.age == 55 and [c.image_id for c in r.similar][:1] == [image_id]
         batch = client.classify_batch([path, png.getvalue()])
         assert isinstance(batch, BatchClassification) and batch.n == 2

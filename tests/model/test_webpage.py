@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_fixtures import IMAGES_DIR, MAX_BYTES, THRESHOLD
+from tests.service_fixtures import IMAGES_DIR, MAX_BYTES, THRESHOLD, token_for
 from tests.service_fixtures import real_images as _real_images
 
 CHROMIUM_ARGS = [
@@ -40,6 +40,19 @@ CHROMIUM_ARGS = [
 DX = {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
 RISK_SHOWN = {"benign", "benign-at-risk", "malignant"}
 TIMEOUT_MS = 30_000
+
+
+def wait_until(page, expression: str, timeout_ms: int = TIMEOUT_MS) -> None:
+    """Wait until ``expression`` is true in the page. Polled with ``page.evaluate`` (the DevTools
+    protocol): Playwright's own ``wait_for_function`` compiles its predicate inside the page, which
+    the service's Content-Security-Policy (no eval) rightly forbids."""
+    import time
+
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_ms} ms waiting for: {expression}")
+        page.wait_for_timeout(50)
 
 
 def chromium_path() -> str:
@@ -75,7 +88,9 @@ def pages(browser):
         page.close()
 
 
-def _open(browser, pages: list, base: str, width: int = 1280, height: int = 900):
+def _open(browser, pages: list, base: str, width: int = 1280, height: int = 900, token: str | None = None):
+    """The page of the service at ``base`` (``token``: it requires one, typed into the page's token
+    form, which appears when the service answers 401 and keeps the token for the tab)."""
     page = browser.new_page(viewport={"width": width, "height": height})
     pages.append(page)
     page.set_default_timeout(TIMEOUT_MS)
@@ -85,17 +100,25 @@ def _open(browser, pages: list, base: str, width: int = 1280, height: int = 900)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(base + "/")
-    page.wait_for_function("document.getElementById('model-tag').textContent !== 'loading…'")
+    if token is not None:
+        page.wait_for_selector("#auth:not([hidden])")
+        assert "Authorization: Bearer" in page.locator("#auth-reason").inner_text()
+        page.fill("#token", token)
+        page.click("#auth-submit")
+    wait_until(page, "document.getElementById('model-tag').textContent !== 'loading…'")
+    if token is not None:
+        assert page.evaluate("sessionStorage.getItem('lesionflow.token')") == token
     return page, errors
 
 
 def _wait_for_result(page) -> None:
     page.wait_for_selector("#result:not([hidden])")
-    page.wait_for_function(
+    wait_until(
+        page,
         "(() => { const i = document.getElementById('overlay');"
-        " return !i.hidden && i.complete && i.naturalWidth > 0; })()"
+        " return !i.hidden && i.complete && i.naturalWidth > 0; })()",
     )
-    page.wait_for_function("document.getElementById('form').getAttribute('aria-busy') === 'false'")
+    wait_until(page, "document.getElementById('form').getAttribute('aria-busy') === 'false'")
 
 
 def _shown_probabilities(page) -> dict[str, float]:
@@ -188,7 +211,7 @@ def test_page_shows_the_service_error_for_a_text_file(server, client, browser, p
     page.set_input_files("#image", str(fake))
     page.click("#submit")
     page.wait_for_selector("#error:not([hidden])")
-    page.wait_for_function("document.getElementById('form').getAttribute('aria-busy') === 'false'")
+    wait_until(page, "document.getElementById('form').getAttribute('aria-busy') === 'false'")
     message = page.locator("#error").inner_text()
     assert expected.json()["error"] in message  # the service's own text, shown as is
     assert page.locator("#error").get_attribute("role") == "alert"
@@ -201,7 +224,7 @@ def test_page_shows_the_service_error_for_a_text_file(server, client, browser, p
     big.write_bytes(_real_images(1)[0].read_bytes() + os.urandom(MAX_BYTES))
     page.set_input_files("#image", str(big))
     page.click("#submit")
-    page.wait_for_function("document.getElementById('error').textContent.includes('exceeds the limit')")
+    wait_until(page, "document.getElementById('error').textContent.includes('exceeds the limit')")
     assert "field 'image'" in page.locator("#error").inner_text()
     page.screenshot(path=tmp_path / "error-too-large.png", full_page=True)
     page.set_input_files("#image", str(_real_images(1)[0]))
@@ -300,11 +323,11 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     Image.fromarray(coffee.rgb).save(photo, quality=90)
     api = trusted_client.post("/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}).json()
     assert api["in_distribution"] is False
-    page, js_errors = _open(browser, pages, trusted_server[0])
+    page, js_errors = _open(browser, pages, trusted_server[0], token=token_for(trusted_server[0]))
     page.set_input_files("#image", str(photo))
     page.click("#submit")
     page.wait_for_selector("#ood-warning:not([hidden])")
-    page.wait_for_function("document.getElementById('form').getAttribute('aria-busy') === 'false'")
+    wait_until(page, "document.getElementById('form').getAttribute('aria-busy') === 'false'")
     warning = page.locator("#ood-warning").inner_text()
     assert "does not look like the dermoscopic images the model was trained on" in warning
     assert "no risk estimate is given" in warning
@@ -324,9 +347,7 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     cases = page.locator("#similar-grid .case")
     assert page.locator("#similar-title").inner_text() == "Most similar training lesions (confirmed diagnoses)"
     assert cases.count() == 6 and "HAM10000" in page.locator("#similar .attribution").inner_text()
-    page.wait_for_function(
-        "[...document.querySelectorAll('#similar-grid img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    wait_until(page, "[...document.querySelectorAll('#similar-grid img')].every(i => i.complete && i.naturalWidth > 0)")
     names = {"Melanoma", "Melanocytic nevus", "Benign keratosis", "Basal cell carcinoma", "Dermatofibroma"}
     for i in range(cases.count()):
         text = cases.nth(i).inner_text()
@@ -336,7 +357,9 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     assert page.evaluate("document.activeElement.classList.contains('case')")
     assert "confirmed by" in page.evaluate("document.activeElement.getAttribute('aria-label')")
     page.screenshot(path=tmp_path / "similar-desktop.png", full_page=True)
-    phone, phone_errors = _open(browser, pages, trusted_server[0], width=390, height=844)
+    phone, phone_errors = _open(
+        browser, pages, trusted_server[0], width=390, height=844, token=token_for(trusted_server[0])
+    )
     phone.set_input_files("#image", str(ham))
     phone.click("#submit")
     _wait_for_result(phone)

@@ -1,6 +1,62 @@
 // lesionflow web page: plain JavaScript against the service's own endpoints
-// (GET /model, POST /classify, POST /gradcam), the same ones an API client uses.
+// (GET /model, POST /classify, POST /gradcam), the same ones an API client uses. Every call carries
+// the API token the person gave (kept for this tab only: sessionStorage); a 401 asks for it.
 "use strict";
+
+const TOKEN_KEY = "lesionflow.token";
+let tokenWanted = null;  // resolves with the token once the person gives it
+
+function askToken(reason) {
+  $("auth-reason").textContent = reason || "This service answers only with an API token.";
+  $("auth").hidden = false;
+  $("token").focus();
+  if (!tokenWanted) {
+    tokenWanted = new Promise((resolve) => {
+      $("auth").addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        const token = $("token").value.trim();
+        if (!token) return;
+        sessionStorage.setItem(TOKEN_KEY, token);
+        $("token").value = "";
+        $("auth").hidden = true;
+        tokenWanted = null;
+        resolve(token);
+      }, { once: true });
+    });
+  }
+  return tokenWanted;
+}
+
+// fetch() with the token; on 401 the person is asked for one and the call is made again; on 503
+// (the service is busy) it is made again after the Retry-After the service asked for, twice at most
+async function api(path, init = {}, tries = 3) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = new Headers(init.headers || {});
+  if (token) headers.set("Authorization", "Bearer " + token);
+  const body = typeof init.body === "function" ? init.body() : init.body;
+  const r = await fetch(path, { ...init, headers, body });
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    let reason = "This service answers only with an API token.";
+    try { reason = (await r.json()).error || reason; } catch (_) { /* not JSON */ }
+    await askToken(token ? "The token was refused: " + reason : reason);
+    return api(path, init, tries);
+  }
+  if (r.status === 503 && tries > 1) {
+    const wait = Math.min(10, Number(r.headers.get("Retry-After")) || 2);
+    await new Promise((ok) => setTimeout(ok, 1000 * wait));
+    return api(path, init, tries - 1);
+  }
+  return r;
+}
+
+// a thumbnail of a training case: fetched with the token (an <img src> cannot send it)
+async function showThumbnail(img, url) {
+  try {
+    const r = await api(url);
+    if (r.ok) img.src = URL.createObjectURL(await r.blob());
+  } catch (_) { /* the caption still names the case */ }
+}
 
 const DX_NAMES = {
   akiec: "Actinic keratosis / intraepithelial carcinoma",
@@ -49,9 +105,8 @@ function renderSimilar(cases) {
       ", similarity " + pct(c.similarity);
     li.setAttribute("aria-label", label);
     const img = document.createElement("img");
-    img.src = c.thumbnail_url;
     img.alt = "Training case " + c.image_id + ": " + (DX_NAMES[c.dx] || c.diagnosis);
-    img.loading = "lazy";
+    showThumbnail(img, c.thumbnail_url);
     const caption = document.createElement("div");
     caption.className = "case-caption";
     const dx = document.createElement("strong");
@@ -70,7 +125,7 @@ function renderSimilar(cases) {
 
 async function loadModelInfo() {
   try {
-    const r = await fetch("/model");
+    const r = await api("/model");
     if (!r.ok) throw new Error("HTTP " + r.status);
     const info = await r.json();
     $("model-tag").textContent = info.model_tag;
@@ -261,8 +316,7 @@ async function analyse(ev) {
   $("overlay-status").textContent = "computing…";
   try {
     const url = similarK ? "/classify?similar=" + similarK : "/classify";
-    const classify = fetch(url, { method: "POST", body: formData() });
-    const r = await classify;
+    const r = await api(url, { method: "POST", body: formData });
     if (!r.ok) {
       showError(await errorText(r));
       return;
@@ -277,7 +331,7 @@ async function analyse(ev) {
       $("overlay-status").textContent = "no overlay: the image was not judged";
     } else {
       $("status").textContent = "Computing the Grad-CAM overlay…";
-      await loadOverlay(fetch("/gradcam", { method: "POST", body: formData() }));
+      await loadOverlay(api("/gradcam", { method: "POST", body: formData }));
     }
     $("result-title").focus({ preventScroll: true });
   } catch (e) {
