@@ -183,9 +183,18 @@ def bench_token(tmp: Path) -> tuple[Path, str]:
     return path, auth.add(path, "benchmark")
 
 
-async def load(url: str, blobs: list[bytes], clients: int, duration: float, warmup: float, token: str = "") -> dict:
+async def load(
+    url: str,
+    blobs: list[bytes],
+    clients: int,
+    duration: float,
+    warmup: float,
+    token: str = "",
+    answered: list[str] | None = None,
+) -> dict:
     """``clients`` concurrent clients posting images back to back (with ``token`` as their bearer
-    token); stats of the measured window."""
+    token); stats of the measured window. ``answered``: collects the ``request_id`` of every 200
+    answer (warm-up included)."""
     import aiohttp
 
     latencies: list[float] = []
@@ -205,8 +214,10 @@ async def load(url: str, blobs: list[bytes], clients: int, duration: float, warm
             form.add_field("image", blobs[i % len(blobs)], filename=f"{i}.jpg", content_type="image/jpeg")
             try:
                 async with session.post(url, data=form) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     status = str(resp.status)
+                if answered is not None and status == "200":
+                    answered.append(json.loads(body)["request_id"])
             except Exception as exc:  # noqa: BLE001 - counted as an error
                 status = type(exc).__name__
             t1 = time.perf_counter()

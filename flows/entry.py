@@ -30,15 +30,18 @@ def parser(prog: str, doc: str, name: str, cron: str, timezone: str) -> argparse
 
 
 def exit_on_sigterm() -> None:
-    """Make SIGTERM (``kill PID``, a supervisor, an eviction) end this process as Ctrl-C does: an
-    exception in the main thread, so that every ``finally`` runs (a running stage's DVC process
-    group is stopped: :func:`flows.stages.run_stage`) and Prefect's exit handlers stop its temporary
-    server. SIGTERM's default action ended the process at once and left that server running."""
+    """Make SIGTERM (``kill PID``, a supervisor, an eviction) and SIGINT (Ctrl-C) end this process
+    the same way: ``SystemExit(128 + signal)`` in the main thread, so that every ``finally`` runs (a
+    running stage's DVC process group is stopped: :func:`flows.stages.run_stage`), Prefect's exit
+    handlers stop its temporary server, and the exit status says the run was stopped. SIGTERM's
+    default action ended the process at once and left that server running; Python's
+    KeyboardInterrupt for SIGINT could be taken for an ordinary error by the code it interrupted."""
 
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def root_or_none(prog: str) -> Path | None:

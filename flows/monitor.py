@@ -72,6 +72,8 @@ def check(
         get_run_logger().error("%s", exc)
         return {"error": str(exc)}
     get_run_logger().info("%s", summary["reason"])
+    if summary.get("coverage_warning"):
+        get_run_logger().warning("%s", summary["coverage_warning"])
     return summary
 
 

@@ -16,15 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BUCKET = "lesionflow-test"
+#: The process group of each running server, by its endpoint URL (to stop it for a while: SIGSTOP).
+PIDS: dict[str, int] = {}
 
 
 @contextlib.contextmanager
-def s3_server(log: Path) -> Iterator[dict[str, str]]:
+def s3_server(log: Path, port: int | None = None) -> Iterator[dict[str, str]]:
     """Yields the environment (``AWS_ENDPOINT_URL`` and test credentials) of a running server that
-    holds an empty bucket :data:`BUCKET`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    holds an empty bucket :data:`BUCKET`; on ``port`` when given (a store that comes back where it was)."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     out = open(log, "w")
     proc = subprocess.Popen(
@@ -52,13 +52,23 @@ def s3_server(log: Path) -> Iterator[dict[str, str]]:
         import boto3
 
         boto3.client("s3", endpoint_url=url, **_credentials(env)).create_bucket(Bucket=BUCKET)
+        PIDS[url] = proc.pid
         yield env
     finally:
+        PIDS.pop(url, None)
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped server must be able to end
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=20)
         out.close()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _credentials(env: dict[str, str]) -> dict[str, str]:

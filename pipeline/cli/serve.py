@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from pipeline.cli.base import DISCLAIMER, app, err, fail, out, root
+from pipeline.cli.base import DISCLAIMER, app, err, fail, out, root, safe
 from pipeline.core.layout import Layout
 
 
@@ -155,4 +156,24 @@ def monitor(
     )
     colour = {"NoDrift": "green", "NotEnoughData": "yellow", "RetrainingTriggered": "yellow"}.get(state.name, "red")
     out.print(f"[bold {colour}]{state.name}[/]: {state.message}")
+    _say_coverage(state)
     raise typer.Exit(0 if state.is_completed() else 1)
+
+
+def _say_coverage(state: Any) -> None:
+    """For a check of the inference log: how many of the service's answers its window holds, and a
+    warning when that (or the share with image statistics) is below 99%."""
+    try:
+        summary = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a state without a result: nothing to say
+        return
+    cov = summary.get("coverage") if isinstance(summary, dict) else None
+    if not cov:
+        return
+    answered = "an unknown number of" if cov.get("answered") is None else cov["answered"]
+    out.print(
+        f"Log window: {cov['records']} answer record(s) of {answered} answer(s) given, "
+        f"{cov['with_statistics']} with image statistics."
+    )
+    if summary.get("coverage_warning"):
+        err.print(f"[yellow]warning[/]: {safe(summary['coverage_warning'])}")

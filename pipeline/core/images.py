@@ -205,6 +205,18 @@ def check_size(rgb: np.ndarray, limits: SizeLimits, source: str) -> None:
         raise ImageError(source, problem)
 
 
+def working_copy(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """``rgb`` resized (area averaging, never upscaled) so that its longer side is <= max_side: the
+    copy the image statistics are computed on (:mod:`pipeline.features.imagestats`)."""
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return rgb
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def resize_rgb(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize an ``(H, W, 3)`` uint8 array to ``(height, width, 3)`` with bilinear filtering."""
     if arr.shape[0] == height and arr.shape[1] == width:

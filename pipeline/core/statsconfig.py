@@ -6,6 +6,7 @@ parameter (:func:`pipeline.core.strict.fail` names the key)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from pipeline.core.strict import fail
 
@@ -107,3 +108,12 @@ class FeatureConfig:
     @property
     def colour_names(self) -> tuple[str, ...]:
         return ABCD_COLOURS
+
+
+def feature_config_from_dict(d: Any) -> FeatureConfig:
+    """The feature configuration recorded in a profile or a lineage (unknown keys of a newer
+    version are ignored)."""
+    from pipeline.core.strict import from_dict
+
+    known = {f.name for f in dataclasses.fields(FeatureConfig)}
+    return from_dict(FeatureConfig, {k: v for k, v in dict(d or {}).items() if k in known}, "feature_config")

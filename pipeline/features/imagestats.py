@@ -85,6 +85,7 @@ __all__ = [
     "features_for_files",
     "sharpness",
     "stat_columns",
+    "statistics_copy",
 ]
 
 DEFAULT_CONFIG = FeatureConfig()
@@ -268,8 +269,12 @@ def _abcd_colours(planes: np.ndarray, mask: np.ndarray, config: FeatureConfig) -
     return out
 
 
-def image_features(rgb: np.ndarray, config: FeatureConfig = DEFAULT_CONFIG) -> dict[str, Any]:
+def image_features(
+    rgb: np.ndarray, config: FeatureConfig = DEFAULT_CONFIG, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The statistics of one ``(H, W, 3)`` uint8 RGB image as a flat dict (keys: :func:`feature_names`).
+    ``size``: ``(width, height)`` of the image ``rgb`` was reduced from (:func:`statistics_copy`);
+    sizes are reported in its pixels.
 
     Never raises for a valid array; when the segmentation fails, ``seg_ok`` is False,
     ``seg_status`` says why, the lesion features are NaN and ``dominant_colour`` is "".
@@ -277,7 +282,7 @@ def image_features(rgb: np.ndarray, config: FeatureConfig = DEFAULT_CONFIG) -> d
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or 0 in rgb.shape:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.dtype} {rgb.shape}")
-    height, width = rgb.shape[:2]
+    height, width = rgb.shape[:2] if size is None else (int(size[1]), int(size[0]))
     work = sampled_copy(rgb, config)
     h, w = work.shape[:2]
     planes = _pixel_planes(work)
@@ -324,11 +329,22 @@ def sharpness(rgb: np.ndarray, config: FeatureConfig = DEFAULT_CONFIG) -> float:
     return float(np.abs(ndimage.laplace(luma, mode="reflect")).mean())
 
 
-def image_statistics(rgb: np.ndarray, config: FeatureConfig | None = None) -> dict[str, Any]:
+def image_statistics(
+    rgb: np.ndarray, config: FeatureConfig | None = None, size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """:func:`image_features` of ``rgb`` plus :func:`sharpness`: what drift monitoring (the
-    reference profile, a folder check, the service's inference log) records per image."""
+    reference profile, a folder check, the service's inference log) records per image. ``rgb`` may
+    be the image's :func:`statistics_copy` with ``size`` its ``(width, height)``: the same result."""
     config = config or DEFAULT_CONFIG
-    return {**image_features(rgb, config), SHARPNESS: sharpness(rgb, config)}
+    return {**image_features(rgb, config, size), SHARPNESS: sharpness(rgb, config)}
+
+
+def statistics_copy(rgb: np.ndarray, config: FeatureConfig | None = None) -> np.ndarray:
+    """The only pixels :func:`image_statistics` reads: the working copy (longer side at most
+    ``config.working_max_side``, 200 px by default). The service sends this small copy, not the
+    decoded image, to the log's writer: ``image_statistics(statistics_copy(rgb), size=(w, h))``
+    equals ``image_statistics(rgb)``."""
+    return working_copy(np.asarray(rgb, dtype=np.uint8), (config or DEFAULT_CONFIG).working_max_side)
 
 
 def stat_columns(config: FeatureConfig | None = None) -> tuple[list[str], list[str]]:

@@ -22,21 +22,9 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.images import working_copy
 from pipeline.core.params import FeatureConfig
 from pipeline.features.colour import lab_planes
-
-
-def working_copy(rgb: np.ndarray, max_side: int) -> np.ndarray:
-    """``rgb`` resized (area averaging, never upscaled) so that its longer side is <= max_side."""
-    h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1.0:
-        return rgb
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    from PIL import Image  # pillow is a dependency of the project; imported lazily
-
-    img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def sampled_copy(rgb: np.ndarray, config: FeatureConfig) -> np.ndarray:

@@ -53,6 +53,9 @@ METADATA_FILE = "metadata.json"
 ONNX_FILE = "model.onnx"  # written when packaged (pipeline.model.inference.write_onnx)
 CHAMPION_FILE = "champion.json"  # what the retraining flow's champion export adds: tag, md5s, threshold
 REFERENCE_DIR = "reference"
+#: In REFERENCE_DIR: the profile's schema (with the statistics' feature configuration) and its projection.
+REFERENCE_SCHEMA_FILE = "profile.json"
+REFERENCE_PROJECTION_FILE = "projection.npy"
 RETRIEVAL_DIR = "retrieval"
 EXTERNAL_DIR = "external"
 

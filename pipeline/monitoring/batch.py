@@ -160,7 +160,14 @@ def current_from_folder(
 
 
 def current_from_log(location: Path | str, start: Any = None, end: Any = None) -> pd.DataFrame:
-    """The current batch from the service's inference log for ``[start, end)``."""
+    """The current batch from the service's inference log for ``[start, end)``: its answers but the
+    explanations of ``/gradcam`` (the page asks for one after classifying the same image: counted
+    once); ``attrs["coverage"]`` as the reader gave it."""
     from pipeline.monitoring import inferencelog
 
-    return inferencelog.read(location, start, end)
+    df = inferencelog.read(location, start, end)
+    if "route" in df:
+        kept = df[df["route"] != "/gradcam"].reset_index(drop=True)
+        kept.attrs = dict(df.attrs)
+        return kept
+    return df

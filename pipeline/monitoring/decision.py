@@ -71,6 +71,14 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         f"| current images | {summary.get('n_current')} (minimum {summary.get('min_batch_size')}) |",
         f"| reference images | {summary.get('n_reference')} |",
     ]
+    if cov := summary.get("coverage"):
+        answered = "unknown" if cov.get("answered") is None else cov["answered"]
+        lines.append(
+            f"| log coverage | {cov.get('records')} answer records of {answered} answers given; "
+            f"{cov.get('with_statistics')} with image statistics |"
+        )
+    if warning := summary.get("coverage_warning"):
+        lines += ["", f"**Warning**: {warning}"]
     if d != NOT_ENOUGH_DATA:
         lines += _verdict_rows(summary) + _drifted_columns(summary)
     if skipped := summary.get("skipped_images"):

@@ -30,6 +30,7 @@ from pipeline.core.fsutil import atomic_write_text, staged_dir, write_json
 from pipeline.core.params import MonitorParams, to_dict
 from pipeline.monitoring import labelled
 from pipeline.monitoring.decision import DRIFT, NO_DRIFT, NOT_ENOUGH_DATA, summary_markdown
+from pipeline.monitoring.inferencelog import HAS_STATISTICS
 from pipeline.monitoring.profile import Reference
 
 SUMMARY_FILE = "summary.json"
@@ -244,7 +245,30 @@ def _summary_head(
     }
     if "model_tag" in current and n_cur:
         summary["model_tags"] = sorted(map(str, current["model_tag"].dropna().unique()))
+    if current.attrs.get("coverage") is not None:  # a window of the inference log
+        summary["coverage"] = dict(current.attrs["coverage"])
+        if warning := coverage_warning(summary["coverage"]):
+            summary["coverage_warning"] = warning
     return summary
+
+
+def coverage_warning(coverage: Mapping[str, Any], minimum: float = 0.99) -> str | None:
+    """What to say when a log window holds fewer than ``minimum`` of the answers the service gave,
+    or of their image statistics (:func:`pipeline.monitoring.inferencelog.coverage`); None when
+    both are above it (or unknown)."""
+    said = []
+    rec, stats = coverage.get("record_coverage"), coverage.get("statistics_coverage")
+    if rec is not None and rec < minimum:
+        said.append(
+            f"the window holds {coverage['records']} answer records of {coverage['answered']} answers the "
+            f"service gave ({rec:.1%}; {coverage.get('dropped', 0)} dropped, {coverage.get('failed', 0)} failed)"
+        )
+    if stats is not None and stats < minimum:
+        said.append(
+            f"only {coverage['with_statistics']} of {coverage['records']} answers have image statistics "
+            f"({stats:.1%}): the drift of the image statistics is measured on those"
+        )
+    return ("coverage below " + f"{minimum:.0%}: " + "; ".join(said)) if said else None
 
 
 def run_check(
@@ -287,6 +311,8 @@ def _feature_drift(
     """1. Data drift over the feature table (image statistics + metadata); returns (the feature
     columns checked, the drifted ones by effect size, the drifted share)."""
     cols, ref = reference.columns, reference.frame
+    if HAS_STATISTICS in current:  # log answers whose statistics were skipped under load: not NaN drift
+        current = current[current[HAS_STATISTICS].astype(bool)]
     num, skip_n = _usable(ref, current, cols["stat_numeric"] + cols["metadata_numeric"])
     cat, skip_c = _usable(ref, current, cols["stat_categorical"] + cols["metadata_categorical"])
     snap, res, share = drift_report(ref, current, num, cat, p, p.drift_share, html)

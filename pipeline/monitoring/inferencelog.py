@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -41,15 +40,23 @@ import pandas as pd
 
 from pipeline.model.bundle import REFERENCE_DIR
 from pipeline.monitoring import logstore
-from pipeline.monitoring.logrecord import Answer, InferenceLogError, as_utc, clean, flatten, record_for, utcnow
+from pipeline.monitoring.logrecord import (
+    ANSWER,
+    FEATURES,
+    STATISTICS_EXPECTED,
+    TALLY,
+    Answer,
+    InferenceLogError,
+    as_utc,
+    features_record,
+    flatten,
+    record_for,
+    to_line,
+    utcnow,
+)
 from pipeline.monitoring.profile import PROJECTION_FILE, read_feature_config
 
 __all__ = ["Answer", "InferenceLog", "InferenceLogError", "append", "as_utc", "log_file", "read", "utcnow", "window"]
-
-#: Records an object-store writer buffers before it puts a segment, and its oldest record's age at most.
-ROLL_RECORDS = int(os.environ.get("LESIONFLOW_LOG_ROLL_RECORDS", "500"))
-ROLL_SECONDS = float(os.environ.get("LESIONFLOW_LOG_ROLL_SECONDS", "60"))
-_writers: dict[str, logstore.SegmentWriter] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +70,12 @@ def log_file(log_dir: Path | str, when: datetime) -> Path:
 # writing
 
 
-def segment_writer(url: str) -> logstore.SegmentWriter:
-    """This process's writer of an object-store log (one per URL)."""
-    if url not in _writers:
-        _writers[url] = logstore.SegmentWriter(url, ROLL_RECORDS, ROLL_SECONDS)
-    return _writers[url]
-
-
 def append(record: Mapping[str, Any], location: Path | str) -> str:
     """Append ``record`` as one JSON line for its UTC day at ``location`` (a local folder: its day
-    file, under ``flock``; an object-store URL: this process's buffered segment); returns the file
-    or object name."""
-    if "timestamp" not in record:
-        raise InferenceLogError("record: missing field 'timestamp'")
-    day = as_utc(record["timestamp"]).date()
-    line = (json.dumps(record, allow_nan=False, separators=(",", ":"), default=clean) + "\n").encode("utf-8")
-    if logstore.is_url(location):
-        return segment_writer(str(location)).append(day, line)
-    return str(logstore.append_local(location, day, line))
+    file, under ``flock``; an object-store URL: this process's spool segment, put by
+    :func:`pipeline.monitoring.logstore.flush` or the service's uploader); returns the file, or the
+    spool folder. An ``OSError`` when the line could not be kept (a full spool included)."""
+    return logstore.append_line(location, *to_line(record))
 
 
 class InferenceLog:
@@ -126,8 +121,8 @@ class InferenceLog:
         )
 
     def log(self, answer: Answer) -> str | None:
-        """The record of ``answer`` (:func:`pipeline.monitoring.logrecord.record_for` with this log's
-        projection and feature configuration), written; the file or object name, or None when the
+        """The combined record of ``answer`` (:func:`pipeline.monitoring.logrecord.record_for` with this
+        log's projection and feature configuration), written; the file or spool, or None when the
         log is off or the answer could not be logged (a warning says why)."""
         if not self.enabled:
             return None
@@ -135,6 +130,18 @@ class InferenceLog:
             rec = record_for(answer, self.projection, self.feature_config, self.store_images, self.metadata)
         except Exception as exc:  # noqa: BLE001 - logging must never fail a prediction
             logger.warning("inference log: could not build the record: %s", exc)
+            return None
+        return self.write(rec)
+
+    def log_features(self, answer: Answer) -> str | None:
+        """The features record of ``answer`` (:func:`pipeline.monitoring.logrecord.features_record`:
+        what the log's writer process adds to the answer record the service wrote), written."""
+        if not self.enabled:
+            return None
+        try:
+            rec = features_record(answer, self.feature_config, self.store_images)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("inference log: could not compute the statistics of %s: %s", answer.request_id, exc)
             return None
         return self.write(rec)
 
@@ -148,20 +155,19 @@ class InferenceLog:
             return None
 
     def tick(self) -> None:
-        """Put an object-store segment whose oldest record is due (no-op for a local log)."""
+        """Roll an object-store spool segment whose oldest record is due (no-op for a local log)."""
         if self.enabled and logstore.is_url(self.location):
-            try:
-                segment_writer(self.location).tick()
-            except Exception as exc:  # noqa: BLE001 - logging must never fail the service
-                logger.warning("inference log: could not write a segment to %s: %s", self.location, exc)
+            logstore.spool(self.location)[0].tick()
 
-    def flush(self) -> None:
-        """Put the buffered object-store segment now (no-op for a local log)."""
+    def roll(self) -> None:
+        """Roll this process's open spool segment of an object-store log, ready for an uploader
+        (the service's; no-op for a local log)."""
         if self.enabled and logstore.is_url(self.location):
-            try:
-                segment_writer(self.location).flush()
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("inference log: could not write a segment to %s: %s", self.location, exc)
+            logstore.spool(self.location)[0].roll()
+
+    def flush(self) -> bool:
+        """Put what this process spooled for an object-store log now (True for a local log)."""
+        return not self.enabled or logstore.flush(self.location)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,14 +175,19 @@ class InferenceLog:
 
 
 def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime | str | None = None) -> pd.DataFrame:
-    """The records with ``start <= timestamp < end`` (either bound optional; naive = UTC) at a local
+    """The answers with ``start <= timestamp < end`` (either bound optional; naive = UTC) at a local
     folder or object-store URL, from every writer, as a flat DataFrame (see :func:`flatten`), sorted
-    by time, ``timestamp`` as UTC datetimes. Lines that are not valid JSON records (a line torn by a
-    crash) are skipped with a warning naming file and line; the skipped places are in
-    ``df.attrs["skipped"]``."""
+    by time, ``timestamp`` as UTC datetimes: each answer record joined with the features record of
+    its request id (``has_statistics`` False where there is none), or a combined record. Lines that
+    are not valid JSON records (a line torn by a crash) are skipped with a warning naming file and
+    line; the skipped places are in ``df.attrs["skipped"]``, and what the window should hold
+    against what it holds in ``df.attrs["coverage"]`` (:func:`coverage`)."""
     start_dt = as_utc(start) if start is not None else None
     end_dt = as_utc(end) if end is not None else None
-    rows, skipped = [], []
+    answers: dict[str, dict[str, Any]] = {}
+    features: dict[str, Mapping[str, Any]] = {}
+    tallies: list[Mapping[str, Any]] = []
+    skipped = []
     for name, lineno, line in logstore.iter_lines(log_dir, start_dt, end_dt):
         if not line.strip():
             continue
@@ -186,9 +197,18 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
         except (json.JSONDecodeError, KeyError, TypeError, InferenceLogError):
             skipped.append(f"{name}:{lineno}")
             continue
+        kind = rec.get("kind")
+        if kind == TALLY:
+            tallies.append({**rec, "_ts": ts})
+            continue
         if (start_dt is not None and ts < start_dt) or (end_dt is not None and ts >= end_dt):
             continue
-        rows.append(flatten(rec))
+        rid = str(rec.get("request_id"))
+        if kind == FEATURES:
+            features.setdefault(rid, rec)
+        elif kind in (None, ANSWER) and rid not in answers:  # None: a combined record (schema 1)
+            answers[rid] = rec
+    rows = [_joined(rec, features.get(rid)) for rid, rec in answers.items()]
     if skipped:
         warnings.warn(
             f"inference log: skipped {len(skipped)} unreadable line(s): {', '.join(skipped[:5])}"
@@ -200,7 +220,70 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
         df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True, format="ISO8601")
         df = df.sort_values("timestamp", kind="stable").reset_index(drop=True)
     df.attrs["skipped"] = skipped
+    df.attrs["coverage"] = coverage(df, tallies, start_dt, end_dt)
     return df
+
+
+def _joined(answer: Mapping[str, Any], features: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The flat row of an answer record with its features record (or a combined record)."""
+    if answer.get("kind") is None:
+        return {**flatten(answer), HAS_STATISTICS: bool(answer.get("stats"))}
+    merged = dict(answer)
+    if features is not None:
+        merged["stats"] = features.get("stats") or {}
+        if "image_b64" in features:
+            merged["image_b64"] = features["image_b64"]
+    return {**flatten(merged), HAS_STATISTICS: features is not None}
+
+
+#: The column saying whether an answer's image statistics were computed.
+HAS_STATISTICS = "has_statistics"
+#: Below this share of answers with their record (or with statistics), the monitor warns.
+MIN_COVERAGE = 0.99
+
+
+def coverage(
+    df: pd.DataFrame, tallies: list[Mapping[str, Any]], start: datetime | None, end: datetime | None
+) -> dict[str, Any]:
+    """What a window holds against what the service answered in it: ``answered`` (from the writers'
+    tallies, to within one tally interval at the window's edges; None when the log has no tally,
+    e.g. records written by a batch job), ``records`` (answers with their record), ``with_statistics``,
+    ``expecting_statistics`` (records of answers that have statistics at all: not an explanation of
+    ``/gradcam`` nor a tensor of ``/infer``),
+    ``dropped``/``failed`` (answer records the service could not keep), ``statistics_dropped``, and the
+    two shares ``record_coverage`` and ``statistics_coverage``."""
+    records = len(df)
+    with_stats = int(df[HAS_STATISTICS].sum()) if records else 0
+    expecting = int(df[STATISTICS_EXPECTED].sum()) if records and STATISTICS_EXPECTED in df else records
+    runs: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for t in sorted(tallies, key=lambda t: t["_ts"]):
+        runs.setdefault((str(t.get("writer")), str(t.get("run"))), []).append(t)
+    totals: dict[str, int] = {}
+    for seen in runs.values():
+        inside = [t for t in seen if (start is None or t["_ts"] >= start) and (end is None or t["_ts"] < end)]
+        if not inside:
+            continue
+        before = [t for t in seen if start is not None and t["_ts"] < start]
+        if before:
+            base = before[-1]["counts"]
+        elif start is None or as_utc(inside[0]["started"]) >= start:
+            base = {}
+        else:  # started before the window, no tally of it before: count from its first tally inside
+            base = inside[0]["counts"]
+        for key, value in inside[-1]["counts"].items():
+            totals[key] = totals.get(key, 0) + int(value) - int(base.get(key, 0))
+    answered = totals.get("answered") if runs else None
+    return {
+        "answered": answered,
+        "records": records,
+        "with_statistics": with_stats,
+        "dropped": totals.get("dropped", 0),
+        "failed": totals.get("failed", 0),
+        "statistics_dropped": totals.get("statistics_dropped", 0),
+        "record_coverage": None if not answered else min(1.0, records / answered),
+        "expecting_statistics": expecting,
+        "statistics_coverage": None if not expecting else with_stats / expecting,
+    }
 
 
 def window(hours: float, now: datetime | None = None) -> tuple[datetime, datetime]:

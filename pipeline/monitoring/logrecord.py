@@ -1,10 +1,20 @@
 """One record of the inference log: what the service answered for one image, as one JSON line.
 
 :class:`Answer` is the one typed object that travels from the service (which builds it when it
-answers) through the log's writer process (:mod:`pipeline.serving.logworker` sends it as one
-frame) to :func:`record_for`, which adds the image statistics and the projected embedding and
-gives the JSON record. :func:`flatten` turns a record back into a flat row with the column names
+answers and writes its :func:`answer_record`) through the log's writer process
+(:mod:`pipeline.serving.logworker` sends it as one frame) to :func:`features_record`, which adds
+the image statistics. :func:`flatten` turns a record back into a flat row with the column names
 of the reference profile, which is what drift monitoring reads.
+
+The service writes two records per answer (schema 2): the **answer record**
+(:func:`answer_record`: request id, time, model tag, route, the image's sha256 and size, the
+metadata as the privacy policy says, the prediction with the refusal or OOD verdict and score, the
+projected embedding), appended by the request itself and never dropped; and the **features
+record** (:func:`features_record`: the image statistics, keyed by the same request id), computed
+by the log's writer process, which under overload may fall behind and skip some (counted). A
+**tally** record (:func:`tally_record`) now and then says how many answers the writer gave and
+what became of their records, so a reader knows what its window should hold. :func:`record_for`
+gives the single combined record of schema 1 (a record written in one piece, e.g. by a batch job).
 
 A record holds the timestamp, the request id, the model tag, the image statistics of
 :func:`pipeline.features.imagestats.image_statistics` (the EDA statistics plus sharpness), the
@@ -19,11 +29,12 @@ NumPy only (no pandas, torch, SciPy or Evidently): the service imports it.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
@@ -33,15 +44,20 @@ from pipeline.core.metadata import FIELDS
 from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
 
 SCHEMA = 1
+#: Schema of the split records (answer, features, tally).
+SPLIT_SCHEMA = 2
+ANSWER, FEATURES, TALLY = "answer", "features", "tally"
+#: The column saying whether an answer has image statistics to wait for (not an explanation or a tensor).
+STATISTICS_EXPECTED = "statistics_expected"
 LEVELS = ("dx", "risk", "binary")
 
 
-def _statistics(rgb: np.ndarray, feature_config: Any) -> dict[str, float]:
+def _statistics(rgb: np.ndarray, feature_config: Any, size: tuple[int, int] | None = None) -> dict[str, float]:
     """:func:`pipeline.features.imagestats.image_statistics`, imported where the record is built (the
     log's writer process), not in the service that only hands the answer over."""
     from pipeline.features.imagestats import image_statistics
 
-    return image_statistics(rgb, feature_config)
+    return image_statistics(rgb, feature_config, size)
 
 
 class InferenceLogError(LesionflowError, ValueError):
@@ -86,7 +102,9 @@ class Answer:
     ``prediction`` is the service's response for the image (``dx_probabilities`` ...,
     ``p_malignant``, ``decision``, ``in_distribution``, ``ood_score``), with the probabilities even
     when they were withheld from the person; ``rgb`` the decoded image its statistics are computed
-    from; ``embedding`` the model's penultimate embedding (never logged raw: projected)."""
+    from, or its :func:`pipeline.features.imagestats.statistics_copy` with ``size`` the decoded
+    image's ``(width, height)``; ``embedding`` the model's penultimate embedding (never logged raw:
+    projected); ``image_sha256`` and ``image_nbytes`` identify the uploaded file."""
 
     rgb: np.ndarray
     prediction: Mapping[str, Any]
@@ -97,6 +115,10 @@ class Answer:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     source: str | None = None
     image_bytes: bytes | None = None
+    size: tuple[int, int] | None = None
+    image_sha256: str | None = None
+    image_nbytes: int | None = None
+    route: str | None = None
 
     @classmethod
     def from_predictions(cls, rgb: np.ndarray, out: Mapping[str, Any], row: int, model_tag: str, **kw: Any) -> Answer:
@@ -121,6 +143,8 @@ def _prediction_part(prediction: Mapping[str, Any]) -> dict[str, Any]:
         if probs:
             out["level"], out["probabilities"] = level, {str(k): float(v) for k, v in probs.items()}
             break
+    if "probabilities" not in out and prediction.get("explained_class") is not None:  # /gradcam: the class shown
+        return {"level": None, "probabilities": None, "pred_class": str(prediction["explained_class"])}
     if "probabilities" not in out:
         raise InferenceLogError("prediction: no class probabilities (dx_probabilities / risk_ / binary_)")
     probs = out["probabilities"]
@@ -131,6 +155,9 @@ def _prediction_part(prediction: Mapping[str, Any]) -> dict[str, Any]:
     out["decision"] = None if decision is None else str(decision)
     inside = prediction.get("in_distribution")
     out["in_distribution"] = None if inside is None else bool(inside)
+    score = prediction.get("ood_score")
+    if score is not None:
+        out["ood_score"] = clean(float(score))
     return out
 
 
@@ -164,6 +191,14 @@ def make_record(
     if image_bytes is not None:
         rec["image_b64"] = base64.b64encode(image_bytes).decode("ascii")
     return rec
+
+
+def to_line(record: Mapping[str, Any]) -> tuple[date, bytes]:
+    """``(UTC day, JSON line)`` of a record: compact separators, no NaN (:func:`clean`)."""
+    if "timestamp" not in record:
+        raise InferenceLogError("record: missing field 'timestamp'")
+    day = as_utc(record["timestamp"]).date()
+    return day, (json.dumps(record, allow_nan=False, separators=(",", ":"), default=clean) + "\n").encode("utf-8")
 
 
 def project(embedding: Any, projection: np.ndarray | None) -> list[float] | None:
@@ -224,6 +259,74 @@ def record_for(
     )
 
 
+def answer_record(
+    answer: Answer, projection: np.ndarray | None = None, metadata: str = "binned", statistics: bool = True
+) -> dict[str, Any]:
+    """The answer record of ``answer`` (see the module docstring): no image statistics, so it costs
+    the request a few tens of microseconds. ``statistics=False``: no features record will follow
+    (an explanation, or a model-input tensor of ``/infer``), and readers do not count it missing.
+    NumPy and the standard library only."""
+    rec: dict[str, Any] = {
+        "schema": SPLIT_SCHEMA,
+        "kind": ANSWER,
+        "timestamp": iso(answer.timestamp),
+        "request_id": answer.request_id,
+        "model_tag": str(answer.model_tag),
+        "image": {"sha256": answer.image_sha256, "bytes": answer.image_nbytes, "size": _size(answer)},
+        "metadata": kept_metadata(answer.metadata, metadata),
+        "prediction": _prediction_part(answer.prediction),
+    }
+    if answer.source is not None:
+        rec["source"] = str(answer.source)
+    if answer.route is not None:
+        rec["route"] = str(answer.route)
+    if not statistics:
+        rec["statistics"] = False
+    embedding = project(answer.embedding, projection)
+    if embedding is not None:
+        rec["embedding"] = embedding
+    return rec
+
+
+def _size(answer: Answer) -> list[int] | None:
+    if answer.size is not None:
+        return [int(answer.size[0]), int(answer.size[1])]
+    shape = np.shape(answer.rgb)
+    return [int(shape[1]), int(shape[0])] if len(shape) >= 2 else None
+
+
+def features_record(answer: Answer, feature_config: Any = None, store_image: bool = False) -> dict[str, Any]:
+    """The features record of ``answer``: the statistics of its image (computed here, a few ms), keyed
+    by its request id and stamped with its time, and with ``store_image`` the uploaded file without
+    its embedded metadata."""
+    from pipeline.core.images import strip_metadata
+
+    rec: dict[str, Any] = {
+        "schema": SPLIT_SCHEMA,
+        "kind": FEATURES,
+        "timestamp": iso(answer.timestamp),
+        "request_id": answer.request_id,
+        "stats": {str(k): clean(v) for k, v in _statistics(answer.rgb, feature_config, answer.size).items()},
+    }
+    if store_image and answer.image_bytes:
+        rec["image_b64"] = base64.b64encode(strip_metadata(answer.image_bytes)).decode("ascii")
+    return rec
+
+
+def tally_record(writer: str, run: str, started: datetime, counts: Mapping[str, int]) -> dict[str, Any]:
+    """A tally: the answers one run of one writer (a service worker since its start) gave so far and
+    what became of their records (cumulative ``counts``)."""
+    return {
+        "schema": SPLIT_SCHEMA,
+        "kind": TALLY,
+        "timestamp": iso(utcnow()),
+        "writer": writer,
+        "run": run,
+        "started": iso(started),
+        "counts": {str(k): int(v) for k, v in counts.items()},
+    }
+
+
 def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     """One record as a flat row: statistics and metadata under their own names, the prediction as
     prediction columns (``p_<level>_<class>``, ``<level>_pred``, ``p_malignant``, ``decision``,
@@ -231,8 +334,10 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     from pipeline.monitoring.profile import embedding_columns
 
     row: dict[str, Any] = {k: record.get(k) for k in ("timestamp", "request_id", "model_tag")}
-    if "source" in record:
-        row["source"] = record["source"]
+    for key in ("source", "route"):
+        if key in record:
+            row[key] = record[key]
+    row[STATISTICS_EXPECTED] = record.get("statistics", True) is not False
     row.update(record.get("stats") or {})
     row.update({k: (record.get("metadata") or {}).get(k) for k in FIELDS})
     pred = record.get("prediction") or {}
@@ -242,9 +347,14 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         row[pred_column(level)] = pred.get("pred_class")
         for cls, p in (pred.get("probabilities") or {}).items():
             row[prob_column(level, cls)] = p
+    elif pred.get("pred_class") is not None:  # an explanation (/gradcam): the class it showed
+        row["explained_class"] = pred["pred_class"]
     row[P_MALIGNANT] = pred.get("p_malignant")
     row[DECISION] = pred.get("decision")
     row[IN_DISTRIBUTION] = pred.get("in_distribution")
+    row["ood_score"] = pred.get("ood_score")
+    image = record.get("image") or {}
+    row["image_sha256"], row["image_bytes"] = image.get("sha256"), image.get("bytes")
     emb = record.get("embedding")
     if emb is not None:
         row.update(zip(embedding_columns(len(emb)), emb))

@@ -32,15 +32,16 @@ import pandas as pd
 from pipeline.core.errors import LesionflowError
 from pipeline.core.fsutil import read_json, staged_dir, write_json
 from pipeline.core.metadata import FIELDS
-from pipeline.core.params import FeatureConfig, from_dict, to_dict
+from pipeline.core.params import FeatureConfig, to_dict
 from pipeline.core.predictions import P_MALIGNANT, pred_column, prob_column
+from pipeline.core.statsconfig import feature_config_from_dict
 from pipeline.features.imagestats import stat_columns
 from pipeline.model import bundle
 
 PROFILE_FORMAT = "lesionflow-reference/2"
 PROFILE_FILE = "profile.parquet"
-SCHEMA_FILE = "profile.json"
-PROJECTION_FILE = "projection.npy"
+SCHEMA_FILE = bundle.REFERENCE_SCHEMA_FILE
+PROJECTION_FILE = bundle.REFERENCE_PROJECTION_FILE
 EMBEDDING_PREFIX = "emb_"
 METADATA_NUMERIC = ("age",)
 METADATA_CATEGORICAL = ("sex", "localization")
@@ -61,13 +62,6 @@ def projection_matrix(dim_in: int, dim_out: int, seed: int) -> np.ndarray:
     """A fixed Gaussian random projection ``(dim_in, dim_out)`` (Johnson-Lindenstrauss scaling)."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal((dim_in, dim_out)) / math.sqrt(dim_out)).astype(np.float32)
-
-
-def feature_config_from_dict(d: Mapping[str, Any]) -> FeatureConfig:
-    """The feature configuration recorded in a profile or a lineage (unknown keys of a newer
-    version are ignored)."""
-    known = {f.name for f in dataclasses.fields(FeatureConfig)}
-    return from_dict(FeatureConfig, {k: v for k, v in d.items() if k in known}, "feature_config")
 
 
 def read_feature_config(reference_dir: Path) -> FeatureConfig:

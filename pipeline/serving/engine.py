@@ -34,7 +34,7 @@ from pipeline.monitoring import logstore
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving.batching import Batcher
 from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
-from pipeline.serving.logqueue import BackgroundLog
+from pipeline.serving.logqueue import BackgroundLog, uploaded_file_identity
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,
@@ -203,10 +203,13 @@ class Classifier:
                 ok.append(i)
             except ApiError as exc:
                 out[i] = {"error": f"{exc.field}: {exc.message}"}
-        for i, res in zip(ok, self.predict_items(batch)):
-            res.pop("embedding", None)
+        for i, item, res in zip(ok, batch, self.predict_items(batch)):
+            embedding = res.pop("embedding", None)
             res.pop("similar", None)
             out[i] = res
+            info = {**item[1], "field": "pixels", "rgb": np.transpose(item[0], (1, 2, 0)), "route": "/infer"}
+            prediction = {**res, **self._probabilities(res)}
+            self.log_answer(info, prediction, embedding, uuid.uuid4().hex, statistics=False)  # a tensor, not an image
         return out
 
     def _infer_item(self, it: InferItem) -> Item:
@@ -283,24 +286,44 @@ class Classifier:
             "data_version": self.data_version,
             "disclaimer": DISCLAIMER,
         }
-        # the inference log: statistics, metadata and prediction (the probabilities even when
-        # withheld; never the image unless LESIONFLOW_LOG_IMAGES=1), built by the writer process
+        self.log_answer(request_info, {**result, **probs}, pred.get("embedding"), result["request_id"])
+        return result
+
+    def log_answer(
+        self,
+        request_info: dict[str, Any],
+        prediction: dict[str, Any],
+        embedding: Any,
+        request_id: str,
+        statistics: bool = True,
+    ) -> None:
+        """The inference log's record of one answer (:class:`~pipeline.serving.logqueue.BackgroundLog`):
+        the route, the prediction (the probabilities even when withheld), the metadata, the uploaded
+        file's sha256 and size (the file itself only with LESIONFLOW_LOG_IMAGES=1); statistics by the
+        writer (``statistics=False``: none, for an explanation or a model-input tensor)."""
+        data = request_info.get("data")
+        sha256, nbytes = uploaded_file_identity(data)
         self.inference_log.submit(
             Answer(
                 rgb=request_info["rgb"],
-                prediction={**result, **probs},
+                prediction=prediction,
                 model_tag=self.tag,
-                metadata=result["metadata"],
-                embedding=pred.get("embedding"),
-                request_id=result["request_id"],
+                metadata={k: request_info.get(k) for k in FIELDS},
+                embedding=embedding,
+                request_id=request_id,
                 source=request_info.get("field"),
-                image_bytes=request_info.get("data") if self.inference_log.log.store_images else None,
-            )
+                image_bytes=data if self.inference_log.log.store_images else None,
+                image_sha256=sha256,
+                image_nbytes=nbytes,
+                route=request_info.get("route"),
+            ),
+            statistics=statistics,
         )
-        return result
 
     # -- Grad-CAM overlay of one image (the web page's /gradcam) ---------------------------------
-    def gradcam_png(self, field: str, data: bytes, meta: dict[str, Any], pixels: int = 0) -> tuple[bytes, str]:
+    def gradcam_png(
+        self, field: str, data: bytes, meta: dict[str, Any], pixels: int = 0, request_id: str = ""
+    ) -> tuple[bytes, str]:
         """PNG bytes of the Grad-CAM overlay for the predicted native-level class, at the image's
         working size (the page scales it), and that class's name; raises ApiError for a bad image.
         With the packaged ONNX graph's class activation maps it is CAM, equal to Grad-CAM
@@ -318,7 +341,10 @@ class Classifier:
             heat, target = self._torch_gradcam(rgb, columns)
         buf = io.BytesIO()
         Image.fromarray(overlay(rgb, heat)).save(buf, format="PNG")
-        return buf.getvalue(), self.predictor.classes[target]
+        shown = self.predictor.classes[target]
+        info = {**meta, "field": field, "rgb": rgb, "data": data, "route": "/gradcam"}
+        self.log_answer(info, {"explained_class": shown}, None, request_id or uuid.uuid4().hex, statistics=False)
+        return buf.getvalue(), shown
 
     def _torch_gradcam(self, rgb: np.ndarray, columns: dict[str, list[Any]]) -> tuple[np.ndarray, int]:
         """Grad-CAM in torch (a model packaged without class activation maps), one image at a time."""

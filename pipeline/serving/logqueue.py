@@ -1,44 +1,74 @@
-"""The service's inference log, off the request path and out of the service's process.
+"""The service's inference log: every answer's record written by the request, its image statistics
+off the request path and out of the service's process.
 
-Each record's image statistics (about 3 ms of Python per image) are computed by a writer process
-(:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so a request never waits for its
-log record and the statistics never hold the service's interpreter lock (as a thread of the
-service they cost a fifth of its throughput under load). :meth:`BackgroundLog.submit` queues the
-image and the prediction and returns at once; a feeder thread sends them to the writer, which
-appends the records in order. The queue is bounded by the bytes of the images waiting; when the
-service is saturated and the queue is full, a record is dropped (counted in
-:meth:`BackgroundLog.counters`, shown by the service's ``/model``) rather than slowing answers:
-under overload the log keeps a sample of the traffic, which is what drift monitoring needs.
+For every answer :meth:`BackgroundLog.submit` writes the **answer record**
+(:func:`pipeline.monitoring.logrecord.answer_record`: request id, time, model, prediction, OOD
+verdict and score, metadata as the privacy policy says, the image's sha256 and size) at once, in
+the request's thread: one line appended to the local day file under ``flock``, or to the replica's
+local spool of an object-store log, from which an uploader thread puts the segments (retrying
+with backoff while the store is down). About 50 microseconds; nothing is queued in memory, so a
+SIGKILL or an OOM kill loses at most the answers in flight. A record counts as ``written`` once it
+is in the local file or its segment's PUT succeeded, ``spooled`` while it waits in the spool,
+``dropped`` when the spool is full, ``failed`` when the disk refused it.
+
+The **image statistics** (about 3 ms of Python per image) are computed by a writer process
+(:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so they never hold the service's
+interpreter lock: the request queues the image's small statistics copy (longer side 200 px, not
+the decoded image) and returns; the writer appends a **features record** with the same request id.
+When the service is saturated and that queue is full, the statistics of an answer are skipped and
+counted (``statistics dropped``); its answer record is kept, and the reader marks it
+``has_statistics: false``.
+
+Every ten seconds (and at flush) a **tally** record says how many answers this worker gave and what
+became of their records, so the monitor knows what its window should hold; the same totals are
+persisted beside the log (``counters/<writer>.json``) and on ``/metrics`` as
+``lesionflow_inference_log_records_total{state}``, ``lesionflow_inference_log_statistics_total{state}``
+and ``lesionflow_inference_log_queue_depth``, starting from the persisted totals after a restart.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.monitoring import logstore
-from pipeline.monitoring.logrecord import Answer
+import numpy as np
+
+from pipeline.core import fsutil
+from pipeline.core.images import working_copy
+from pipeline.core.statsconfig import feature_config_from_dict
+from pipeline.model import bundle
+from pipeline.monitoring import logrecord, logstore
+from pipeline.monitoring.logrecord import Answer, utcnow
 from pipeline.serving import logworker
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between two starts of the writer process when it keeps dying.
 RESTART_AFTER_S = 10.0
+#: Seconds between two tallies (and persisted counters) of a worker that answered meanwhile.
+TALLY_S = float(os.environ.get("LESIONFLOW_LOG_TALLY_S", "10"))
+#: States of an answer record, and of an answer's statistics.
+RECORD_STATES = ("written", "spooled", "dropped", "failed")
+STATISTICS_STATES = ("written", "dropped", "failed")
 
 
 @dataclass(frozen=True)
 class LogTarget:
-    """Where the writer process logs (None: no log), whether it keeps the uploaded files, and which
-    metadata of a request it keeps (``monitor.log_metadata``). The service holds only this: the
-    writer builds the records (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`)."""
+    """Where the log goes (None: no log), whether it keeps the uploaded files, and which metadata of
+    a request it keeps (``monitor.log_metadata``)."""
 
     location: str | None
     store_images: bool
@@ -48,20 +78,81 @@ class LogTarget:
     def enabled(self) -> bool:
         return self.location is not None
 
+    @property
+    def remote(self) -> bool:
+        return self.location is not None and logstore.is_url(self.location)
+
+
+def uploaded_file_identity(data: bytes | None) -> tuple[str | None, int | None]:
+    """``(sha256 hex, size in bytes)`` of an uploaded file (None, None without one)."""
+    if data is None:
+        return None, None
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def worker_name() -> str:
+    """This service worker's name in tallies and persisted counters: the host (a pod's name) and
+    BentoML's worker index, so that a restarted container goes on counting where it stopped."""
+    index = 0
+    with contextlib.suppress(Exception):
+        from bentoml import server_context
+
+        index = int(server_context.worker_index or 0)
+    return f"{socket.gethostname()}-w{index}"
+
+
+class _Metrics:
+    """The log's Prometheus series (created once per process; ``/metrics`` gathers every worker's)."""
+
+    _made: _Metrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.records = Counter(
+            "lesionflow_inference_log_records", "Answer records of the inference log, by state", ["state"]
+        )
+        self.statistics = Counter(
+            "lesionflow_inference_log_statistics", "Image statistics of answers (features records), by state", ["state"]
+        )
+        self.queue = Gauge(
+            "lesionflow_inference_log_queue_depth",
+            "Answers whose image statistics wait for the log's writer",
+            multiprocess_mode="livesum",
+        )
+
+    @classmethod
+    def get(cls) -> _Metrics | None:
+        if cls._made is None:
+            try:
+                cls._made = cls()
+            except Exception as exc:  # noqa: BLE001 - metrics must never stop the log
+                logger.warning("inference log: no Prometheus series: %s", exc)
+                return None
+        return cls._made
+
 
 class BackgroundLog:
-    """:meth:`InferenceLog.log` in a writer process (see the module docstring): the log of the model
-    at ``model_path`` at ``location`` (:func:`pipeline.monitoring.logstore.location`; None: no log).
-    At most ``max_queue_bytes`` of images wait; beyond that :meth:`submit` drops the record and
-    counts it. :meth:`flush` waits until every record is written (tests, shutdown); :meth:`close`
-    also ends the writer."""
+    """The inference log of the model at ``model_path`` at ``location``
+    (:func:`pipeline.monitoring.logstore.location`; None: no log); see the module docstring. At most
+    ``max_queue_bytes`` of statistics copies wait for the writer process. :meth:`flush` waits until
+    every queued statistics record is written and every spooled segment is put (tests, shutdown);
+    :meth:`close` also ends the writer process and the uploader."""
 
     def __init__(
-        self, model_path: Path | str, location: str | None, max_queue_bytes: int = 64 << 20, metadata: str = "binned"
+        self,
+        model_path: Path | str,
+        location: str | None,
+        max_queue_bytes: int = 64 << 20,
+        metadata: str = "binned",
+        writer: str | None = None,
     ):
         self.model_path = Path(model_path)
         self.log = LogTarget(None if location is None else str(location), logstore.images_kept(), metadata)
         self.max_queue_bytes = int(max_queue_bytes)
+        self.writer = writer or worker_name()
+        self.run, self.started = uuid.uuid4().hex[:12], utcnow()
+        self.projection, self.statistics_side = _reference(self.model_path)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: queue.Queue = queue.Queue()
@@ -69,14 +160,22 @@ class BackgroundLog:
         self._pending: dict[int, int] = {}  # record number -> bytes, from submit() to the writer's answer
         self._queued_bytes = 0
         self._flushes = 0
-        self._counts = {"submitted": 0, "written": 0, "dropped": 0, "failed": 0}
+        self._counts = dict.fromkeys(("answered", *RECORD_STATES), 0)
+        self._counts.update({f"statistics_{k}": 0 for k in STATISTICS_STATES})
+        self._tallied: dict[str, int] = {}
         self._proc: subprocess.Popen | None = None
         self._sent: collections.deque[int] = collections.deque()  # records sent to self._proc, unanswered
         self._started_at = 0.0
         self._feeder: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._metrics = _Metrics.get() if self.log.enabled else None
+        self._persisted = self._load_persisted()
         if self.log.enabled:
+            if self.log.remote:
+                self._spool, self._uploader = logstore.spool(str(self.log.location))
             with self._lock:
                 self._start()
+            threading.Thread(target=self._housekeeping, name="inference-log-tally", daemon=True).start()
 
     @property
     def enabled(self) -> bool:
@@ -129,16 +228,27 @@ class BackgroundLog:
         self._start()
         return True
 
+    def _count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to a counter (callers hold self._lock) and to its Prometheus series."""
+        self._counts[key] += n
+        if self._metrics is not None and n:
+            if key.startswith("statistics_"):
+                self._metrics.statistics.labels(key[len("statistics_") :]).inc(n)
+            elif key in RECORD_STATES:
+                self._metrics.records.labels(key).inc(n)
+
     def _settle(self, seq: int, ok: bool) -> None:
-        """Record ``seq`` is done (written or failed)."""
+        """The statistics of record ``seq`` are done (written or failed)."""
         size = self._pending.pop(seq, None)
         if size is not None:
             self._queued_bytes -= size
-            self._counts["written" if ok else "failed"] += 1
+            self._count("statistics_written" if ok else "statistics_failed")
+            if self._metrics is not None:
+                self._metrics.queue.dec()
             self._changed.notify_all()
 
     def _feed(self) -> None:
-        """Encode the queued records and send them to the writer, in order."""
+        """Encode the queued statistics copies and send them to the writer, in order."""
         while True:
             seq, item = self._queue.get()
             try:
@@ -178,64 +288,191 @@ class BackgroundLog:
             while sent:
                 self._settle(sent.popleft(), ok=False)
         if lost or proc.returncode:
-            logger.warning("inference log: the writer ended (exit %s); %d record(s) lost", proc.returncode, lost)
+            logger.warning("inference log: the writer ended (exit %s); %d statistics lost", proc.returncode, lost)
 
     # -- the service's side ----------------------------------------------------------------------
-    def submit(self, answer: Answer) -> bool:
-        """Queue one answer for the log; False when it was dropped (queue full, or the writer is
-        down) or logging is off."""
+    def submit(self, answer: Answer, statistics: bool = True) -> bool:
+        """Log one answer: its answer record written now, its statistics queued for the writer
+        process (``statistics=False``: none, e.g. an explanation). False when the answer record
+        could not be kept (spool full, disk error: counted) or logging is off."""
         if not self.log.enabled:
             return False
-        size = int(answer.rgb.nbytes) + (len(answer.image_bytes) if answer.image_bytes else 0)
+        try:
+            rec = logrecord.answer_record(answer, self.projection, self.log.metadata, statistics)
+            day, line = logrecord.to_line(rec)
+            logstore.append_line(str(self.log.location), day, line)
+            state = "spooled" if self.log.remote else "written"
+        except logstore.SpoolFull:
+            state = "dropped"
+        except Exception as exc:  # noqa: BLE001 - a full disk or a bad record must not fail the answer
+            logger.warning("inference log: could not write the answer record of %s: %s", answer.request_id, exc)
+            state = "failed"
         with self._lock:
-            self._counts["submitted"] += 1
-            full = self._queued_bytes and self._queued_bytes + size > self.max_queue_bytes
-            if full or not self._alive():
-                self._counts["dropped"] += 1
-                dropped = self._counts["dropped"]
-            else:
-                dropped = 0
-                self._seq += 1
-                self._pending[self._seq] = size
-                self._queued_bytes += size
-                self._queue.put((self._seq, answer))
-        if dropped and (dropped == 1 or dropped % 1000 == 0):
+            self._count("answered")
+            self._count(state)
+            if state in ("written", "spooled") and statistics:
+                self._queue_statistics(answer)
+        dropped = self._counts["dropped"]
+        if state == "dropped" and (dropped in (1, 10, 100) or dropped % 1000 == 0):
+            logger.warning("inference log: spool full; %d answer record(s) dropped so far", self._counts["dropped"])
+        return state in ("written", "spooled")
+
+    def _queue_statistics(self, answer: Answer) -> None:
+        """Queue the small copy the statistics need (callers hold self._lock); skipped and counted
+        when the queue is full or the writer is down."""
+        rgb = np.asarray(answer.rgb)
+        small = working_copy(rgb, self.statistics_side) if rgb.ndim == 3 else rgb
+        size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
+        item = replace(answer, rgb=small, size=size, embedding=None)
+        nbytes = int(small.nbytes) + (len(answer.image_bytes) if answer.image_bytes else 0)
+        if (self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes) or not self._alive():
+            self._count("statistics_dropped")
+            return
+        self._seq += 1
+        self._pending[self._seq] = nbytes
+        self._queued_bytes += nbytes
+        if self._metrics is not None:
+            self._metrics.queue.inc()
+        self._queue.put((self._seq, item))
+
+    # -- tallies, persisted counters, uploads ------------------------------------------------------
+    def _counters_file(self) -> Path:
+        folder = (
+            logstore.spool_folder(str(self.log.location))
+            if self.log.remote
+            else Path(str(self.log.location)) / "counters"
+        )
+        return folder / f"{self.writer}.json"
+
+    def _load_persisted(self) -> dict[str, int]:
+        """The totals of this worker's earlier runs (see the module docstring), added to /metrics."""
+        if not self.log.enabled:
+            return {}
+        try:
+            totals = {k: int(v) for k, v in json.loads(self._counters_file().read_text()).get("totals", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            totals = {}
+        if self._metrics is not None:
+            for state in RECORD_STATES:
+                self._metrics.records.labels(state).inc(totals.get(state, 0))
+            for state in STATISTICS_STATES:
+                self._metrics.statistics.labels(state).inc(totals.get(f"statistics_{state}", 0))
+        return totals
+
+    def tally(self) -> None:
+        """Write a tally record and persist the totals when anything changed since the last."""
+        with self._lock:
+            counts = dict(self._counts)
+        if counts == self._tallied or not self.log.enabled:
+            return
+        try:
+            rec = logrecord.tally_record(self.writer, self.run, self.started, counts)
+            logstore.append_line(str(self.log.location), *logrecord.to_line(rec))
+            totals = {k: self._persisted.get(k, 0) + v for k, v in counts.items()}
+            target = self._counters_file()
+            logstore.private_folder(target.parent)
+            fsutil.atomic_write_text(target, json.dumps({"writer": self.writer, "totals": totals}))
+            self._tallied = counts
+        except OSError as exc:
+            logger.warning("inference log: could not write the tally: %s", exc)
+
+    def _upload(self, force: bool = False) -> None:
+        """Put the spooled segments of an object-store log (counting the answer records put)."""
+        if not self.log.remote:
+            return
+        self._spool.tick()
+        put, answers = self._uploader.upload(force=force)
+        if answers:
+            with self._lock:
+                self._count("written", answers)
+        if self._uploader.last_error and not put:
             logger.warning(
-                "inference log: %s; %d record(s) dropped so far",
-                "queue full" if full else "writer process down",
-                dropped,
+                "inference log: %d segment(s) wait in %s; the store refused: %s",
+                len(self._uploader.pending()),
+                self._uploader.folder,
+                self._uploader.last_error,
             )
-        return not dropped
+
+    def _housekeeping(self) -> None:
+        """Every TALLY_S a tally; every half second the uploads of an object-store log."""
+        last = time.monotonic()
+        while not self._stop.wait(0.5):
+            try:
+                self._upload()
+                if time.monotonic() - last >= TALLY_S:
+                    self.tally()
+                    last = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever happens
+                logger.warning("inference log: %s", exc)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued record is written (or ``timeout`` seconds), then have the writer
-        put any buffered object-store segment; True when all of it happened in time."""
+        """Wait until every queued statistics record is written (or ``timeout`` seconds), have the
+        writer roll its spool segment, write a tally and put what waits in the spool; True when
+        all of it happened in time."""
         deadline = time.monotonic() + timeout
         with self._changed:
             if not self.log.enabled:
                 return True
             if not self._changed.wait_for(lambda: not self._pending, max(0.0, deadline - time.monotonic())):
                 return False
-            if self._proc is None or self._proc.poll() is not None:
-                return True  # nothing buffered in a writer that ended
-            target = self._flushes + 1
-            self._queue.put((None, None))
-            return self._changed.wait_for(lambda: self._flushes >= target, max(0.0, deadline - time.monotonic()))
+            if self._proc is not None and self._proc.poll() is None:
+                target = self._flushes + 1
+                self._queue.put((None, None))
+                if not self._changed.wait_for(lambda: self._flushes >= target, max(0.0, deadline - time.monotonic())):
+                    return False
+        self.tally()
+        return self._drain_spool(deadline)
+
+    def _drain_spool(self, deadline: float) -> bool:
+        """Roll and put every segment waiting in the spool (object-store log) before ``deadline``."""
+        if not self.log.remote:
+            return True
+        self._spool.roll()
+        while True:
+            self._upload(force=True)
+            if not self._uploader.pending():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def close(self, timeout: float = 30.0) -> bool:
-        """:meth:`flush`, then end the writer process (it exits when its input closes)."""
+        """:meth:`flush`, then end the writer process (it exits when its input closes) and the
+        uploader. What could not be put stays in the spool for the next start."""
+        deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         proc = self._proc
         if proc is not None and proc.stdin is not None:
             try:
                 proc.stdin.close()
-                proc.wait(timeout=max(1.0, timeout))
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
                 ok = False
+        self._stop.set()
+        if self.log.enabled:
+            ok = self._drain_spool(max(deadline, time.monotonic() + 1.0)) and ok
         return ok
 
     def counters(self) -> dict[str, int]:
-        """submitted, written, dropped (queue full), failed (bad record or disk), queued."""
+        """Since this worker started: answered; answer records written, spooled, dropped (spool
+        full), failed (disk); statistics written, dropped (queue full), failed; queued (statistics
+        waiting) and spool (segments waiting for upload)."""
         with self._lock:
-            return {**self._counts, "queued": len(self._pending)}
+            out = {**self._counts, "queued": len(self._pending)}
+        out["spool"] = len(self._uploader.pending()) if self.log.remote else 0
+        return out
+
+
+def _reference(model_path: Path) -> tuple[np.ndarray | None, int]:
+    """The reference profile's projection (None without one) and the longer side of the copy its
+    statistics are computed on."""
+    folder = model_path / bundle.REFERENCE_DIR
+    projection = None
+    with contextlib.suppress(OSError, ValueError):
+        projection = np.load(folder / bundle.REFERENCE_PROJECTION_FILE, allow_pickle=False)
+    try:
+        schema = json.loads((folder / bundle.REFERENCE_SCHEMA_FILE).read_text())
+    except (OSError, ValueError):
+        schema = {}
+    return projection, feature_config_from_dict(schema.get("feature_config") or {}).working_max_side

@@ -2,17 +2,19 @@
 
 The service (:class:`pipeline.serving.logqueue.BackgroundLog`) starts ``python -m
 pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and writes one frame per answer
-(:class:`pipeline.monitoring.logrecord.Answer`) to its standard input; this process builds each
-record (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log`:
-the image statistics, about 3 ms of Python per image) at the lowest CPU priority and appends it,
-in order. Being a process of its own, it never holds the service's interpreter lock: in a thread,
+(:class:`pipeline.monitoring.logrecord.Answer`, with the image's small statistics copy) to its
+standard input; this process computes each answer's features record
+(:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
+3 ms of Python per image) at the lowest CPU priority and appends it, in order (the service wrote
+the answer record itself). Being a process of its own, it never holds the service's interpreter lock: in a thread,
 the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
 
 A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
-(the decoded image, the float32 embedding, the uploaded file when images are logged). No pickle:
+(the statistics copy, the float32 embedding if any, the uploaded file when images are logged). No pickle:
 the header is JSON, the arrays are rebuilt from their shape. A frame ``{"op": "flush"}`` asks for
-the buffered object-store segment to be put. For each frame the process answers one byte on its
-standard output: ``W`` written, ``F`` failed (a warning on standard error says why), ``S`` flushed.
+the open spool segment of an object-store log to be rolled (the service puts it). For each frame
+the process answers one byte on its standard output: ``W`` written, ``F`` failed (a warning on
+standard error says why), ``S`` flushed.
 
 It ignores SIGINT and SIGTERM (a service's process group gets them at shutdown, and the records
 still queued must be written): it ends when its standard input closes, after writing everything
@@ -76,6 +78,7 @@ def encode(answer: Answer) -> bytes:
         "shape": list(img.shape),
         "dtype": str(img.dtype),
         "sizes": [img.nbytes, len(emb_raw), -1 if answer.image_bytes is None else len(answer.image_bytes)],
+        "size": None if answer.size is None else [int(v) for v in answer.size],
     }
     head = json.dumps(header, separators=(",", ":"), default=_plain).encode("utf-8")
     return b"".join((HEADER.pack(len(head)), head, img.tobytes(), emb_raw, answer.image_bytes or b""))
@@ -101,6 +104,7 @@ def decode(header: Mapping[str, Any], payload: bytes) -> Answer:
         request_id=header["request_id"],
         source=header["source"],
         image_bytes=None if n_img < 0 else payload[n_rgb + n_emb : n_rgb + n_emb + n_img],
+        size=None if header.get("size") is None else tuple(header["size"]),
     )
 
 
@@ -152,15 +156,15 @@ def serve(log: InferenceLog, fd_in: int, out: Any) -> int:
             continue
         frame = frames.next()
         if frame is None:
-            log.flush()
+            log.roll()
             return 0
         header, payload = frame
         if header.get("op") == "flush":
-            log.flush()
+            log.roll()  # the service puts the rolled segments of an object-store log
             answer = FLUSHED
         else:
             try:
-                answer = WRITTEN if log.log(decode(header, payload)) is not None else FAILED
+                answer = WRITTEN if log.log_features(decode(header, payload)) is not None else FAILED
             except Exception as exc:  # noqa: BLE001 - a bad frame must not end the log
                 logger.warning("inference log: could not decode a record: %s", exc)
                 answer = FAILED

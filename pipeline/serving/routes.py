@@ -88,7 +88,10 @@ async def _predict(request: Request, batch: bool, similar: int | None) -> list[d
         logger.exception("inference failed")
         return _internal_error("predicting")
     ids = _request_ids(request, len(prepared))
-    return [c.finalise(pred, info, similar, rid) for (_, info), pred, rid in zip(prepared, preds, ids)]
+    route = request.url.path
+    return [
+        c.finalise(pred, {**info, "route": route}, similar, rid) for (_, info), pred, rid in zip(prepared, preds, ids)
+    ]
 
 
 def _request_ids(request: Request, n: int) -> list[str]:
@@ -214,7 +217,8 @@ async def gradcam_overlay(request: Request) -> Response:
         with c.gradcam_lane.place():  # refused here, before the body is read, when the lane is full
             items = await parse_request(request, c.vocab, batch=False)
             (field, data, meta), pixels = items[0], check_request_pixels(items)[0]
-            png, target = await c.gradcam_lane.run(c.gradcam_png, field, data, meta, pixels)
+            rid = _request_ids(request, 1)[0]
+            png, target = await c.gradcam_lane.run(c.gradcam_png, field, data, meta, pixels, rid)
     except ApiError as exc:
         return exc.response()
     except Exception:

@@ -189,62 +189,88 @@ def _answer(rgb, rng=None, **kw) -> Answer:
 
 
 def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_path, real_images):
-    """The service's BackgroundLog: submit() returns at once; the records appear, in order, with
-    the time of the request (not of the write) and the statistics of each image."""
+    """The service's BackgroundLog: submit() writes the answer record at once (the request's time,
+    the uploaded file's sha256 and size, the OOD score); the writer process adds the statistics of
+    each image, computed on its small copy: the same values as on the decoded image."""
     bg = _background_log(tmp_path)
     rng = np.random.default_rng(7)
     t_before = datetime.now(UTC)
     for k, rgb in enumerate(real_images):
-        assert (
-            bg.submit(
-                _answer(
-                    rgb,
-                    rng,
-                    metadata={"age": 32 + 5 * k, "sex": "male", "localization": "back"},
-                    model_tag="lesionflow:abc",
-                    source=f"image{k}",
-                )
-            )
-            is True
+        answer = _answer(
+            rgb,
+            rng,
+            metadata={"age": 32 + 5 * k, "sex": "male", "localization": "back"},
+            model_tag="lesionflow:abc",
+            source=f"image{k}",
+            image_sha256=f"{k:064x}",
+            image_nbytes=1000 + k,
         )
+        answer.prediction["ood_score"] = 0.5 + k
+        assert bg.submit(answer) is True
+        assert bg.counters()["written"] == k + 1  # on disk before submit() returns
     t_after = datetime.now(UTC)
     assert bg.flush(timeout=30)
-    assert bg.counters() == {"submitted": 4, "written": 4, "dropped": 0, "failed": 0, "queued": 0}
+    counts = bg.counters()
+    assert counts["answered"] == counts["written"] == counts["statistics_written"] == 4
+    assert counts["dropped"] == counts["failed"] == counts["statistics_dropped"] == counts["queued"] == 0
     df = inferencelog.read(tmp_path / "log")
     assert df["source"].tolist() == [f"image{k}" for k in range(4)]
     assert df["age"].tolist() == [30.0, 35.0, 40.0, 45.0]  # in 5-year bins: monitor.log_metadata's default
+    assert df["image_sha256"].tolist() == [f"{k:064x}" for k in range(4)] and df["image_bytes"].tolist() == [
+        1000,
+        1001,
+        1002,
+        1003,
+    ]
+    assert df["ood_score"].tolist() == [0.5, 1.5, 2.5, 3.5] and df["has_statistics"].all()
     assert ((df["timestamp"] >= pd.Timestamp(t_before)) & (df["timestamp"] <= pd.Timestamp(t_after))).all()
     for k, rgb in enumerate(real_images):
-        assert df["brightness"][k] == pytest.approx(imagestats.image_statistics(rgb)["brightness"])
+        for name, value in imagestats.image_statistics(rgb).items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert df[name][k] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    cov = df.attrs["coverage"]
+    assert cov["answered"] == cov["records"] == cov["with_statistics"] == 4 and cov["record_coverage"] == 1.0
     assert bg.close()
 
 
-def test_background_log_drops_and_counts_when_its_queue_is_full(tmp_path, real_images):
-    """A saturated service never waits for its log: beyond max_queue_bytes of waiting images a
-    record is dropped and counted; what was queued is still written."""
-    rgb = real_images[0]
-    bg = _background_log(tmp_path, max_queue_bytes=2 * rgb.nbytes)
+def test_a_full_queue_skips_statistics_never_an_answer_record_and_the_stream_says_so(tmp_path, real_images):
+    """A saturated service never waits for its log's statistics: beyond max_queue_bytes of waiting
+    copies an answer's statistics are skipped and counted; every answer record is still written,
+    in the order the answers were given, and the reader marks the ones without statistics."""
+    small = imagestats.statistics_copy(real_images[0])
+    bg = _background_log(tmp_path, max_queue_bytes=2 * small.nbytes)
     rng = np.random.default_rng(8)
     os.kill(bg.pid, signal.SIGSTOP)  # the writer falls behind
     try:
-        accepted = [bg.submit(_answer(rgb, rng)) for _ in range(5)]
-        assert accepted == [True, True, False, False, False]
-        assert bg.counters()["dropped"] == 3
+        ids = [f"r{k:03d}" for k in range(40)]
+        accepted = [bg.submit(_answer(real_images[k % 4], rng, request_id=rid)) for k, rid in enumerate(ids)]
+        assert all(accepted)
+        counts = bg.counters()
+        assert counts["written"] == 40 and counts["statistics_dropped"] == 38 and counts["queued"] == 2
+        written = [
+            json.loads(line)["request_id"]
+            for line in inferencelog.log_file(tmp_path / "log", datetime.now(UTC)).read_text().splitlines()
+        ]
+        assert written == ids, "in the order the answers were given, as written (not as sorted by a reader)"
     finally:
         os.kill(bg.pid, signal.SIGCONT)
     assert bg.flush(timeout=30)
-    assert bg.counters() == {"submitted": 5, "written": 2, "dropped": 3, "failed": 0, "queued": 0}
-    assert len(inferencelog.read(tmp_path / "log")) == 2
-    assert bg.submit(_answer(rgb, rng)) is True  # room again once drained
+    df = inferencelog.read(tmp_path / "log")
+    assert df["request_id"].tolist() == ids and df["has_statistics"].tolist() == [True, True] + [False] * 38
+    cov = df.attrs["coverage"]
+    assert (cov["answered"], cov["records"], cov["with_statistics"], cov["statistics_dropped"]) == (40, 40, 2, 38)
+    assert cov["statistics_coverage"] == pytest.approx(2 / 40)
+    assert bg.submit(_answer(real_images[0], rng)) is True and bg.flush(timeout=30)  # room again once drained
+    assert bg.counters()["statistics_written"] == 3
     assert bg.close()
 
 
 def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, real_images):
     bg = _background_log(tmp_path)
-    assert bg.submit(_answer(np.zeros((2, 2), np.uint8))) is True  # accepted, fails in the writer
+    assert bg.submit(_answer(real_images[0])) is False  # no probabilities: no record, counted failed
     assert bg.submit(_answer(real_images[0], np.random.default_rng(9))) is True
     assert bg.flush(timeout=30)
-    assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1
+    assert bg.counters()["failed"] == 1 and bg.counters()["written"] == 1 and bg.counters()["answered"] == 2
     assert bg.close()
     off = BackgroundLog(tmp_path / "model", None)  # logstore.location() is None when the log is off
     assert off.pid is None and off.submit(_answer(real_images[0])) is False and off.flush(timeout=1)
@@ -253,7 +279,7 @@ def test_background_log_survives_a_bad_record_and_can_be_switched_off(tmp_path, 
 def test_a_stop_signal_while_the_writer_is_still_starting_loses_nothing(tmp_path, real_images):
     """A service stopped right after it started (its process group gets SIGTERM, or SIGINT from a
     terminal) while the writer's interpreter is still importing: the writer lives on, and every
-    record the service sends is written by it (it used to die, losing all of them)."""
+    statistics record the service sends is written by it (it used to die, losing all of them)."""
     bg = _background_log(tmp_path)
     writer = bg.pid
     assert writer is not None
@@ -263,16 +289,17 @@ def test_a_stop_signal_while_the_writer_is_still_starting_loses_nothing(tmp_path
     for rgb in real_images:
         assert bg.submit(_answer(rgb, rng))
     assert bg.close(timeout=60), bg.counters()
-    assert bg.counters()["written"] == len(real_images) and bg.counters()["failed"] == 0
-    assert len(inferencelog.read(tmp_path / "log")) == len(real_images)
+    assert bg.counters()["statistics_written"] == len(real_images) and bg.counters()["statistics_failed"] == 0
+    df = inferencelog.read(tmp_path / "log")
+    assert len(df) == len(real_images) and df["has_statistics"].all()
     assert bg._proc.pid == writer and bg._proc.returncode == 0, "the same writer, ended by close()"
 
 
 def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(tmp_path, real_images, monkeypatch):
     """The statistics run in a process of their own at the lowest CPU priority (never holding the
     service's interpreter lock); a SIGTERM to the service's process group does not lose queued
-    records (the writer ends only when the service closes its input); a writer that dies is
-    counted (its unanswered records failed) and started again."""
+    statistics (the writer ends only when the service closes its input); a writer that dies is
+    counted (its unanswered statistics failed) and started again; no answer record is lost."""
     bg = _background_log(tmp_path)
     rng = np.random.default_rng(10)
     assert bg.submit(_answer(real_images[0], rng)) and bg.flush(timeout=30)
@@ -280,24 +307,52 @@ def test_background_log_writer_is_a_low_priority_process_that_outlives_sigterm(t
     assert writer is not None and writer != os.getpid() and os.getpriority(os.PRIO_PROCESS, writer) == 19
     os.kill(writer, signal.SIGTERM)
     assert bg.submit(_answer(real_images[1], rng)) and bg.flush(timeout=30)
-    assert bg.pid == writer and bg.counters()["written"] == 2
+    assert bg.pid == writer and bg.counters()["statistics_written"] == 2
 
     monkeypatch.setattr(logqueue, "RESTART_AFTER_S", 0.0)
     os.kill(writer, signal.SIGSTOP)
-    assert bg.submit(_answer(real_images[2], rng))  # sent to a writer about to die
+    assert bg.submit(_answer(real_images[2], rng))  # its statistics go to a writer about to die
     os.kill(writer, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while bg.counters()["failed"] < 1 and time.monotonic() < deadline:
+    while bg.counters()["statistics_failed"] < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert bg.counters()["failed"] == 1 and bg.counters()["queued"] == 0
+    assert bg.counters()["statistics_failed"] == 1 and bg.counters()["queued"] == 0
     assert bg.submit(_answer(real_images[3], rng)) and bg.flush(timeout=30)
-    assert bg.pid not in (None, writer) and bg.counters()["written"] == 3
-    assert len(inferencelog.read(tmp_path / "log")) == 3
+    assert bg.pid not in (None, writer) and bg.counters()["statistics_written"] == 3
+    df = inferencelog.read(tmp_path / "log")
+    assert len(df) == 4 and df["has_statistics"].tolist() == [True, True, False, True]
 
     last = bg.pid
     assert bg.close() and bg.pid is None
     with pytest.raises(ProcessLookupError):  # ended and reaped
         os.kill(last, 0)
+
+
+def test_counters_are_persisted_with_the_log_and_survive_a_restart(tmp_path, real_images):
+    """The totals a worker reached are kept beside the log; the next run of the same worker (a
+    container restarted after an OOM kill) starts its /metrics series from them; the tallies of
+    both runs give the monitor the answers of its window."""
+    from prometheus_client import REGISTRY
+
+    def total(state):
+        return REGISTRY.get_sample_value("lesionflow_inference_log_records_total", {"state": state}) or 0.0
+
+    rng = np.random.default_rng(13)
+    first = _background_log(tmp_path, writer="pod-a-w0")
+    before = total("written")
+    for rgb in real_images[:3]:
+        assert first.submit(_answer(rgb, rng))
+    assert first.close()
+    assert total("written") == before + 3
+    persisted = json.loads((tmp_path / "log" / "counters" / "pod-a-w0.json").read_text())["totals"]
+    assert persisted["answered"] == persisted["written"] == 3
+    assert oct((tmp_path / "log" / "counters" / "pod-a-w0.json").stat().st_mode & 0o777) == "0o600"
+    second = _background_log(tmp_path, writer="pod-a-w0")
+    assert total("written") == before + 6, "the restarted worker's series start from its persisted totals"
+    assert second.submit(_answer(real_images[3], rng)) and second.close()
+    assert json.loads((tmp_path / "log" / "counters" / "pod-a-w0.json").read_text())["totals"]["written"] == 4
+    cov = inferencelog.read(tmp_path / "log").attrs["coverage"]
+    assert cov["answered"] == cov["records"] == 4
 
 
 def test_the_log_location_has_one_answer_for_writer_and_reader(tmp_path, monkeypatch):
@@ -330,3 +385,24 @@ def test_the_log_location_has_one_answer_for_writer_and_reader(tmp_path, monkeyp
     assert logstore.location() == logstore.location(a) == str(tmp_path / "explicit")
     monkeypatch.setenv(logstore.LOCATION_ENV, "off")
     assert logstore.location() is None and logstore.location(a) is None
+
+
+def test_the_monitor_says_how_much_of_the_service_its_window_holds():
+    """The drift summary carries the window's coverage; below 99% of the answers (or of their
+    statistics) it warns with the counts, in summary.md too."""
+    from pipeline.monitoring.decision import summary_markdown
+    from pipeline.monitoring.drift import coverage_warning
+
+    full = {"answered": 1000, "records": 1000, "with_statistics": 995, "dropped": 0, "failed": 0}
+    full |= {"record_coverage": 1.0, "statistics_coverage": 0.995}
+    assert coverage_warning(full) is None
+    short = {**full, "records": 950, "with_statistics": 700, "dropped": 50, "record_coverage": 0.95}
+    short["statistics_coverage"] = 700 / 950
+    warning = coverage_warning(short)
+    assert "950 answer records of 1000 answers" in warning and "50 dropped" in warning
+    assert "only 700 of 950 answers have image statistics" in warning
+    summary = {"decision": "drift", "reason": "r", "source": {"kind": "log"}, "coverage": short}
+    summary |= {"coverage_warning": warning, "n_current": 950, "min_batch_size": 10, "n_reference": 5}
+    text = summary_markdown({**summary, "decision": "not_enough_data"})
+    assert "| log coverage | 950 answer records of 1000 answers given; 700 with image statistics |" in text
+    assert f"**Warning**: {warning}" in text

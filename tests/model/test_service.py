@@ -6,6 +6,7 @@ JSON error naming the field; the service keeps answering afterwards."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -282,9 +283,10 @@ def test_model_info(server, client):
 
 
 def test_answers_reach_the_inference_log_in_order(server, client):
-    """Every answered image becomes one inference-log record (written by the service's background
-    thread, with the EDA statistics of that image), none dropped at this pace; /model says which
-    engine predicts and counts the log's records."""
+    """Every answered image becomes one inference-log record (the answer record written by the
+    request, the EDA statistics of that image by the log's writer), none dropped at this pace;
+    /model says which engine predicts and counts the log's records; the record carries the
+    uploaded file's sha256 and size."""
     from pipeline.features import imagestats
     from pipeline.monitoring import inferencelog
 
@@ -299,16 +301,54 @@ def test_answers_reach_the_inference_log_in_order(server, client):
     while True:
         info = client.get("/model").json()
         counts = info["inference_log"]
-        if counts["written"] >= before["written"] + 3 and counts["queued"] == 0 or time.monotonic() > deadline:
+        done = counts["statistics_written"] >= before["statistics_written"] + 3 and counts["queued"] == 0
+        if done or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert info["engine"] in ("onnx", "torch") and info["engine"] == inference.load_model(model_dir).engine
     assert counts["enabled"] is True and counts["dropped"] == 0 and counts["failed"] == 0
-    assert counts["written"] == counts["submitted"] >= before["written"] + 3
+    assert counts["written"] == counts["answered"] >= before["written"] + 3
     df = inferencelog.read(log_dir)
     assert len(df) == counts["written"] and (df["model_tag"] == tag).all()
+    assert df["has_statistics"].sum() == counts["statistics_written"]  # all but /infer's and /gradcam's
     last = df.tail(3).reset_index(drop=True)
+    assert last["has_statistics"].all()
+    assert last["image_sha256"].tolist() == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert last["image_bytes"].tolist() == [p.stat().st_size for p in paths]
     for i, path in enumerate(paths):
         stats = imagestats.image_statistics(images.decode_rgb(path))
         assert last["brightness"][i] == pytest.approx(stats["brightness"])
         assert last["contrast_rms"][i] == pytest.approx(stats["contrast_rms"])
+
+
+def test_every_route_that_answers_leaves_its_record(server, client):
+    """/classify, /gradcam and /infer each leave an answer record naming their route: the
+    explanation records the class it showed, the tensor of /infer its probabilities; neither waits
+    for image statistics (the reader does not count them missing), and the monitor's batch leaves
+    the explanations out (the page asks for one after classifying the same image)."""
+    import base64
+
+    from pipeline.monitoring import batch, inferencelog
+
+    _, _, model_dir = server
+    log_dir = model_dir.parent / "inference-log"
+    path = _real_images(1)[0]
+    r = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    classified = r.json()["request_id"]
+    g = client.post("/gradcam", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+    assert g.status_code == 200, g.text
+    u8 = inference.load_model(model_dir, device="cpu").resize([images.decode_rgb(path)])[0].numpy()
+    i = client.post("/infer", json={"items": [{"pixels": base64.b64encode(u8.tobytes()).decode()}]})
+    assert i.status_code == 200, i.text
+    df = inferencelog.read(log_dir)
+    by_route = dict(tuple(df.groupby("route")))
+    shown = by_route["/gradcam"].iloc[-1]
+    assert shown["request_id"] == g.headers["X-Request-ID"]
+    assert shown["explained_class"] == g.headers["X-Gradcam-Class"] and not shown["statistics_expected"]
+    assert by_route["/gradcam"]["image_sha256"].iloc[-1] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert by_route["/infer"]["p_dx_nv"].iloc[-1] == pytest.approx(i.json()[0]["dx"][5], abs=1e-6)
+    assert not by_route["/infer"]["statistics_expected"].iloc[-1]
+    assert classified in set(by_route["/classify"]["request_id"])
+    current = batch.current_from_log(log_dir)
+    assert "/gradcam" not in set(current["route"]) and len(current) == len(df) - len(by_route["/gradcam"])
