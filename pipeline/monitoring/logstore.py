@@ -124,12 +124,22 @@ def private_folder(folder: Path | str) -> Path:
     return folder
 
 
+_checked: set[str] = set()  # log folders this process made sure of (private_folder)
+
+
 def append_local(folder: Path | str, day: date, line: bytes) -> Path:
     """Append one line to the day file: a single ``write`` on an ``O_APPEND`` descriptor under an
     exclusive ``flock``; returns the file. Files are 0600 in a 0700 folder; neither is reached
     through a symbolic link."""
-    path = day_file(private_folder(folder), day)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    if str(folder) not in _checked:  # once per process: the request path appends here
+        private_folder(folder)
+        _checked.add(str(folder))
+    path = day_file(folder, day)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:  # the folder was removed meanwhile (an operator's cleanup): made again
+        fd = os.open(day_file(private_folder(folder), day), flags, 0o600)
     try:
         if os.fstat(fd).st_mode & 0o077:  # a file made before this rule: owner only from now on
             os.fchmod(fd, 0o600)
