@@ -43,11 +43,12 @@ Which model: ``$LESIONFLOW_MODEL_TAG``, else the Bento argument ``model_tag`` (s
 (:mod:`pipeline.serving.requests`). Workers: ``$LESIONFLOW_WORKERS`` (default 1; the cores are split
 between them, or ``$LESIONFLOW_THREADS`` threads each). Inference engine: ``$LESIONFLOW_ENGINE``
 (``auto``: ONNX Runtime on the packaged ``model.onnx``, without importing torch:
-:func:`pipeline.model.runtime.load_served`); ``$LESIONFLOW_DEVICE=cuda`` serves with torch on a GPU.
+:func:`pipeline.model.runtime.load_packaged`); ``$LESIONFLOW_DEVICE=cuda`` serves with torch on a GPU.
 
-Every answer goes to the inference log for drift monitoring, at
+Every answer goes to the inference log for audit and drift monitoring, at
 :func:`pipeline.monitoring.logstore.location` (``$LESIONFLOW_INFERENCE_LOG``, else ``monitor.log_url``
-of the params.yaml packaged with the Bento), through a low-priority writer process
+of the params.yaml packaged with the Bento): its record written by the request before the answer is
+sent, its image statistics by a low-priority writer process
 (:class:`pipeline.serving.logqueue.BackgroundLog`).
 """
 
