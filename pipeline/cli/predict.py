@@ -9,9 +9,10 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import DISCLAIMER, app, err, fail, out, resolve_model, safe, show
+from pipeline.cli.base import DISCLAIMER, app, err, fail, out, resolve_model, root, safe, show
 from pipeline.core import fsutil, images
 from pipeline.core.errors import EXIT_FAILED
+from pipeline.core.layout import Layout
 from pipeline.core.predictions import (
     DECISION,
     IN_DISTRIBUTION,
@@ -77,6 +78,11 @@ def predict(
     dask_workers: int = typer.Option(
         0, "--dask-workers", min=0, help="Shard the files over a local Dask cluster of this many worker processes."
     ),
+    log: bool = typer.Option(
+        False,
+        "--log",
+        help="Also write each answer to the inference log, as the service does (for monitoring and audit).",
+    ),
 ) -> None:
     """Classify local images with the champion or --model; unreadable files are skipped. With
     --dask-address or --dask-workers the files are sharded over Dask workers (same rows)."""
@@ -100,7 +106,24 @@ def predict(
     if len(rows):
         rows["model"] = m.label
         show_table(rows, m.label, float(thr), predictor.taxonomy.binary_positive, shown)
+    if log and len(rows):
+        _log(rows, m)
     write_rows(rows, out_csv, shown, len(problems + unread))
+
+
+def _log(rows: pd.DataFrame, m: Any) -> None:
+    """``--log``: the rows' answers to the inference log
+    (:func:`pipeline.monitoring.inferencelog.log_prediction_rows`)."""
+    from pipeline.core import params
+    from pipeline.monitoring import inferencelog, logstore
+
+    base = root()
+    location = logstore.location(base)
+    if location is None:
+        raise fail(f"--log: the inference log is off (${logstore.LOCATION_ENV}=off)")
+    policy = params.load_section("monitor", Layout(base).params_file).log_metadata
+    written, failed = inferencelog.log_prediction_rows(rows, m.path, m.label, location, policy)
+    out.print(f"Logged {written} answer(s) to {location}" + (f"; {failed} could not be logged" if failed else ""))
 
 
 def _threshold(m: Any, given: float | None) -> float:

@@ -170,6 +170,52 @@ class InferenceLog:
         return not self.enabled or logstore.flush(self.location)
 
 
+#: The route of the answers ``lesionflow predict --log`` writes.
+PREDICT_ROUTE = "lesionflow predict"
+
+
+def log_prediction_rows(
+    rows: pd.DataFrame, model_path: Path | str, model_tag: str, location: str, metadata: str = "binned"
+) -> tuple[int, int]:
+    """Write one record per row of ``lesionflow predict``'s table (``file``, the probability
+    columns ``p_<level>_<class>``, ``p_malignant``, ``decision``, ``in_distribution``,
+    ``ood_score``), as the service would for that image: the statistics of the file's image, its
+    sha256 and size, route :data:`PREDICT_ROUTE` (never the file's name or path). Returns
+    ``(written, failed)``; an object-store log's spool is put before returning."""
+    import hashlib
+
+    from pipeline.core.images import decode_rgb
+    from pipeline.core.predictions import OOD_SCORE
+
+    log = InferenceLog.for_model(model_path, location, metadata)
+    written = failed = 0
+    for row in rows.to_dict("records"):
+        prediction: dict[str, Any] = {}
+        for level in ("dx", "risk", "binary"):
+            prefix = f"p_{level}_"
+            probs = {k[len(prefix) :]: float(v) for k, v in row.items() if k.startswith(prefix) and pd.notna(v)}
+            if probs:
+                prediction[f"{level}_probabilities"] = probs
+        for key in ("p_malignant", "decision", "in_distribution", OOD_SCORE):
+            value = row.get(key)
+            prediction[key] = None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+        try:
+            data = Path(row["file"]).read_bytes()
+            rgb = decode_rgb(data, str(row["file"]))
+        except (OSError, ValueError) as exc:
+            logger.warning("inference log: %s: %s", row["file"], exc)
+            failed += 1
+            continue
+        answer = Answer(rgb, prediction, model_tag, route=PREDICT_ROUTE)
+        answer.image_sha256, answer.image_nbytes = hashlib.sha256(data).hexdigest(), len(data)
+        if log.log(answer) is None:
+            failed += 1
+        else:
+            written += 1
+    log.flush()
+    return written, failed
+
+
 # ----------------------------------------------------------------------------------------------
 # reading
 

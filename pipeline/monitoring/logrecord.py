@@ -172,6 +172,8 @@ def make_record(
     timestamp: datetime | None = None,
     source: str | None = None,
     image_bytes: bytes | None = None,
+    route: str | None = None,
+    image: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A log record from already computed statistics (see :func:`record_for`)."""
     meta = dict(metadata or {})
@@ -186,6 +188,10 @@ def make_record(
     }
     if source is not None:
         rec["source"] = str(source)
+    if route is not None:
+        rec["route"] = str(route)
+    if image is not None:
+        rec["image"] = dict(image)
     if embedding is not None:
         rec["embedding"] = [float(v) for v in embedding]
     if image_bytes is not None:
@@ -256,6 +262,8 @@ def record_for(
         timestamp=answer.timestamp,
         source=answer.source,
         image_bytes=strip_metadata(answer.image_bytes) if store_image and answer.image_bytes else None,
+        route=answer.route,
+        image={"sha256": answer.image_sha256, "bytes": answer.image_nbytes, "size": _size(answer)},
     )
 
 

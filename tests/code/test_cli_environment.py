@@ -115,6 +115,28 @@ def test_predict_from_a_subfolder_takes_paths_as_typed(workspace):
     (sub / "p.csv").unlink()
 
 
+def test_predict_with_log_writes_the_answers_to_the_projects_inference_log(workspace):
+    """``lesionflow predict --log`` writes each answer as the service would (route, the file's
+    sha256, the image statistics), never the file's name, to the project's log."""
+    import hashlib
+
+    from pipeline.monitoring import inferencelog
+
+    sub = workspace["sub"]
+    res = run(["predict", ".", "--log"], sub, workspace["home"])
+    assert res.returncode == 0, res.stdout
+    log_dir = workspace["root"] / "logs" / "inference"
+    assert f"Logged 3 answer(s) to {log_dir}" in res.stdout
+    df = inferencelog.read(log_dir)
+    files = sorted(sub.glob("*.jpg"))
+    assert len(df) == 3 and (df["route"] == inferencelog.PREDICT_ROUTE).all() and df["has_statistics"].all()
+    assert sorted(df["image_sha256"]) == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)
+    assert (df["model_tag"] == workspace["tag"]).all()
+    assert not any(
+        p.name in log_dir.joinpath(f).read_text() for p in files for f in os.listdir(log_dir) if f.endswith(".jsonl")
+    )
+
+
 def test_outside_a_project_commands_that_need_one_say_so(tmp_path, workspace):
     res = run(["status"], tmp_path, workspace["home"])
     assert res.returncode == 2
