@@ -91,10 +91,7 @@ def predict(
     m = resolve_model(model)
     thr = _threshold(m, threshold)
     _claim(out_csv)
-    files, problems = images.list_images(paths)
-    if not files:  # nothing the user pointed at is an image: say which, in one line
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise fail(f"{problems[0][0]}: {problems[0][1]}{more}")
+    files, problems = _images(paths)
     try:
         predictor = inference.load_model(m.path)
     except inference.ModelLoadError as exc:
@@ -124,6 +121,15 @@ def _log(rows: pd.DataFrame, m: Any) -> None:
     policy = params.load_section("monitor", Layout(base).params_file).log_metadata
     written, failed = inferencelog.log_prediction_rows(rows, m.path, m.label, location, policy)
     out.print(f"Logged {written} answer(s) to {location}" + (f"; {failed} could not be logged" if failed else ""))
+
+
+def _images(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``paths`` and what was skipped; fails, naming them, when none is an image."""
+    files, problems = images.list_images(paths)
+    if not files:  # nothing the user pointed at is an image: say which, in one line
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise fail(f"{problems[0][0]}: {problems[0][1]}{more}")
+    return files, problems
 
 
 def _threshold(m: Any, given: float | None) -> float:
