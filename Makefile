@@ -46,5 +46,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two pytest workers (tests/conftest.py keeps what shares a fixture on one), then the timing
+# comparisons alone; `pytest` by itself runs everything in one process.
 test: lint data browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 -m "not serial"
+	$(PY) -m pytest -m serial

@@ -32,7 +32,11 @@ IMAGES_DIR = DATA_DIR / "images"
 # Temporary and cache files of the tools too (torchrun's rendezvous folders, Dask's scratch space,
 # TorchInductor's cache, Matplotlib's font cache, Chromium's profile), so that a test run leaves
 # nothing behind in ~ or /tmp (pytest's own basetemp stays where pytest keeps it).
-tempfile.gettempdir()  # this process's temp folder, resolved before TMPDIR is changed below
+# The temp folder of the shell that ran pytest, resolved before TMPDIR is changed below; a
+# pytest-xdist worker (which inherits the controller's TMPDIR) makes its home beside the
+# controller's, not inside it (Chromium's socket path has a length limit).
+_BASE_TMP = os.environ.setdefault("LESIONFLOW_TESTS_BASE_TMPDIR", tempfile.gettempdir())
+tempfile.tempdir = _BASE_TMP  # this process's temp folder (its subprocesses get TMPDIR below)
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="lesionflow-tests-"))
 for _sub in ("tmp", "cache", "config"):
     (_SESSION_HOME / _sub).mkdir()
@@ -68,6 +72,47 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     for instance in list(server.SubprocessASGIServer._instances.values()):
         instance.stop()
+
+
+# The end-to-end modules that go on from the shared first run of tests/e2e/conftest.py (checked
+# at collection): under pytest-xdist they run on one worker, so that the run is made once.
+SHARED_FIRST_RUN = ("tests/e2e/test_ingest.py", "tests/e2e/test_retrain_flow.py", "tests/e2e/test_scale_out.py",
+                    "tests/e2e/test_stop.py")  # fmt: skip
+
+
+def _xdist_scope(nodeid: str) -> str:
+    """The share of the suite one pytest-xdist worker runs whole: the modules of
+    :data:`SHARED_FIRST_RUN` together, every other module by itself (its module-scoped servers and
+    workspaces)."""
+    path = nodeid.split("::", 1)[0]
+    return "shared first run" if path in SHARED_FIRST_RUN else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` runs two workers; each takes whole :func:`_xdist_scope` shares, in collection
+    order (xdist's own ``loadgroup`` marks do not reach its scheduler under pytest 9.2)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # xdist would order the shares by their number of tests
+
+    class Scopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _xdist_scope(nodeid)
+
+    return Scopes(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test on the shared first run is in a module of :data:`SHARED_FIRST_RUN`; under
+    pytest-xdist those, the longest share, come first, so that the other worker runs the rest
+    meanwhile."""
+    on_it = {i.nodeid.split("::", 1)[0] for i in items if "first_run" in getattr(i, "fixturenames", ())}
+    strays = sorted(m for m in on_it - set(SHARED_FIRST_RUN) if m.startswith("tests/e2e/"))
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)}: uses first_run; add it to SHARED_FIRST_RUN in {__file__}")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: _xdist_scope(item.nodeid) != "shared first run")
 
 
 def pytest_unconfigure(config) -> None:

@@ -185,6 +185,7 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.serial  # its peak RSS depends on how many requests overlap: another test on the cores changes that
 def test_a_hostile_corpus_gets_its_answers_within_bounded_memory(secured):
     """Few-KB PNGs declaring 48 MP to every image route, a full batch of them, a batch within the
     pixel budget, the largest /infer body allowed and one over it, declared lengths far over the
@@ -259,6 +260,7 @@ def test_infer_takes_a_bounded_number_of_items_and_names_the_limit(secured):
             assert f"limit of {MAX_INFER_ITEMS}" in r.json()["error"]
 
 
+@pytest.mark.serial  # compares two latencies: another test on the cores in between would decide it
 def test_gradcam_bursts_do_not_stall_classification(secured):
     """40 concurrent /gradcam calls (Grad-CAM has a lane of its own, a short queue, then 503): the
     p99 of /classify under that load stays within twice its unloaded value."""
