@@ -1,13 +1,17 @@
-"""Describe the machine a benchmark ran on (written into every result file)."""
+"""Describe the machine a benchmark ran on, and when (written into every result file)."""
 
 from __future__ import annotations
 
 import os
 import platform
+from datetime import UTC, datetime
 
 
 def machine() -> dict:
+    """The host, platform, Python, CPU (model and count), torch and GPU of this machine, and
+    ``measured_at``: the UTC time the benchmark asked (about when it ran)."""
     info = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),

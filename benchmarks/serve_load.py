@@ -3,6 +3,8 @@
 Side by side in one run (one server at a time, same model, same images, same load):
 * lesionflow's Bento service (``pipeline.serving.service``: decode in request threads, adaptive batching
   of the model calls across requests), served by ``bentoml serve``;
+* the same service with its inference log turned off (``bento-log-off``,
+  ``LESIONFLOW_INFERENCE_LOG=off``): what the log costs under this load;
 * the baseline a user would otherwise write: a plain FastAPI app (``benchmarks/_plain_fastapi.py``)
   calling the same predictor (ONNX Runtime on the packaged ``model.onnx``, same threads) once per
   request, served by uvicorn.
@@ -277,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = load_arguments(__doc__.split("\n\n")[0])
     ap.add_argument(
         "--servers",
-        default="bento,plain",
-        help="comma-separated: bento, bento-wN (N workers), bento-similar (/classify?similar=6), plain",
+        default="bento,bento-log-off,plain",
+        help="comma-separated: bento, bento-log-off (its inference log off), bento-wN (N workers), "
+        "bento-similar (/classify?similar=6), plain",
     )
     ap.add_argument(
         "--tta",
@@ -310,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = bentos.serve_command(port=port)
                 env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name != "bento" else "1"}
                 ready = f"{base}/readyz"
+            elif name == "bento-log-off":  # the same service without its inference log: what the log costs
+                cmd = bentos.serve_command(port=port)
+                env = {**env, "LESIONFLOW_WORKERS": "1"}
+                ready = f"{base}/readyz"
             elif name == "plain":
                 cmd = [
                     sys.executable,
@@ -328,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                 env = {**env, "LESIONFLOW_BENCH_MODEL_DIR": str(stored)}
                 ready = f"{base}/ready"
             else:
-                raise SystemExit(f"unknown server {name!r} (bento, bento-wN, bento-similar, plain)")
+                raise SystemExit(f"unknown server {name!r} (bento, bento-log-off, bento-wN, bento-similar, plain)")
             print(f"[{name}] starting: {' '.join(cmd[2:])}", flush=True)
             t0 = time.perf_counter()
-            proc = start(cmd, env, ready, tmp / f"{name}.log")
+            run_env = {**env, "LESIONFLOW_INFERENCE_LOG": "off"} if name == "bento-log-off" else env
+            proc = start(cmd, run_env, ready, tmp / f"{name}.log")
             startup = time.perf_counter() - t0
             try:
                 load_before = os.getloadavg()
@@ -380,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "cpu_affinity": len(os.sched_getaffinity(0)),
         "note": (
-            "Both servers run on this machine one after the other, with the load generator on the same "
+            "The servers run on this machine one after the other, with the load generator on the same "
             "cores; loadavg_1m_before/after show other activity on the machine around each run "
             "(the run itself keeps about 2-3 runnable; a loadavg_1m_before well above 1 means other processes "
             "were competing for the 2 cores and the figures are lower than on a quiet machine)."
@@ -398,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_at_least_plain": b["requests_per_s"] >= p["requests_per_s"],
             },
         }
+    if "bento" in results and "bento-log-off" in results and results["bento-log-off"]["requests_per_s"]:
+        on, off = results["bento"]["requests_per_s"], results["bento-log-off"]["requests_per_s"]
+        out.setdefault("comparison", {})["throughput_log_on_over_log_off"] = round(on / off, 3)
     write_json(a.out, out)
     print(f"-> {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")
     return 0
