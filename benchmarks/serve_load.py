@@ -309,13 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = bentos.serve_command(port=port)
                 env = {**env, "LESIONFLOW_WORKERS": "1"}
                 ready, route = f"{base}/readyz", "/classify?similar=6"
-            elif name == "bento" or name.startswith("bento-w"):  # bento-wN: N worker processes
+            elif name in ("bento", "bento-log-off") or name.startswith("bento-w"):  # bento-wN: N worker processes
                 cmd = bentos.serve_command(port=port)
-                env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name != "bento" else "1"}
-                ready = f"{base}/readyz"
-            elif name == "bento-log-off":  # the same service without its inference log: what the log costs
-                cmd = bentos.serve_command(port=port)
-                env = {**env, "LESIONFLOW_WORKERS": "1"}
+                env = {**env, "LESIONFLOW_WORKERS": name[len("bento-w") :] if name.startswith("bento-w") else "1"}
                 ready = f"{base}/readyz"
             elif name == "plain":
                 cmd = [
@@ -338,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown server {name!r} (bento, bento-log-off, bento-wN, bento-similar, plain)")
             print(f"[{name}] starting: {' '.join(cmd[2:])}", flush=True)
             t0 = time.perf_counter()
+            # the log is off for this server alone (env carries over to the servers after it)
             run_env = {**env, "LESIONFLOW_INFERENCE_LOG": "off"} if name == "bento-log-off" else env
             proc = start(cmd, run_env, ready, tmp / f"{name}.log")
             startup = time.perf_counter() - t0
