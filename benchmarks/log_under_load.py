@@ -4,9 +4,12 @@ Side by side in one run (one server at a time, the same packaged model, images a
 
 * ``log-off``: the service with its inference log turned off (``LESIONFLOW_INFERENCE_LOG=off``),
   the throughput a user gets without any record;
-* ``log-on``: the log on a local folder, as shipped. After the server stopped, the request ids of
-  every 200 answer the clients received are looked up in the log: answers without a record, the
-  share with image statistics, the service's own counters, and the throughput against ``log-off``;
+* ``log-on``: the log on a local folder, as shipped. After the load the benchmark waits until the
+  log's writer (which only gets CPU the service leaves idle) caught up with the statistics, as
+  the service's counters say (``statistics_caught_up_after_s``), then stops the server; the request
+  ids of every 200 answer the clients received are looked up in the log: answers without a
+  record, the share with image statistics, the service's own counters at the end of the load and
+  after the catch-up, and the throughput against ``log-off``;
 * ``sigkill``: the log on; the service's whole process group is SIGKILLed (an OOM kill, a lost
   node) ``--kill-after`` seconds into the load; answers received vs records;
 * ``store-down``: the log on an S3-compatible object store (moto's server on 127.0.0.1), which is
@@ -113,8 +116,22 @@ def submit_cost(blobs: list[bytes], tmp: Path, stored: Path, n: int = 2000) -> d
     }
 
 
-def scenario(name: str, env: dict, tmp: Path, blobs: list[bytes], token: str, a, during=None) -> dict:
-    """Start the service with ``env``, load it (``during(base, proc)`` runs beside the load), stop it."""
+def caught_up(base: str, token: str, limit_s: float) -> float | None:
+    """Seconds after the load until no answer's statistics wait for the log's writer (None: not
+    within ``limit_s``), read from the service's own counters as an operator would."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        if (bento_info(base, token).get("inference_log") or {}).get("queued") == 0:
+            return round(time.monotonic() - t0, 1)
+        time.sleep(0.5)
+    return None
+
+
+def scenario(
+    name: str, env: dict, tmp: Path, blobs: list[bytes], token: str, a, during=None, catch_up: bool = False
+) -> dict:
+    """Start the service with ``env``, load it (``during(base, proc)`` runs beside the load), with
+    ``catch_up`` wait for the log's writer to catch up (statistics computed after the peak), stop it."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start(bentos.serve_command(port=port), env, f"{base}/readyz", tmp / f"{name}.log")
@@ -127,13 +144,19 @@ def scenario(name: str, env: dict, tmp: Path, blobs: list[bytes], token: str, a,
         duration = a.kill_after + 2 if name == "sigkill" else a.duration
         stats = asyncio.run(load(f"{base}/classify", blobs, a.clients, duration, a.warmup, token, answered))
         info = bento_info(base, token) if proc.poll() is None else {}
+        if catch_up and proc.poll() is None:
+            info["statistics_caught_up_after_s"] = caught_up(base, token, a.catch_up_limit)
+            info["after_catch_up"] = bento_info(base, token).get("inference_log")
     finally:
         if side is not None:
             side.join()
         stop(proc)  # SIGTERM: the service drains its log (a no-op after a SIGKILL)
     stats.pop("error_examples", None)
     print(f"[{name}] {stats['requests_per_s']} req/s, {len(answered)} answers", flush=True)
-    return {"load": stats, "inference_log": info.get("inference_log"), "answered": answered}
+    log = info.get("inference_log")
+    if catch_up and log is not None:
+        log = {"at_end_of_load": log, **{k: info.get(k) for k in ("statistics_caught_up_after_s", "after_catch_up")}}
+    return {"load": stats, "inference_log": log, "answered": answered}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-after", type=float, default=20.0, help="seconds of load before the SIGKILL")
     ap.add_argument("--outage-start", type=float, default=15.0, help="seconds of load before the store stops")
     ap.add_argument("--outage", type=float, default=30.0, help="seconds the object store is down")
+    ap.add_argument("--catch-up-limit", type=float, default=300.0, help="seconds to wait for the log's statistics")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
 
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         results["log-off"] = {"load": off["load"]}
 
         local = str(tmp / "log-on")
-        on = scenario("log-on", {**env, "LESIONFLOW_INFERENCE_LOG": local}, tmp, blobs, token, a)
+        on = scenario("log-on", {**env, "LESIONFLOW_INFERENCE_LOG": local}, tmp, blobs, token, a, catch_up=True)
         results["log-on"] = {"load": on["load"], "counters": on["inference_log"], **accounted(on["answered"], local)}
         results["log-on"]["throughput_vs_log_off"] = round(
             on["load"]["requests_per_s"] / max(off["load"]["requests_per_s"], 1e-9), 4

@@ -15,9 +15,11 @@ The **image statistics** (about 3 ms of Python per image) are computed by a writ
 (:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so they never hold the service's
 interpreter lock: the request queues the image's small statistics copy (longer side 200 px, not
 the decoded image) and returns; the writer appends a **features record** with the same request id.
-When the service is saturated and that queue is full, the statistics of an answer are skipped and
-counted (``statistics dropped``); its answer record is kept, and the reader marks it
-``has_statistics: false``.
+When the service is saturated the writer gets no CPU and the copies wait: in memory up to
+``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded), and the writer
+catches up when the load falls. Only when both are full, or the service stops before the writer
+caught up, are the statistics of an answer skipped and counted (``statistics dropped``); its answer
+record is kept, and the reader marks it ``has_statistics: false``.
 
 Every ten seconds (and at flush) a **tally** record says how many answers this worker gave and what
 became of their records, so the monitor knows what its window should hold; the same totals are
@@ -35,7 +37,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -52,7 +53,8 @@ from pipeline.core.statsconfig import feature_config_from_dict
 from pipeline.model import bundle
 from pipeline.monitoring import logrecord, logstore
 from pipeline.monitoring.logrecord import Answer, utcnow
-from pipeline.serving import logworker
+from pipeline.serving import logmetrics, logworker
+from pipeline.serving.backlog import BACKLOG_MB, DiskBacklog, OnDisk, backlog_folder
 
 logger = logging.getLogger(__name__)
 
@@ -90,52 +92,11 @@ def uploaded_file_identity(data: bytes | None) -> tuple[str | None, int | None]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def worker_name() -> str:
-    """This service worker's name in tallies and persisted counters: the host (a pod's name) and
-    BentoML's worker index, so that a restarted container goes on counting where it stopped."""
-    index = 0
-    with contextlib.suppress(Exception):
-        from bentoml import server_context
-
-        index = int(server_context.worker_index or 0)
-    return f"{socket.gethostname()}-w{index}"
-
-
-class _Metrics:
-    """The log's Prometheus series (created once per process; ``/metrics`` gathers every worker's)."""
-
-    _made: _Metrics | None = None
-
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge
-
-        self.records = Counter(
-            "lesionflow_inference_log_records", "Answer records of the inference log, by state", ["state"]
-        )
-        self.statistics = Counter(
-            "lesionflow_inference_log_statistics", "Image statistics of answers (features records), by state", ["state"]
-        )
-        self.queue = Gauge(
-            "lesionflow_inference_log_queue_depth",
-            "Answers whose image statistics wait for the log's writer",
-            multiprocess_mode="livesum",
-        )
-
-    @classmethod
-    def get(cls) -> _Metrics | None:
-        if cls._made is None:
-            try:
-                cls._made = cls()
-            except Exception as exc:  # noqa: BLE001 - metrics must never stop the log
-                logger.warning("inference log: no Prometheus series: %s", exc)
-                return None
-        return cls._made
-
-
 class BackgroundLog:
     """The inference log of the model at ``model_path`` at ``location``
     (:func:`pipeline.monitoring.logstore.location`; None: no log); see the module docstring. At most
-    ``max_queue_bytes`` of statistics copies wait for the writer process. :meth:`flush` waits until
+    ``max_queue_bytes`` of statistics copies wait for the writer process in memory, and at most
+    ``backlog_bytes`` more on local disk. :meth:`flush` waits until
     every queued statistics record is written and every spooled segment is put (tests, shutdown);
     :meth:`close` also ends the writer process and the uploader."""
 
@@ -146,18 +107,19 @@ class BackgroundLog:
         max_queue_bytes: int = 64 << 20,
         metadata: str = "binned",
         writer: str | None = None,
+        backlog_bytes: int = int(BACKLOG_MB * (1 << 20)),
     ):
         self.model_path = Path(model_path)
         self.log = LogTarget(None if location is None else str(location), logstore.images_kept(), metadata)
         self.max_queue_bytes = int(max_queue_bytes)
-        self.writer = writer or worker_name()
+        self.writer = writer or logmetrics.worker_name()
         self.run, self.started = uuid.uuid4().hex[:12], utcnow()
         self.projection, self.statistics_side = _reference(self.model_path)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: queue.Queue = queue.Queue()
         self._seq = 0
-        self._pending: dict[int, int] = {}  # record number -> bytes, from submit() to the writer's answer
+        self._pending: dict[int, int] = {}  # record number -> bytes in memory, from submit() to the writer's answer
         self._queued_bytes = 0
         self._flushes = 0
         self._counts = dict.fromkeys(("answered", *RECORD_STATES), 0)
@@ -168,9 +130,13 @@ class BackgroundLog:
         self._started_at = 0.0
         self._feeder: threading.Thread | None = None
         self._stop = threading.Event()
-        self._metrics = _Metrics.get() if self.log.enabled else None
+        self._metrics = logmetrics.LogMetrics.get() if self.log.enabled else None
         self._persisted = self._load_persisted()
+        self._backlog = DiskBacklog(backlog_folder(self.writer), self.run, backlog_bytes)
         if self.log.enabled:
+            left = self._backlog.clear_leftovers()
+            if left:
+                logger.warning("inference log: deleted %d statistics backlog file(s) a killed run left", left)
             if self.log.remote:
                 self._spool, self._uploader = logstore.spool(str(self.log.location))
             with self._lock:
@@ -247,12 +213,23 @@ class BackgroundLog:
                 self._metrics.queue.dec()
             self._changed.notify_all()
 
+    def _frame(self, item: Answer | OnDisk) -> bytes | None:
+        """The frame of a queued item: encoded from memory, or read back from the disk backlog."""
+        if not isinstance(item, OnDisk):
+            return logworker.encode(item)
+        frame = self._backlog.read(item)
+        if self._metrics is not None:
+            self._metrics.backlog.set(self._backlog.bytes)
+        return frame
+
     def _feed(self) -> None:
-        """Encode the queued statistics copies and send them to the writer, in order."""
+        """Send the queued statistics copies to the writer, in order."""
         while True:
             seq, item = self._queue.get()
             try:
-                frame = logworker.encode_flush() if seq is None else logworker.encode(item)
+                frame = logworker.encode_flush() if seq is None else self._frame(item)
+                if frame is None:
+                    raise ValueError("its frame on disk is gone")
             except (TypeError, ValueError) as exc:
                 logger.warning("inference log: could not encode a record: %s", exc)
                 with self._lock:
@@ -318,14 +295,27 @@ class BackgroundLog:
         return state in ("written", "spooled")
 
     def _queue_statistics(self, answer: Answer) -> None:
-        """Queue the small copy the statistics need (callers hold self._lock); skipped and counted
-        when the queue is full or the writer is down."""
+        """Queue the small copy the statistics need (callers hold self._lock): in memory, or as a
+        frame on the disk backlog when the memory queue is full; skipped and counted when both are
+        full or the writer is down."""
         rgb = np.asarray(answer.rgb)
         small = working_copy(rgb, self.statistics_side) if rgb.ndim == 3 else rgb
         size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
-        item = replace(answer, rgb=small, size=size, embedding=None)
+        item: Answer | OnDisk | None = replace(answer, rgb=small, size=size, embedding=None)
         nbytes = int(small.nbytes) + (len(answer.image_bytes) if answer.image_bytes else 0)
-        if (self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes) or not self._alive():
+        if not self._alive():
+            item = None
+        elif self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
+            try:
+                frame = logworker.encode(item)
+            except (TypeError, ValueError) as exc:
+                logger.warning("inference log: could not encode a record: %s", exc)
+                self._count("statistics_failed")
+                return
+            item, nbytes = self._backlog.append(frame), 0
+            if self._metrics is not None:
+                self._metrics.backlog.set(self._backlog.bytes)
+        if item is None:
             self._count("statistics_dropped")
             return
         self._seq += 1
@@ -437,11 +427,14 @@ class BackgroundLog:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def close(self, timeout: float = 30.0) -> bool:
-        """:meth:`flush`, then end the writer process (it exits when its input closes) and the
-        uploader. What could not be put stays in the spool for the next start."""
+        """:meth:`flush`, then end the writer process (it exits when its input closes; killed when
+        it did not catch up in time: the statistics it did not write are counted) and the uploader.
+        What could not be put stays in the spool for the next start."""
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         proc = self._proc
+        if proc is not None and not ok and proc.poll() is None:
+            proc.kill()  # its input may be full: closing it would wait for a process that is behind
         if proc is not None and proc.stdin is not None:
             try:
                 proc.stdin.close()
@@ -451,15 +444,34 @@ class BackgroundLog:
                 ok = False
         self._stop.set()
         if self.log.enabled:
+            self._abandon()
             ok = self._drain_spool(max(deadline, time.monotonic() + 1.0)) and ok
         return ok
 
+    def _abandon(self) -> None:
+        """After the writer ended: the statistics still waiting are counted dropped, their copies on
+        disk deleted, and the totals tallied."""
+        with self._lock:
+            left = list(self._pending)
+            for seq in left:
+                self._queued_bytes -= self._pending.pop(seq)
+            self._count("statistics_dropped", len(left))
+            if self._metrics is not None and left:
+                self._metrics.queue.dec(len(left))
+        self._backlog.discard()
+        if self._metrics is not None:
+            self._metrics.backlog.set(0)
+        if left:
+            logger.warning("inference log: stopped before the statistics of %d answer(s) were computed", len(left))
+        self.tally()
+
     def counters(self) -> dict[str, int]:
         """Since this worker started: answered; answer records written, spooled, dropped (spool
-        full), failed (disk); statistics written, dropped (queue full), failed; queued (statistics
-        waiting) and spool (segments waiting for upload)."""
+        full), failed (disk); statistics written, dropped (queue and backlog full, or not computed
+        before the service stopped), failed; queued (statistics waiting), backlog_bytes (their
+        copies on disk) and spool (segments waiting for upload)."""
         with self._lock:
-            out = {**self._counts, "queued": len(self._pending)}
+            out = {**self._counts, "queued": len(self._pending), "backlog_bytes": self._backlog.bytes}
         out["spool"] = len(self._uploader.pending()) if self.log.remote else 0
         return out
 

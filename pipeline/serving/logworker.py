@@ -5,9 +5,10 @@ pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and wr
 (:class:`pipeline.monitoring.logrecord.Answer`, with the image's small statistics copy) to its
 standard input; this process computes each answer's features record
 (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
-3 ms of Python per image) at the lowest CPU priority and appends it, in order (the service wrote
-the answer record itself). Being a process of its own, it never holds the service's interpreter lock: in a thread,
-the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
+4 ms of Python per image) at the lowest CPU priority (:func:`lowest_priority`) and appends it, in
+order (the service wrote the answer record itself). Being a process of its own, it never holds
+the service's interpreter lock: in a thread, the statistics slowed every answer in flight
+(``benchmarks/serve_load.py``).
 
 A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
 (the statistics copy, the float32 embedding if any, the uploaded file when images are logged). No pickle:
@@ -189,6 +190,18 @@ def stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def lowest_priority() -> str:
+    """Run this process only on CPU nothing else wants: Linux's ``SCHED_IDLE`` class, else nice 19
+    (which still takes a share of a busy core). Returns which it got."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: best effort
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        return "nice 19"
+    return "normal"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` (started by the service)."""
     args = sys.argv[1:] if argv is None else argv
@@ -199,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # blocked by the service since the start: now ignored
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    with contextlib.suppress(AttributeError, OSError):  # not Unix, or not allowed: best effort
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    lowest_priority()
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from pipeline.monitoring.inferencelog import InferenceLog

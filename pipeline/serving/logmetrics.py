@@ -1,0 +1,61 @@
+"""The inference log's Prometheus series and the name a service worker writes under.
+
+``/metrics`` gathers every worker's series (BentoML's multiprocess registry); the names and states
+are listed in docs/monitoring.md. The totals persisted beside the log are added when a worker starts
+(:class:`pipeline.serving.logqueue.BackgroundLog`), so the counters survive restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+
+logger = logging.getLogger("pipeline.serving.logqueue")
+
+
+def worker_name() -> str:
+    """This service worker's name in tallies and persisted counters: the host (a pod's name) and
+    BentoML's worker index, so that a restarted container goes on counting where it stopped."""
+    index = 0
+    with contextlib.suppress(Exception):
+        from bentoml import server_context
+
+        index = int(server_context.worker_index or 0)
+    return f"{socket.gethostname()}-w{index}"
+
+
+class LogMetrics:
+    """The log's Prometheus series (created once per process; ``/metrics`` gathers every worker's)."""
+
+    _made: LogMetrics | None = None
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        self.records = Counter(
+            "lesionflow_inference_log_records", "Answer records of the inference log, by state", ["state"]
+        )
+        self.statistics = Counter(
+            "lesionflow_inference_log_statistics", "Image statistics of answers (features records), by state", ["state"]
+        )
+        self.queue = Gauge(
+            "lesionflow_inference_log_queue_depth",
+            "Answers whose image statistics wait for the log's writer",
+            multiprocess_mode="livesum",
+        )
+        self.backlog = Gauge(
+            "lesionflow_inference_log_backlog_bytes",
+            "Bytes of statistics copies waiting on local disk for the log's writer",
+            multiprocess_mode="livesum",
+        )
+
+    @classmethod
+    def get(cls) -> LogMetrics | None:
+        if cls._made is None:
+            try:
+                cls._made = cls()
+            except Exception as exc:  # noqa: BLE001 - metrics must never stop the log
+                logger.warning("inference log: no Prometheus series: %s", exc)
+                return None
+        return cls._made

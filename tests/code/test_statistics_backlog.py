@@ -1,0 +1,118 @@
+"""The statistics backlog: when the log's writer falls behind (the service is saturated), the
+copies its statistics need wait on local disk beyond the memory queue, are computed once the
+writer catches up, and leave nothing on disk; what cannot be kept is counted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.core.images import decode_rgb
+from pipeline.features import imagestats
+from pipeline.monitoring import inferencelog
+from pipeline.monitoring.logrecord import Answer
+from pipeline.serving.backlog import DiskBacklog, backlog_folder
+from pipeline.serving.logqueue import BackgroundLog
+from tests.conftest import IMAGES_DIR
+
+DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+#: Room for a frame's JSON header beside its copy's pixels.
+HEADER_ROOM = 4096
+
+
+@pytest.fixture(scope="module")
+def images(real_metadata):
+    return [decode_rgb(IMAGES_DIR / f"{i}.jpg", i) for i in real_metadata["image_id"].iloc[:4]]
+
+
+@pytest.fixture
+def spool(tmp_path, monkeypatch):
+    """The backlog's base folder, private to the test."""
+    monkeypatch.setenv("LESIONFLOW_LOG_SPOOL", str(tmp_path / "spool"))
+    return tmp_path / "spool"
+
+
+def _answer(rgb, rng, rid: str) -> Answer:
+    p = rng.dirichlet(np.ones(7))
+    return Answer(rgb, {"dx_probabilities": dict(zip(DX, p.tolist())), "p_malignant": float(p[4])}, "m", request_id=rid)
+
+
+def _chunks(bg: BackgroundLog) -> list:
+    folder = backlog_folder(bg.writer)
+    return sorted(folder.glob("*.frames")) if folder.is_dir() else []
+
+
+def test_copies_wait_on_disk_beyond_the_memory_queue_and_are_computed_when_the_writer_catches_up(
+    tmp_path, spool, images
+):
+    small = imagestats.statistics_copy(images[0])
+    frame_room = small.nbytes + HEADER_ROOM
+    bg = BackgroundLog(tmp_path / "model", str(tmp_path / "log"), 2 * small.nbytes, backlog_bytes=10 * frame_room)
+    rng = np.random.default_rng(3)
+    ids = [f"r{k:03d}" for k in range(40)]
+    os.kill(bg.pid, signal.SIGSTOP)  # the writer gets no CPU, as under saturation
+    try:
+        assert all(bg.submit(_answer(images[k % 4], rng, rid)) for k, rid in enumerate(ids))
+        counts = bg.counters()
+        assert counts["written"] == 40 and counts["queued"] == 12 and counts["statistics_dropped"] == 28
+        chunks = _chunks(bg)
+        assert chunks and counts["backlog_bytes"] == sum(p.stat().st_size for p in chunks) > 0
+        assert stat.S_IMODE(chunks[0].stat().st_mode) == 0o600
+        assert stat.S_IMODE(chunks[0].parent.stat().st_mode) == 0o700
+    finally:
+        os.kill(bg.pid, signal.SIGCONT)
+    assert bg.flush(timeout=60)
+    assert _chunks(bg) == [] and bg.counters()["backlog_bytes"] == 0, "a copy is deleted once its statistics exist"
+    df = inferencelog.read(tmp_path / "log")
+    assert df["request_id"].tolist() == ids and df["has_statistics"].tolist() == [True] * 12 + [False] * 28
+    for k in (0, 5, 11):  # from memory (0) and from disk (5, 11): the statistics of the image itself
+        assert df["brightness"][k] == pytest.approx(imagestats.image_statistics(images[k % 4])["brightness"], rel=1e-9)
+    assert bg.counters()["statistics_written"] == 12
+    assert bg.close()
+
+
+def test_a_service_stopping_before_the_writer_caught_up_counts_the_rest_dropped_and_deletes_their_copies(
+    tmp_path, spool, images
+):
+    small = imagestats.statistics_copy(images[0])
+    bg = BackgroundLog(tmp_path / "model", str(tmp_path / "log"), small.nbytes, backlog_bytes=1 << 30)
+    rng = np.random.default_rng(4)
+    os.kill(bg.pid, signal.SIGSTOP)
+    for k in range(6):
+        assert bg.submit(_answer(images[k % 4], rng, f"s{k}"))
+    assert bg.counters()["queued"] == 6 and _chunks(bg)
+    assert bg.close(timeout=2) is False  # the writer never got to them
+    counts = bg.counters()
+    assert counts["statistics_written"] == 0 and counts["queued"] == 0 and counts["written"] == 6
+    assert counts["statistics_dropped"] + counts["statistics_failed"] == 6  # failed: sent, never answered
+    assert _chunks(bg) == [], "no copy of a patient's image is left behind"
+
+
+def test_leftovers_of_a_killed_process_are_deleted_and_a_live_one_s_kept(tmp_path):
+    folder = tmp_path / "backlog"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / f"aaaa-{dead.pid}-000000.frames").write_bytes(b"x")
+    (folder / f"bbbb-{os.getpid()}-000000.frames").write_bytes(b"y")
+    (folder / "notes.txt").write_text("not ours")
+    assert DiskBacklog(folder, "cccc", 1 << 20).clear_leftovers() == 1
+    assert sorted(p.name for p in folder.iterdir()) == [f"bbbb-{os.getpid()}-000000.frames", "notes.txt"]
+
+
+def test_a_full_backlog_refuses_and_chunks_roll_and_go_once_read(tmp_path):
+    backlog = DiskBacklog(tmp_path / "b", "run", max_bytes=250, chunk_bytes=100)
+    frames = [bytes([k]) * 60 for k in range(5)]
+    where = [backlog.append(f) for f in frames]
+    assert where[4] is None and all(w is not None for w in where[:4])  # 4 x 60 fits in 250, a fifth not
+    assert len(list((tmp_path / "b").iterdir())) == 2  # a chunk is closed past 100 bytes
+    assert [backlog.read(w) for w in where[:2]] == frames[:2]
+    assert len(list((tmp_path / "b").iterdir())) == 1 and backlog.bytes == 120
+    assert [backlog.read(w) for w in where[2:4]] == frames[2:4]
+    assert list((tmp_path / "b").iterdir()) == [] and backlog.bytes == 0
