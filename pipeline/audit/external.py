@@ -142,6 +142,7 @@ def _summary(
         "threshold": point.threshold,
         "target_sensitivity": float(op.get("target_sensitivity", inputs.evaluate.target_sensitivity)),
         "metrics": summary.headline(full),
+        "per_class": dict(full["dx"]["per_class"]) if "dx" in full else {},
         "confidence": summary.confidence(full),
         "internal": {"test": op.get("test"), "metrics": fsutil.read_json(inputs.model_dir / bundle.SCORES_FILE) or {}},
         "ood_flagged_share": None if pred.in_distribution is None else float(np.mean(~pred.in_distribution)),

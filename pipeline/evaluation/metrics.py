@@ -85,7 +85,9 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
 
     Returns a JSON-ready dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``weighted_f1``,
     ``roc_auc_macro``, ``pr_auc_macro`` (means over the classes where they are defined),
-    ``per_class`` (precision, recall, f1, support, roc_auc, pr_auc per class name) and
+    ``per_class`` (precision, recall, f1, support, roc_auc, pr_auc per class name; None where not
+    defined: recall, F1 and the AUCs of a class absent from ``y``, precision of a class never
+    predicted) and
     ``confusion`` (``labels``, ``counts`` [true][pred] and ``normalized`` rows summing to 1, or 0
     for a class absent from ``y``).
     """
@@ -99,11 +101,12 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
     pred = probs.argmax(axis=1)
     prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     ranking = [one_vs_rest(y, probs[:, c], c) for c in range(k)]
+    predicted = np.bincount(pred, minlength=k)
     per_class = {
         name: {
-            "precision": float(prec[c]),
-            "recall": float(rec[c]),
-            "f1": float(f1[c]),
+            "precision": float(prec[c]) if predicted[c] else None,
+            "recall": float(rec[c]) if sup[c] else None,
+            "f1": float(f1[c]) if sup[c] else None,
             "support": int(sup[c]),
             "roc_auc": ranking[c][0],
             "pr_auc": ranking[c][1],

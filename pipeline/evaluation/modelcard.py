@@ -50,8 +50,8 @@ class CardInputs:
     retrieval_note: str = ""
 
 
-def _fmt3(value: Any) -> str:
-    return fmt(value, 3)
+def _fmt3(value: Any, missing: str = "-") -> str:
+    return fmt(value, 3, missing)
 
 
 def _ci(rep: Mapping[str, Any], key: str, value: Any = None) -> str:

@@ -23,9 +23,18 @@ from pipeline.evaluation.oodsets import OodImage
 from pipeline.evaluation.predictions import Predictions, binary_truth
 
 
+def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
+    """Mean one-vs-rest ROC-AUC over the classes where it is defined."""
+    aucs = [a for a, _ in (metrics.one_vs_rest(y, probs[:, c], c) for c in range(probs.shape[1])) if a is not None]
+    return float(np.mean(aucs)) if aucs else None
+
+
 def calibration_effect(pred: Predictions, tax: Taxonomy, n_bins: int) -> dict[str, Any]:
-    """Per level (and ``p_malignant``): ``ece_before``, ``ece_after`` and the reliability data of
-    both (:func:`pipeline.evaluation.metrics.reliability`)."""
+    """Per level (and ``p_malignant``): ``ece_before``, ``ece_after``, the reliability data of both
+    (:func:`pipeline.evaluation.metrics.reliability`) and the ROC-AUC before and after (macro
+    one-vs-rest for a level). Temperature scaling keeps each image's predicted class, but with
+    test-time augmentation (a mean of softmaxes) and across images (one class's probability, the
+    summed p(malignant)) it can reorder scores, so the AUCs are measured, not assumed equal."""
     out: dict[str, Any] = {}
     y_dx = pred.frame["dx"]
     for lvl in LEVELS:
@@ -34,15 +43,26 @@ def calibration_effect(pred: Predictions, tax: Taxonomy, n_bins: int) -> dict[st
             continue
         y = tax.encode(y_dx, lvl)
         rel = {k: metrics.top_label_reliability(y, v, n_bins) for k, v in (("before", before), ("after", after))}
-        out[lvl] = {"ece_before": rel["before"]["ece"], "ece_after": rel["after"]["ece"], "reliability": rel}
+        out[lvl] = {
+            "ece_before": rel["before"]["ece"],
+            "ece_after": rel["after"]["ece"],
+            "roc_auc_before": _macro_auc(y, before),
+            "roc_auc_after": _macro_auc(y, after),
+            "reliability": rel,
+        }
     before_b, after_b = pred.uncalibrated.get("binary"), pred.level("binary")
     if before_b is not None and after_b is not None:
         y01 = binary_truth(pred.frame, tax)
-        rel = {
-            k: metrics.reliability(y01, v[:, tax.positive_index], n_bins)
-            for k, v in (("before", before_b), ("after", after_b))
+        scores = {k: v[:, tax.positive_index] for k, v in (("before", before_b), ("after", after_b))}
+        rel = {k: metrics.reliability(y01, v, n_bins) for k, v in scores.items()}
+        auc = {k: metrics.one_vs_rest(y01, v, 1)[0] for k, v in scores.items()}
+        out["p_malignant"] = {
+            "ece_before": rel["before"]["ece"],
+            "ece_after": rel["after"]["ece"],
+            "roc_auc_before": auc["before"],
+            "roc_auc_after": auc["after"],
+            "reliability": rel,
         }
-        out["p_malignant"] = {"ece_before": rel["before"]["ece"], "ece_after": rel["after"]["ece"], "reliability": rel}
     return out
 
 

@@ -25,6 +25,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pipeline.monitoring.logstore import SPOOL_ENV, private_folder
 
@@ -71,6 +72,13 @@ class _Chunk:
     frames: int = 0
     read: int = 0
     closed: bool = False
+    out: BinaryIO | None = None  # open for appending until closed
+
+    def close(self) -> None:
+        self.closed = True
+        if self.out is not None:
+            self.out.close()
+            self.out = None
 
 
 class DiskBacklog:
@@ -106,12 +114,12 @@ class DiskBacklog:
         if last is not None and not last.closed and last.size < self.chunk_bytes:
             return last
         if last is not None:
-            last.closed = True
+            last.close()
             self._release(self._next - 1)
         private_folder(self.folder)
         chunk = _Chunk(self.folder / f"{self.run}-{os.getpid()}-{self._next:06d}{SUFFIX}")
-        fd = os.open(chunk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
+        fd = os.open(chunk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        chunk.out = os.fdopen(fd, "ab", buffering=0)
         self._chunks[self._next] = chunk
         self._next += 1
         return chunk
@@ -121,12 +129,21 @@ class DiskBacklog:
         with self._lock:
             if self.bytes + len(frame) > self.max_bytes:
                 return None
+            chunk = None
             try:
                 chunk = self._open_chunk()
-                with open(chunk.path, "ab") as fh:
-                    fh.write(frame)
+                assert chunk.out is not None
+                written = chunk.out.write(frame) or 0
+                if written != len(frame):
+                    raise OSError(f"{chunk.path}: wrote {written} of {len(frame)} bytes (disk full?)")
             except OSError as exc:
                 logger.warning("inference log: statistics backlog %s: %s", self.folder, exc)
+                if chunk is not None:  # a partial frame: nothing more is appended after it
+                    with contextlib.suppress(OSError):
+                        actual = chunk.path.stat().st_size
+                        self.bytes += actual - chunk.size
+                        chunk.size = actual
+                    chunk.close()
                 return None
             where = OnDisk(self._next - 1, chunk.size, len(frame))
             chunk.size += len(frame)
@@ -150,7 +167,7 @@ class DiskBacklog:
                 frame = None
             chunk.read += 1
             if chunk.read >= chunk.frames and where.chunk == self._next - 1:
-                chunk.closed = True  # the writer caught up: the next append starts a new chunk
+                chunk.close()  # the writer caught up: the next append starts a new chunk
             self._release(where.chunk)
             return frame if frame is not None and len(frame) == where.length else None
 
@@ -167,6 +184,7 @@ class DiskBacklog:
         """Delete every chunk (shutdown: what was not computed is counted dropped by the caller)."""
         with self._lock:
             for chunk in self._chunks.values():
+                chunk.close()
                 with contextlib.suppress(OSError):
                     chunk.path.unlink()
             self._chunks.clear()

@@ -48,12 +48,20 @@ def test_multiclass_report_hand_computed():
     assert r["roc_auc_macro"] == pytest.approx(np.mean([pc[c]["roc_auc"] for c in "abc"]))
 
 
-def test_multiclass_report_absent_class_has_no_auc():
+def test_multiclass_report_absent_class_metrics_are_not_defined_not_zero():
+    """A class absent from a set (an external set without dermatofibromas) has no recall, F1 or AUC
+    there, and a class never predicted no precision: None, which reports print as not defined."""
     y = np.array([0, 0, 1, 1])
     p = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1]])
     r = M.multiclass_report(y, p, ["a", "b", "c"])
-    assert r["per_class"]["c"]["roc_auc"] is None
-    assert r["per_class"]["c"]["support"] == 0
+    c = r["per_class"]["c"]
+    assert (c["roc_auc"], c["pr_auc"], c["recall"], c["f1"], c["precision"]) == (None,) * 5
+    assert c["support"] == 0
+    assert r["per_class"]["a"]["recall"] == pytest.approx(0.5)
+    assert r["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    q = np.array([[0.9, 0.05, 0.05], [0.2, 0.1, 0.7], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1]])
+    absent_predicted = M.multiclass_report(y, q, ["a", "b", "c"])["per_class"]["c"]
+    assert absent_predicted["precision"] == 0.0 and absent_predicted["recall"] is None
     assert r["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p.argmax(1)))
     assert r["confusion"]["normalized"][2] == [0.0, 0.0, 0.0]
 

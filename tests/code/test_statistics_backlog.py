@@ -116,3 +116,24 @@ def test_a_full_backlog_refuses_and_chunks_roll_and_go_once_read(tmp_path):
     assert len(list((tmp_path / "b").iterdir())) == 1 and backlog.bytes == 120
     assert [backlog.read(w) for w in where[2:4]] == frames[2:4]
     assert list((tmp_path / "b").iterdir()) == [] and backlog.bytes == 0
+
+
+def test_a_partial_write_is_refused_and_the_frames_before_it_still_read_back(tmp_path, monkeypatch):
+    backlog = DiskBacklog(tmp_path / "b", "run", max_bytes=1 << 20)
+    first = backlog.append(b"a" * 50)
+    chunk = backlog._chunks[0]
+    real = chunk.out
+
+    class Short:  # a disk that fills up in the middle of the next frame
+        def write(self, data):
+            return real.write(data[:10])
+
+        def close(self):
+            real.close()
+
+    monkeypatch.setattr(chunk, "out", Short())
+    assert backlog.append(b"b" * 50) is None and backlog.bytes == 60
+    third = backlog.append(b"c" * 50)  # goes to a new chunk
+    assert third is not None and third.chunk == 1
+    assert backlog.read(first) == b"a" * 50 and backlog.read(third) == b"c" * 50
+    assert list((tmp_path / "b").iterdir()) == [] and backlog.bytes == 0

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -65,19 +66,31 @@ def setup(real_metadata, tmp_path_factory):
     return {"root": root, "model": model, "folder": folder, "labels": labels, "monitor": monitor}
 
 
-def test_external_numbers_equal_an_independent_sklearn_computation(setup):
-    s = setup
+def _validated(s: dict, name: str, labels_csv, out_dir, bootstrap: int) -> dict:
+    """validate_external of the setup's model on its shifted folder with ``labels_csv``; the user
+    reads our messages, not scikit-learn's warnings."""
+    evaluate = params.load_section("evaluate", PROJECT_ROOT / "params.yaml")
     inputs = external.ExternalInputs(
-        name="shifted",
+        name=name,
         model_dir=s["model"],
         model_label=str(s["model"]),
         images_dir=s["folder"],
-        labels_csv=s["labels"],
-        out_dir=s["root"] / "out",
-        evaluate=dataclasses.replace(params.load_section("evaluate", PROJECT_ROOT / "params.yaml"), bootstrap=200),
+        labels_csv=labels_csv,
+        out_dir=out_dir,
+        evaluate=dataclasses.replace(evaluate, bootstrap=bootstrap),
         monitor=dataclasses.replace(s["monitor"], min_batch_size=50),
     )
-    r = external.validate_external(inputs, TAX, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = external.validate_external(inputs, TAX, progress=False)
+    sklearn_said = {str(w.message)[:80] for w in caught if "sklearn" in w.filename}
+    assert not sklearn_said, f"our own messages, not scikit-learn's warnings: {sklearn_said}"
+    return r
+
+
+def test_external_numbers_equal_an_independent_sklearn_computation(setup):
+    s = setup
+    r = _validated(s, "shifted", s["labels"], s["root"] / "out", bootstrap=200)
     pred = pd.read_csv(s["root"] / "out" / "predictions.csv")
     labels = pd.read_csv(s["labels"])
     assert list(pred["image_id"]) == list(labels["image_id"]) and r["n_images"] == N_EXT
@@ -105,7 +118,24 @@ def test_external_numbers_equal_an_independent_sklearn_computation(setup):
     assert r["drift"]["decision"] in ("drift", "no_drift") and r["drift"]["n_current"] == N_EXT
     report = (s["root"] / "out" / "report.md").read_text()
     assert "this set, model threshold" in report and "internal test split" in report
+
     assert (s["root"] / "out" / "report.html").stat().st_size > 1000
+
+
+def test_a_set_without_some_diagnoses_reports_their_metrics_as_not_defined(setup, tmp_path):
+    """PH2-like: a clinic's set holds a few diagnoses only. Their per-class metrics are not defined
+    (not 0) in the summary and the report, and scikit-learn's warnings are not what the user reads."""
+    s = setup
+    labels = pd.read_csv(s["labels"])
+    labels = labels[~labels["dx"].isin(["df", "vasc", "akiec"])]
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    r = _validated(s, "few-diagnoses", tmp_path / "labels.csv", tmp_path / "out", bootstrap=100)
+    report = (tmp_path / "out" / "report.md").read_text()
+    for c in ("df", "vasc", "akiec"):
+        pc = r["per_class"][c]
+        assert pc["support"] == 0 and pc["recall"] is None and pc["f1"] is None and pc["roc_auc"] is None
+        assert "not defined" in report.split(f"| {c} | 0 | ")[1].split("\n")[0]
+    assert r["per_class"]["nv"]["recall"] is not None
 
 
 def test_cli_validates_a_stored_model_and_trace_shows_the_record(setup, tmp_path):
