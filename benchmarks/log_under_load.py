@@ -10,7 +10,8 @@ Side by side in one run (one server at a time, the same packaged model, images a
   ids of every 200 answer the clients received are looked up in the log: answers without a
   record, the share with image statistics, the service's own counters at the end of the load and
   after the catch-up, and the throughput against ``log-off``;
-* ``sigkill``: the log on; the service's whole process group is SIGKILLed (an OOM kill, a lost
+* ``sigkill``: the log on; the service's process group and every process it started (BentoML's
+  worker and the log's writer run in groups of their own) are SIGKILLed (an OOM kill, a lost
   node) ``--kill-after`` seconds into the load; answers received vs records;
 * ``store-down``: the log on an S3-compatible object store (moto's server on 127.0.0.1), which is
   stopped (SIGSTOP: unreachable, every request to it hangs) ``--outage-start`` seconds into the
@@ -190,9 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         killed_log = str(tmp / "sigkill")
 
         def kill(proc: subprocess.Popen) -> None:
+            import psutil
+
             time.sleep(a.warmup + a.kill_after)
+            # BentoML starts its worker (and that its log writer) outside the server's group: a lost
+            # node loses all of them
+            lost = psutil.Process(proc.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            for child in lost:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
 
         killed = scenario("sigkill", {**env, "LESIONFLOW_INFERENCE_LOG": killed_log}, tmp, blobs, token, a, kill)
         results["sigkill"] = {"load": killed["load"], **accounted(killed["answered"], killed_log)}

@@ -1,8 +1,10 @@
 """Temperature scaling: one scalar ``T`` that divides the model's logits before the softmax, fitted
 on the validation split to minimise the negative log-likelihood (Guo et al., "On Calibration of
-Modern Neural Networks", ICML 2017). It changes the confidence, never the ranking: the predicted
-class, the ROC curves and the AUCs stay exactly as they were; only how far a probability can be
-trusted as a frequency changes.
+Modern Neural Networks", ICML 2017). It changes the confidence of each image's prediction, not
+its predicted class (the argmax of ``logits / T`` is the argmax of the logits; with test-time
+augmentation, a mean of softmaxes, nearly always). It can reorder images by one class's
+probability or by a sum of classes (p(malignant)), so ROC curves and AUCs can change: the
+evaluation reports them before and after (:func:`pipeline.evaluation.trust.calibration_effect`).
 
 With test-time augmentation the probabilities are the mean over the flip views of
 ``softmax(logits_view / T)``, so ``T`` is fitted on exactly that (``logits`` of shape

@@ -158,6 +158,8 @@ class BackgroundLog:
         env = dict(os.environ)
         package_root = str(Path(logworker.__file__).resolve().parents[2])  # the folder holding pipeline/
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # one thread: a BLAS helper started at import would spin at normal priority beside the service
+        env.update(dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
         self._started_at = time.monotonic()
         with logworker.stop_signals_blocked():  # the writer must outlive a SIGTERM from its first instant
             self._proc = subprocess.Popen(

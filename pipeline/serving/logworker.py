@@ -190,11 +190,22 @@ def stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _threads() -> list[int]:
+    """This process's thread ids (Linux's /proc; the class is set per thread there)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
 def lowest_priority() -> str:
-    """Run this process only on CPU nothing else wants: Linux's ``SCHED_IDLE`` class, else nice 19
+    """Run this process only on CPU nothing else wants: Linux's ``SCHED_IDLE`` class for every
+    thread it has (a thread a library started at import keeps its class otherwise), else nice 19
     (which still takes a share of a busy core). Returns which it got."""
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        for tid in _threads():
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         return "SCHED_IDLE"
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: best effort
         os.setpriority(os.PRIO_PROCESS, 0, 19)
@@ -212,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # blocked by the service since the start: now ignored
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    lowest_priority()
     one_thread_per_worker()  # no busy-waiting BLAS helper threads beside the service
+    lowest_priority()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from pipeline.monitoring.inferencelog import InferenceLog
 

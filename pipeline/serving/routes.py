@@ -89,9 +89,16 @@ async def _predict(request: Request, batch: bool, similar: int | None) -> list[d
         return _internal_error("predicting")
     ids = _request_ids(request, len(prepared))
     route = request.url.path
-    return [
-        c.finalise(pred, {**info, "route": route}, similar, rid) for (_, info), pred, rid in zip(prepared, preds, ids)
-    ]
+
+    def responses() -> list[dict[str, Any]]:
+        return [
+            c.finalise(pred, {**info, "route": route}, similar, rid)
+            for (_, info), pred, rid in zip(prepared, preds, ids)
+        ]
+
+    # off the event loop: finalise writes each answer's record to the inference log (a file append
+    # under a lock) before the response is sent, and the loop serves the other requests meanwhile
+    return await anyio.to_thread.run_sync(responses)
 
 
 def _request_ids(request: Request, n: int) -> list[str]:
