@@ -185,7 +185,7 @@ def test_stage_writes_everything_and_succeeds_when_gates_fail(workspace, first_r
     ):
         assert text in card
     assert "<table>" in (rep / "model_card.html").read_text()
-    trust = json.loads((rep / "metrics_full.json").read_text())["trust"]["calibration"]
+    trust = json.loads((out / "metrics_full.json").read_text())["trust"]["calibration"]
     for key in ("dx", "p_malignant"):  # measured before and after temperature scaling, never assumed equal
         assert 0.0 <= trust[key]["roc_auc_before"] <= 1.0 and 0.0 <= trust[key]["roc_auc_after"] <= 1.0
     assert "ROC-AUC before" in card and "unchanged" not in card

@@ -43,10 +43,12 @@ def model(tmp_path_factory):
 
 
 def test_beyond_the_statistics_queue_every_answer_has_its_record(model, tmp_path):
-    """A statistics queue of a few KB (full at once under 8 clients): statistics are skipped and
-    counted, no answer record is missing, and the reader's coverage says what it holds."""
+    """A statistics queue of a few KB and no disk backlog (both full at once under 8 clients):
+    statistics are skipped and counted, no answer record is missing, and the reader's coverage says
+    what it holds. (The disk backlog that normally takes the overflow: tests/code/test_statistics_backlog.py.)"""
     blobs = [p.read_bytes() for p in real_images(12)]
-    with serving(model, tmp_path, env_extra={"LESIONFLOW_LOG_QUEUE_MB": "0.2"}) as (base, _, _):
+    caps = {"LESIONFLOW_LOG_QUEUE_MB": "0.2", "LESIONFLOW_LOG_BACKLOG_MB": "0"}
+    with serving(model, tmp_path, env_extra=caps) as (base, _, _):
         got: list[str] = []
         stop = threading.Event()
         with ThreadPoolExecutor(CLIENTS) as pool:
