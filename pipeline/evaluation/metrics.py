@@ -80,6 +80,18 @@ def one_vs_rest(y: np.ndarray, score: np.ndarray, c: int) -> tuple[float | None,
     return float(skm.roc_auc_score(pos, score)), float(skm.average_precision_score(pos, score))
 
 
+def mean_defined(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that are defined (not None); None when none is."""
+    kept = [v for v in values if v is not None]
+    return json_float(np.mean(kept)) if kept else None
+
+
+def roc_auc_macro(y: np.ndarray, probs: np.ndarray) -> float | None:
+    """The mean one-vs-rest ROC-AUC over the classes where it is defined (``multiclass_report``'s
+    ``roc_auc_macro``)."""
+    return mean_defined(one_vs_rest(y, probs[:, c], c)[0] for c in range(probs.shape[1]))
+
+
 def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str]) -> dict:
     """All per-taxonomy metrics of a K-class problem (K >= 2), predictions = argmax of ``probs``.
 
@@ -113,8 +125,6 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
         }
         for c, name in enumerate(classes)
     }
-    aucs = [auc for auc, _ in ranking if auc is not None]
-    aps = [ap for _, ap in ranking if ap is not None]
     present = sup > 0
     return {
         "n": int(len(y)),
@@ -123,8 +133,8 @@ def multiclass_report(y: Sequence[int], probs: np.ndarray, classes: Sequence[str
         "balanced_accuracy": float(rec[present].mean()),
         "macro_f1": float(f1[present].mean()),
         "weighted_f1": float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0)),
-        "roc_auc_macro": json_float(np.mean(aucs)) if aucs else None,
-        "pr_auc_macro": json_float(np.mean(aps)) if aps else None,
+        "roc_auc_macro": mean_defined(auc for auc, _ in ranking),
+        "pr_auc_macro": mean_defined(ap for _, ap in ranking),
         "per_class": per_class,
         "confusion": confusion(y, pred, classes),
     }

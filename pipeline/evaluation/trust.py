@@ -23,12 +23,6 @@ from pipeline.evaluation.oodsets import OodImage
 from pipeline.evaluation.predictions import Predictions, binary_truth
 
 
-def _macro_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
-    """Mean one-vs-rest ROC-AUC over the classes where it is defined."""
-    aucs = [a for a, _ in (metrics.one_vs_rest(y, probs[:, c], c) for c in range(probs.shape[1])) if a is not None]
-    return float(np.mean(aucs)) if aucs else None
-
-
 def calibration_effect(pred: Predictions, tax: Taxonomy, n_bins: int) -> dict[str, Any]:
     """Per level (and ``p_malignant``): ``ece_before``, ``ece_after``, the reliability data of both
     (:func:`pipeline.evaluation.metrics.reliability`) and the ROC-AUC before and after (macro
@@ -46,8 +40,8 @@ def calibration_effect(pred: Predictions, tax: Taxonomy, n_bins: int) -> dict[st
         out[lvl] = {
             "ece_before": rel["before"]["ece"],
             "ece_after": rel["after"]["ece"],
-            "roc_auc_before": _macro_auc(y, before),
-            "roc_auc_after": _macro_auc(y, after),
+            "roc_auc_before": metrics.roc_auc_macro(y, before),
+            "roc_auc_after": metrics.roc_auc_macro(y, after),
             "reliability": rel,
         }
     before_b, after_b = pred.uncalibrated.get("binary"), pred.level("binary")

@@ -173,14 +173,20 @@ SPOOL_ENV = "LESIONFLOW_LOG_SPOOL"
 PART_SUFFIX = ".part"
 
 
-def spool_folder(url: str, environ: dict[str, str] | None = None) -> Path:
-    """The local spool of the object-store log at ``url`` (see :data:`SPOOL_ENV`)."""
-    import hashlib
+def spool_base(environ: dict[str, str] | None = None) -> Path:
+    """The folder holding this host's local log files: ``$LESIONFLOW_LOG_SPOOL`` (:data:`SPOOL_ENV`),
+    else ``<tmp>/lesionflow-log-spool``."""
     import tempfile
 
     env = os.environ if environ is None else environ
-    base = Path(env[SPOOL_ENV]) if env.get(SPOOL_ENV) else Path(tempfile.gettempdir()) / "lesionflow-log-spool"
-    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(env[SPOOL_ENV]) if env.get(SPOOL_ENV) else Path(tempfile.gettempdir()) / "lesionflow-log-spool"
+
+
+def spool_folder(url: str, environ: dict[str, str] | None = None) -> Path:
+    """The local spool of the object-store log at ``url`` (in :func:`spool_base`)."""
+    import hashlib
+
+    return spool_base(environ) / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
 class Spool:
@@ -337,8 +343,9 @@ def _spool_days(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
 
 
-def _lock_free(path: Path) -> bool:
-    """Whether nobody holds the segment's lock (its writer ended, killed or not)."""
+def lock_free(path: Path) -> bool:
+    """Whether nobody holds the file's lock (its writer ended, killed or not): a spool segment, a
+    statistics backlog chunk (:mod:`pipeline.serving.backlog`)."""
     if fcntl is None:
         return False
     try:
@@ -360,7 +367,7 @@ def adopt_orphans(folder: Path) -> int:
     adopted = 0
     for day in _spool_days(folder):
         for part in sorted(day.glob(f"*{FILE_SUFFIX}{PART_SUFFIX}")):
-            if not _lock_free(part):
+            if not lock_free(part):
                 continue
             data = part.read_bytes()
             keep = data[: data.rfind(b"\n") + 1]

@@ -11,9 +11,11 @@ deleted as soon as every frame in it was read: a copy of a patient's image stays
 until its statistics are computed. What does not fit is counted as ``statistics dropped``.
 
 The folder is ``$LESIONFLOW_LOG_SPOOL`` (or ``<tmp>/lesionflow-log-spool``)
-``/statistics-backlog/<worker>``: one per service worker; a chunk's name holds its run and
-process id. Chunks a killed process left there are deleted when that worker starts again (they
-belong to answers of a run whose counts are gone); the service warns how many files that was.
+``/statistics-backlog/<worker>``: one per service worker. A process holds each of its chunks open
+under an exclusive ``flock`` until it deletes it (the spool's mechanism,
+:func:`pipeline.monitoring.logstore.lock_free`), so the chunks a killed process left there, whose
+lock nobody holds, are deleted when that worker starts again (they belong to answers of a run
+whose counts are gone); the service warns how many files that was.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-from pipeline.monitoring.logstore import SPOOL_ENV, private_folder
+from pipeline.monitoring.logstore import lock_free, private_folder, spool_base
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, and leftovers are never cleared
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +45,7 @@ SUFFIX = ".frames"
 
 def backlog_folder(writer: str, environ: dict[str, str] | None = None) -> Path:
     """The backlog folder of service worker ``writer`` (see the module docstring)."""
-    env = os.environ if environ is None else environ
-    base = Path(env[SPOOL_ENV]) if env.get(SPOOL_ENV) else Path(tempfile.gettempdir()) / "lesionflow-log-spool"
-    return base / "statistics-backlog" / writer
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return spool_base(environ) / "statistics-backlog" / writer
 
 
 @dataclass(frozen=True)
@@ -68,17 +60,21 @@ class OnDisk:
 @dataclass
 class _Chunk:
     path: Path
+    fd: int  # open under an exclusive flock from creation to deletion: the chunk of a live process
     size: int = 0
     frames: int = 0
     read: int = 0
-    closed: bool = False
-    out: BinaryIO | None = None  # open for appending until closed
+    closed: bool = False  # no more appends
 
-    def close(self) -> None:
-        self.closed = True
-        if self.out is not None:
-            self.out.close()
-            self.out = None
+    def append(self, frame: bytes) -> int:
+        """Append ``frame`` (the file is opened with O_APPEND); the bytes written."""
+        return os.write(self.fd, frame)
+
+    def delete(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class DiskBacklog:
@@ -94,18 +90,17 @@ class DiskBacklog:
         self.bytes = 0  # on disk now
 
     def clear_leftovers(self) -> int:
-        """Delete the chunk files that processes no longer running left here (a kill); returns how
-        many. A live process's chunks (another replica on this host) are left alone."""
+        """Delete the chunk files that processes no longer running left here (a kill: nobody holds
+        their lock, :func:`pipeline.monitoring.logstore.lock_free`); returns how many. A live
+        process's chunks (another replica on this host) are left alone."""
         if not self.folder.is_dir():
             return 0
         gone = 0
         for path in self.folder.glob(f"*{SUFFIX}"):
-            parts = path.name.split("-")
-            if len(parts) != 3 or not parts[1].isdigit() or _alive(int(parts[1])):
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-                gone += 1
+            if lock_free(path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    gone += 1
         return gone
 
     def _open_chunk(self) -> _Chunk:
@@ -114,13 +109,14 @@ class DiskBacklog:
         if last is not None and not last.closed and last.size < self.chunk_bytes:
             return last
         if last is not None:
-            last.close()
+            last.closed = True
             self._release(self._next - 1)
         private_folder(self.folder)
-        chunk = _Chunk(self.folder / f"{self.run}-{os.getpid()}-{self._next:06d}{SUFFIX}")
-        fd = os.open(chunk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        chunk.out = os.fdopen(fd, "ab", buffering=0)
-        self._chunks[self._next] = chunk
+        path = self.folder / f"{self.run}-{self._next:06d}{SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        chunk = self._chunks[self._next] = _Chunk(path, fd)
         self._next += 1
         return chunk
 
@@ -132,8 +128,7 @@ class DiskBacklog:
             chunk = None
             try:
                 chunk = self._open_chunk()
-                assert chunk.out is not None
-                written = chunk.out.write(frame) or 0
+                written = chunk.append(frame)
                 if written != len(frame):
                     raise OSError(f"{chunk.path}: wrote {written} of {len(frame)} bytes (disk full?)")
             except OSError as exc:
@@ -143,7 +138,7 @@ class DiskBacklog:
                         actual = chunk.path.stat().st_size
                         self.bytes += actual - chunk.size
                         chunk.size = actual
-                    chunk.close()
+                    chunk.closed = True
                 return None
             where = OnDisk(self._next - 1, chunk.size, len(frame))
             chunk.size += len(frame)
@@ -159,15 +154,13 @@ class DiskBacklog:
             if chunk is None:
                 return None
             try:
-                with open(chunk.path, "rb") as fh:
-                    fh.seek(where.offset)
-                    frame = fh.read(where.length)
+                frame = os.pread(chunk.fd, where.length, where.offset)
             except OSError as exc:
                 logger.warning("inference log: statistics backlog %s: %s", chunk.path, exc)
                 frame = None
             chunk.read += 1
             if chunk.read >= chunk.frames and where.chunk == self._next - 1:
-                chunk.close()  # the writer caught up: the next append starts a new chunk
+                chunk.closed = True  # the writer caught up: the next append starts a new chunk
             self._release(where.chunk)
             return frame if frame is not None and len(frame) == where.length else None
 
@@ -175,8 +168,7 @@ class DiskBacklog:
         """Delete chunk ``number`` when it is closed and fully read (callers hold the lock)."""
         chunk = self._chunks[number]
         if chunk.closed and chunk.read >= chunk.frames:
-            with contextlib.suppress(OSError):
-                chunk.path.unlink()
+            chunk.delete()
             self.bytes -= chunk.size
             del self._chunks[number]
 
@@ -184,8 +176,6 @@ class DiskBacklog:
         """Delete every chunk (shutdown: what was not computed is counted dropped by the caller)."""
         with self._lock:
             for chunk in self._chunks.values():
-                chunk.close()
-                with contextlib.suppress(OSError):
-                    chunk.path.unlink()
+                chunk.delete()
             self._chunks.clear()
             self.bytes = 0

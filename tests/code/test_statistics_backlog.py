@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,14 +97,16 @@ def test_a_service_stopping_before_the_writer_caught_up_counts_the_rest_dropped_
 
 def test_leftovers_of_a_killed_process_are_deleted_and_a_live_one_s_kept(tmp_path):
     folder = tmp_path / "backlog"
-    folder.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (folder / f"aaaa-{dead.pid}-000000.frames").write_bytes(b"x")
-    (folder / f"bbbb-{os.getpid()}-000000.frames").write_bytes(b"y")
+    killed = (  # a process that appends a frame and dies without cleaning up (as under SIGKILL)
+        "import os, sys; from pathlib import Path; from pipeline.serving.backlog import DiskBacklog; "
+        "DiskBacklog(Path(sys.argv[1]), 'aaaa', 1 << 20).append(b'x'); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", killed, str(folder)], cwd=Path(__file__).resolve().parents[2], check=True)
+    live = DiskBacklog(folder, "bbbb", 1 << 20)  # another replica's worker on this host, running
+    assert live.append(b"y") is not None
     (folder / "notes.txt").write_text("not ours")
     assert DiskBacklog(folder, "cccc", 1 << 20).clear_leftovers() == 1
-    assert sorted(p.name for p in folder.iterdir()) == [f"bbbb-{os.getpid()}-000000.frames", "notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bbbb-000000.frames", "notes.txt"]
 
 
 def test_a_full_backlog_refuses_and_chunks_roll_and_go_once_read(tmp_path):
@@ -122,16 +125,8 @@ def test_a_partial_write_is_refused_and_the_frames_before_it_still_read_back(tmp
     backlog = DiskBacklog(tmp_path / "b", "run", max_bytes=1 << 20)
     first = backlog.append(b"a" * 50)
     chunk = backlog._chunks[0]
-    real = chunk.out
-
-    class Short:  # a disk that fills up in the middle of the next frame
-        def write(self, data):
-            return real.write(data[:10])
-
-        def close(self):
-            real.close()
-
-    monkeypatch.setattr(chunk, "out", Short())
+    # a disk that fills up in the middle of the next frame
+    monkeypatch.setattr(chunk, "append", lambda data: os.write(chunk.fd, data[:10]))
     assert backlog.append(b"b" * 50) is None and backlog.bytes == 60
     third = backlog.append(b"c" * 50)  # goes to a new chunk
     assert third is not None and third.chunk == 1
