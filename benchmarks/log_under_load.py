@@ -85,8 +85,8 @@ def submit_cost(blobs: list[bytes], tmp: Path, stored: Path, n: int = 2000) -> d
     import numpy as np
 
     from pipeline.core.images import decode_rgb
-    from pipeline.monitoring.logrecord import Answer
-    from pipeline.serving.logqueue import BackgroundLog, uploaded_file_identity
+    from pipeline.monitoring.logrecord import Answer, uploaded_file_identity
+    from pipeline.serving.logqueue import BackgroundLog
 
     decoded = [decode_rgb(b, f"image{k}") for k, b in enumerate(blobs)]
     log = BackgroundLog(stored, str(tmp / "submit-cost"), max_queue_bytes=1 << 40, writer="bench-w0")

@@ -29,6 +29,7 @@ NumPy only (no pandas, torch, SciPy or Evidently): the service imports it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import uuid
@@ -50,6 +51,13 @@ ANSWER, FEATURES, TALLY = "answer", "features", "tally"
 #: The column saying whether an answer has image statistics to wait for (not an explanation or a tensor).
 STATISTICS_EXPECTED = "statistics_expected"
 LEVELS = ("dx", "risk", "binary")
+
+
+def uploaded_file_identity(data: bytes | None) -> tuple[str | None, int | None]:
+    """``(sha256 hex, size in bytes)`` of an uploaded file (None, None without one)."""
+    if data is None:
+        return None, None
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def _statistics(rgb: np.ndarray, feature_config: Any, size: tuple[int, int] | None = None) -> dict[str, float]:

@@ -31,10 +31,10 @@ from pipeline.model import bundle
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
-from pipeline.monitoring.logrecord import Answer
+from pipeline.monitoring.logrecord import Answer, uploaded_file_identity
 from pipeline.serving.batching import Batcher
 from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
-from pipeline.serving.logqueue import BackgroundLog, uploaded_file_identity
+from pipeline.serving.logqueue import BackgroundLog
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
     MAX_IMAGE_BYTES,

@@ -8,8 +8,13 @@ are listed in docs/monitoring.md. The totals persisted beside the log are added 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from pipeline.monitoring import logstore
 
 logger = logging.getLogger("pipeline.serving.logqueue")
 
@@ -23,6 +28,21 @@ def worker_name() -> str:
 
         index = int(server_context.worker_index or 0)
     return f"{socket.gethostname()}-w{index}"
+
+
+def counters_file(location: str, remote: bool, writer: str) -> Path:
+    """Where ``writer``'s totals are persisted: beside a local log (``counters/``), or in the spool
+    folder of an object-store log."""
+    folder = logstore.spool_folder(location) if remote else Path(location) / "counters"
+    return folder / f"{writer}.json"
+
+
+def read_totals(path: Path) -> dict[str, int]:
+    """The totals persisted at ``path`` (empty when missing or unreadable)."""
+    try:
+        return {k: int(v) for k, v in json.loads(path.read_text()).get("totals", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 class LogMetrics:
@@ -49,6 +69,13 @@ class LogMetrics:
             "Bytes of statistics copies waiting on local disk for the log's writer",
             multiprocess_mode="livesum",
         )
+
+    def add_totals(self, totals: Mapping[str, int], records: Iterable[str], statistics: Iterable[str]) -> None:
+        """Start the counters from a worker's persisted ``totals`` (``<state>`` and ``statistics_<state>``)."""
+        for state in records:
+            self.records.labels(state).inc(totals.get(state, 0))
+        for state in statistics:
+            self.statistics.labels(state).inc(totals.get(f"statistics_{state}", 0))
 
     @classmethod
     def get(cls) -> LogMetrics | None:

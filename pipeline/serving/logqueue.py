@@ -1,15 +1,16 @@
-"""The service's inference log: every answer's record written by the request, its image statistics
-off the request path and out of the service's process.
+"""The service's inference log: every answer's record written before its response, its image
+statistics off the request path and out of the service's process.
 
 For every answer :meth:`BackgroundLog.submit` writes the **answer record**
 (:func:`pipeline.monitoring.logrecord.answer_record`: request id, time, model, prediction, OOD
-verdict and score, metadata as the privacy policy says, the image's sha256 and size) at once, in
-the request's thread: one line appended to the local day file under ``flock``, or to the replica's
+verdict and score, metadata as the privacy policy says, the image's sha256 and size) before the
+request goes on: one line appended to the local day file under ``flock``, or to the replica's
 local spool of an object-store log, from which an uploader thread puts the segments (retrying
-with backoff while the store is down). About 50 microseconds; nothing is queued in memory, so a
-SIGKILL or an OOM kill loses at most the answers in flight. A record counts as ``written`` once it
-is in the local file or its segment's PUT succeeded, ``spooled`` while it waits in the spool,
-``dropped`` when the spool is full, ``failed`` when the disk refused it.
+with backoff while the store is down). The records of requests arriving together are appended in
+one write (:mod:`pipeline.serving.logappender`); nothing is held in memory after the request
+returns, so a SIGKILL or an OOM kill loses at most the answers in flight. A record counts as
+``written`` once it is in the local file or its segment's PUT succeeded, ``spooled`` while it
+waits in the spool, ``dropped`` when the spool is full, ``failed`` when the disk refused it.
 
 The **image statistics** (about 3 ms of Python per image) are computed by a writer process
 (:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so they never hold the service's
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -55,6 +55,7 @@ from pipeline.monitoring import logrecord, logstore
 from pipeline.monitoring.logrecord import Answer, utcnow
 from pipeline.serving import logmetrics, logworker
 from pipeline.serving.backlog import BACKLOG_MB, DiskBacklog, OnDisk, backlog_folder
+from pipeline.serving.logappender import Appender, Pending
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ TALLY_S = float(os.environ.get("LESIONFLOW_LOG_TALLY_S", "10"))
 #: States of an answer record, and of an answer's statistics.
 RECORD_STATES = ("written", "spooled", "dropped", "failed")
 STATISTICS_STATES = ("written", "dropped", "failed")
+#: Seconds a request waits for its answer record's append before it goes on (counted when it lands).
+APPEND_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,6 @@ class LogTarget:
     @property
     def remote(self) -> bool:
         return self.location is not None and logstore.is_url(self.location)
-
-
-def uploaded_file_identity(data: bytes | None) -> tuple[str | None, int | None]:
-    """``(sha256 hex, size in bytes)`` of an uploaded file (None, None without one)."""
-    if data is None:
-        return None, None
-    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 class BackgroundLog:
@@ -139,6 +135,7 @@ class BackgroundLog:
                 logger.warning("inference log: deleted %d statistics backlog file(s) a killed run left", left)
             if self.log.remote:
                 self._spool, self._uploader = logstore.spool(str(self.log.location))
+            self._appender = Appender(str(self.log.location), counted=self._appended, after=self._queue_batch)
             with self._lock:
                 self._start()
             threading.Thread(target=self._housekeeping, name="inference-log-tally", daemon=True).start()
@@ -271,84 +268,90 @@ class BackgroundLog:
 
     # -- the service's side ----------------------------------------------------------------------
     def submit(self, answer: Answer, statistics: bool = True) -> bool:
-        """Log one answer: its answer record written now, its statistics queued for the writer
-        process (``statistics=False``: none, e.g. an explanation). False when the answer record
-        could not be kept (spool full, disk error: counted) or logging is off."""
+        """Log one answer: its answer record appended before this returns (group commit,
+        :mod:`pipeline.serving.logappender`), its statistics queued for the writer process
+        (``statistics=False``: none, e.g. an explanation). False when the answer record could not
+        be kept (spool full, disk error: counted) or logging is off."""
         if not self.log.enabled:
             return False
         try:
             rec = logrecord.answer_record(answer, self.projection, self.log.metadata, statistics)
             day, line = logrecord.to_line(rec)
-            logstore.append_line(str(self.log.location), day, line)
-            state = "spooled" if self.log.remote else "written"
-        except logstore.SpoolFull:
-            state = "dropped"
-        except Exception as exc:  # noqa: BLE001 - a full disk or a bad record must not fail the answer
+        except Exception as exc:  # noqa: BLE001 - a bad record must not fail the answer
             logger.warning("inference log: could not write the answer record of %s: %s", answer.request_id, exc)
-            state = "failed"
-        with self._lock:
-            self._count("answered")
-            self._count(state)
-            if state in ("written", "spooled") and statistics:
-                self._queue_statistics(answer)
+            with self._lock:
+                self._count("answered")
+                self._count("failed")
+            return False
+        state = self._appender.append(day, line, self._statistics_copy(answer) if statistics else None, APPEND_WAIT_S)
         dropped = self._counts["dropped"]
         if state == "dropped" and (dropped in (1, 10, 100) or dropped % 1000 == 0):
-            logger.warning("inference log: spool full; %d answer record(s) dropped so far", self._counts["dropped"])
+            logger.warning("inference log: spool full; %d answer record(s) dropped so far", dropped)
         return state in ("written", "spooled")
 
-    def _queue_statistics(self, answer: Answer) -> None:
-        """Queue the small copy the statistics need (callers hold self._lock): in memory, or as a
-        frame on the disk backlog when the memory queue is full; skipped and counted when both are
-        full or the writer is down."""
+    def _statistics_copy(self, answer: Answer) -> Answer:
+        """The answer with the small copy of its image the statistics need, without its embedding."""
         rgb = np.asarray(answer.rgb)
         small = working_copy(rgb, self.statistics_side) if rgb.ndim == 3 else rgb
         size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
-        item: Answer | OnDisk | None = replace(answer, rgb=small, size=size, embedding=None)
-        nbytes = int(small.nbytes) + (len(answer.image_bytes) if answer.image_bytes else 0)
-        if not self._alive():
-            item = None
-        elif self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
+        return replace(answer, rgb=small, size=size, embedding=None)
+
+    def _appended(self, batch: list[Pending]) -> None:
+        """Count the states of a batch of answer records (the appending leader, before their
+        requests go on)."""
+        with self._lock:
+            for pending in batch:
+                self._count("answered")
+                self._count(pending.state)
+
+    def _queue_batch(self, batch: list[Pending]) -> None:
+        """Queue the statistics of a batch's kept answer records (the appending leader)."""
+        for pending in batch:
+            if pending.item is not None and pending.state in ("written", "spooled"):
+                self._queue_statistics(pending.item)
+
+    def _queue_statistics(self, item: Answer) -> None:
+        """Queue one statistics copy (only the appending leader calls this, one at a time): in memory, or as a
+        frame on the disk backlog when the memory queue is full (encoded and written without
+        holding self._lock); skipped and counted when both are full or the writer is down."""
+        nbytes = int(np.asarray(item.rgb).nbytes) + (len(item.image_bytes) if item.image_bytes else 0)
+        with self._lock:
+            alive = self._alive()
+            spill = alive and self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes
+        queued: Answer | OnDisk | None = item if alive else None
+        if spill:
             try:
                 frame = logworker.encode(item)
             except (TypeError, ValueError) as exc:
                 logger.warning("inference log: could not encode a record: %s", exc)
-                self._count("statistics_failed")
+                with self._lock:
+                    self._count("statistics_failed")
                 return
-            item, nbytes = self._backlog.append(frame), 0
+            queued, nbytes = self._backlog.append(frame), 0
             if self._metrics is not None:
                 self._metrics.backlog.set(self._backlog.bytes)
-        if item is None:
-            self._count("statistics_dropped")
-            return
-        self._seq += 1
-        self._pending[self._seq] = nbytes
-        self._queued_bytes += nbytes
-        if self._metrics is not None:
-            self._metrics.queue.inc()
-        self._queue.put((self._seq, item))
+        with self._lock:
+            if queued is None:
+                self._count("statistics_dropped")
+                return
+            self._seq += 1
+            self._pending[self._seq] = nbytes
+            self._queued_bytes += nbytes
+            if self._metrics is not None:
+                self._metrics.queue.inc()
+            self._queue.put((self._seq, queued))
 
     # -- tallies, persisted counters, uploads ------------------------------------------------------
     def _counters_file(self) -> Path:
-        folder = (
-            logstore.spool_folder(str(self.log.location))
-            if self.log.remote
-            else Path(str(self.log.location)) / "counters"
-        )
-        return folder / f"{self.writer}.json"
+        return logmetrics.counters_file(str(self.log.location), self.log.remote, self.writer)
 
     def _load_persisted(self) -> dict[str, int]:
         """The totals of this worker's earlier runs (see the module docstring), added to /metrics."""
         if not self.log.enabled:
             return {}
-        try:
-            totals = {k: int(v) for k, v in json.loads(self._counters_file().read_text()).get("totals", {}).items()}
-        except (OSError, ValueError, AttributeError):
-            totals = {}
+        totals = logmetrics.read_totals(self._counters_file())
         if self._metrics is not None:
-            for state in RECORD_STATES:
-                self._metrics.records.labels(state).inc(totals.get(state, 0))
-            for state in STATISTICS_STATES:
-                self._metrics.statistics.labels(state).inc(totals.get(f"statistics_{state}", 0))
+            self._metrics.add_totals(totals, RECORD_STATES, STATISTICS_STATES)
         return totals
 
     def tally(self) -> None:
@@ -402,6 +405,8 @@ class BackgroundLog:
         writer roll its spool segment, write a tally and put what waits in the spool; True when
         all of it happened in time."""
         deadline = time.monotonic() + timeout
+        if self.log.enabled and not self._appender.wait(timeout):
+            return False
         with self._changed:
             if not self.log.enabled:
                 return True
@@ -446,6 +451,7 @@ class BackgroundLog:
                 ok = False
         self._stop.set()
         if self.log.enabled:
+            self._appender.close()
             self._abandon()
             ok = self._drain_spool(max(deadline, time.monotonic() + 1.0)) and ok
         return ok
@@ -485,7 +491,7 @@ def _reference(model_path: Path) -> tuple[np.ndarray | None, int]:
     projection = None
     with contextlib.suppress(OSError, ValueError):
         projection = np.load(folder / bundle.REFERENCE_PROJECTION_FILE, allow_pickle=False)
-    try:
+    try:  # the profile's schema, read here: pipeline.monitoring.profile imports pandas
         schema = json.loads((folder / bundle.REFERENCE_SCHEMA_FILE).read_text())
     except (OSError, ValueError):
         schema = {}

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,9 @@ def test_a_service_stopping_before_the_writer_caught_up_counts_the_rest_dropped_
     os.kill(bg.pid, signal.SIGSTOP)
     for k in range(6):
         assert bg.submit(_answer(images[k % 4], rng, f"s{k}"))
+    deadline = time.monotonic() + 10  # a record's copy is queued just after its request is released
+    while bg.counters()["queued"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert bg.counters()["queued"] == 6 and _chunks(bg)
     assert bg.close(timeout=2) is False  # the writer never got to them
     counts = bg.counters()
