@@ -19,6 +19,19 @@ from pipeline.model.inference import Predictor
 from pipeline.model.metadata import MetadataEncoder
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: How many real images a test model's image-quality checks are fitted on.
+QUALITY_IMAGES = 1500
+
+
+def quality_sample() -> list[np.ndarray]:
+    """:data:`QUALITY_IMAGES` real HAM10000 images (a fixed sample), decoded."""
+    import pandas as pd
+
+    from pipeline.core.images import decode_rgb
+
+    meta = pd.read_csv(PROJECT_ROOT / "data" / "HAM10000_metadata.csv")
+    ids = meta["image_id"].sample(QUALITY_IMAGES, random_state=1)
+    return [decode_rgb(PROJECT_ROOT / "data" / "images" / f"{i}.jpg") for i in ids]
 
 
 def write_model_dir(
@@ -36,7 +49,9 @@ def write_model_dir(
 
     With ``trust_images`` (RGB arrays) and their diagnoses ``trust_labels``, the model also gets
     what the train stage fits after training (:mod:`pipeline.model.trust`): the temperature and
-    the OOD detector, here fitted on those images (as both train and val)."""
+    the OOD detector, here fitted on those images (as both train and val), and the image-quality
+    checks, fitted on :data:`QUALITY_IMAGES` real images as the training split would give them
+    (the 0.1% tails of 80 images would refuse a tenth of them)."""
     tax = params.load_taxonomy(PROJECT_ROOT / "params.yaml")
     vocabulary = params.load_section("metadata", PROJECT_ROOT / "params.yaml")
     p = params.from_dict(
@@ -76,7 +91,9 @@ def write_model_dir(
         u8 = predictor.resize(list(trust_images))
         split = trust.SplitInputs(u8, None, tax.encode(list(trust_labels), p.target_level))
         fitted = trust.fit_trust(predictor, split, split, p.trust, 64)
-        cfg.update(calibration=fitted.calibration, ood=fitted.ood)
+        wide = trust.SplitInputs(predictor.resize(quality_sample()), None, np.zeros(0))
+        checks = trust.fit_quality(predictor, wide, split, p.trust.quality_quantile)
+        cfg.update(calibration=fitted.calibration, ood=fitted.ood, quality=checks)
         arrays = fitted.arrays
     checkpoint.save(dest, model.state_dict(), cfg, arrays)
     return dest

@@ -33,7 +33,7 @@ from pipeline.core.taxonomy import Taxonomy
 from pipeline.evaluation import metrics, summary
 from pipeline.evaluation.modelcard import render_html
 from pipeline.evaluation.predictions import Predictions, binary_truth, predict_split, prediction_table
-from pipeline.model import bundle
+from pipeline.model import bundle, quality
 from pipeline.model.inference import load_model
 from pipeline.monitoring import batch, drift, profile
 
@@ -146,6 +146,8 @@ def _summary(
         "confidence": summary.confidence(full),
         "internal": {"test": op.get("test"), "metrics": fsutil.read_json(inputs.model_dir / bundle.SCORES_FILE) or {}},
         "ood_flagged_share": None if pred.in_distribution is None else float(np.mean(~pred.in_distribution)),
+        "quality_refused": None if pred.quality is None else quality.counts(quality.from_mask(pred.quality)),
+        "quality_refused_share": None if pred.quality is None else float(np.mean(pred.quality > 0)),
     }
     result.update(operating_points(pred, tax, point.threshold, result["target_sensitivity"]))
     return result

@@ -17,10 +17,12 @@ from pipeline.core.predictions import (
     DECISION,
     IN_DISTRIBUTION,
     P_MALIGNANT,
+    QUALITY,
     pred_column,
     prob_column,
 )
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
+from pipeline.model.quality import REASONS
 
 
 def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, shown: int) -> None:
@@ -36,7 +38,11 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
     )
     for r in rows.head(shown).to_dict("records"):
         dx = r.get(pred_column("dx"))
-        if r.get(IN_DISTRIBUTION) is False:  # no risk estimate for an image the model cannot judge
+        if r.get(QUALITY):  # no risk estimate for an image the model cannot judge
+            why = "; ".join(REASONS.get(code, code) for code in r[QUALITY].split("; "))
+            table.add_row(safe(Path(r["file"]).name), "-", "-", "-", "-", f"[yellow]not judged: {why}[/]")
+            continue
+        if r.get(IN_DISTRIBUTION) is False:
             table.add_row(
                 safe(Path(r["file"]).name), "-", "-", "-", "-", "[yellow]not judged: unlike the training images[/]"
             )
@@ -53,6 +59,11 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
     if IN_DISTRIBUTION in rows and (~rows[IN_DISTRIBUTION].astype(bool)).any():
         n = int((~rows[IN_DISTRIBUTION].astype(bool)).sum())
         out.print(f"{n} image(s) not judged: {OOD_MESSAGE} (probabilities in the CSV, decision empty)")
+    if QUALITY in rows and (rows[QUALITY] != "").any():
+        n = int((rows[QUALITY] != "").sum())
+        out.print(
+            f"{n} image(s) refused by the image-quality checks (reasons in the CSV's {QUALITY} column, decision empty)"
+        )
 
 
 @app.command()

@@ -112,6 +112,10 @@ def similar(
     except (images.ImageError, inference.ModelLoadError, RetrievalError, fsutil.OutputError) as exc:
         raise fail(str(exc)) from None
     pred = predictor.predict([rgb], tta=False)
+    if pred.get("quality_reasons") and pred["quality_reasons"][0]:
+        from pipeline.model.quality import message
+
+        raise fail(f"{image}: {message(pred['quality_reasons'][0])} (no similar cases either)", code=1)
     if pred["in_distribution"] is not None and not pred["in_distribution"][0]:
         from pipeline.model.ood import MESSAGE
 

@@ -38,6 +38,8 @@ THRESHOLD = "threshold"
 DECISION = "decision"
 IN_DISTRIBUTION = "in_distribution"
 OOD_SCORE = "ood_score"
+#: The image-quality reasons an image was refused for (codes of pipeline.model.quality, "; "-joined; empty: passed).
+QUALITY = "quality_reasons"
 #: Decimals kept in written probabilities.
 DIGITS = 6
 
@@ -85,12 +87,14 @@ def prediction_frame(
     in_distribution: Sequence[bool] | np.ndarray | None = None,
     ood_score: Sequence[float] | np.ndarray | None = None,
     withhold: bool = False,
+    quality_reasons: Sequence[Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """The prediction columns of ``n`` images from their probabilities per level (``None`` for a
     level the model cannot give): ``p_<level>_<class>`` and ``<level>_pred`` per level, then
     ``p_malignant``, with a ``threshold`` ``threshold`` and ``decision``, and with the
-    out-of-distribution verdicts ``in_distribution`` and ``ood_score``. ``withhold``: no decision
-    (empty) for an image out of distribution (what a person is shown)."""
+    out-of-distribution verdicts ``in_distribution`` and ``ood_score``, and with the image-quality
+    reasons ``quality_reasons``. ``withhold``: no decision (empty) for an image out of distribution
+    or refused by a quality check (what a person is shown)."""
     cols: dict[str, object] = {}
     for level in LEVELS:
         probs = levels.get(level)
@@ -112,6 +116,10 @@ def prediction_frame(
         cols[OOD_SCORE] = np.round(np.asarray(ood_score, dtype=np.float64), 4)
         if withhold and DECISION in cols:
             cols[DECISION] = np.where(inside, cols[DECISION], None)
+    if quality_reasons is not None:
+        cols[QUALITY] = np.array(["; ".join(r) for r in quality_reasons], dtype=object)
+        if withhold and DECISION in cols:
+            cols[DECISION] = np.where(cols[QUALITY] == "", cols[DECISION], None)
     import pandas as pd
 
     return pd.DataFrame(cols)

@@ -259,15 +259,20 @@ class AugmentParams:
 class TrustParams:
     """What makes the model's answers trustworthy, fitted after training and stored with the model:
     temperature scaling on val (:mod:`pipeline.model.calibration`) and the out-of-distribution
-    detector (:mod:`pipeline.model.ood`; threshold: ``ood_pass_share`` of val passes)."""
+    detector (:mod:`pipeline.model.ood`; threshold: ``ood_pass_share`` of val passes), and the
+    image-quality checks (:mod:`pipeline.model.quality`; thresholds at the ``quality_quantile``
+    tails of the training split's images; 0: no checks)."""
 
     calibration: Literal["temperature", "none"] = "temperature"
     ood_method: Literal["mahalanobis", "energy", "none"] = "mahalanobis"
     ood_pass_share: float = 0.99
+    quality_quantile: float = 0.001
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.ood_pass_share < 1.0:
             fail("ood_pass_share", f"must be in [0.5, 1), got {self.ood_pass_share}")
+        if not 0.0 <= self.quality_quantile < 0.05:
+            fail("quality_quantile", f"must be in [0, 0.05) (0: no checks), got {self.quality_quantile}")
 
 
 @section("train")

@@ -101,6 +101,7 @@ def model_card(c: CardInputs) -> str:
         temperature=(c.config.get("calibration") or {}).get("temperature"),
         ood=c.ood,
         ood_config=c.config.get("ood"),
+        quality_config=c.config.get("quality"),
         retrieval=c.retrieval,
         retrieval_note=c.retrieval_note,
         train_lineage=c.config.get("lineage"),

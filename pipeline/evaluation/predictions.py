@@ -19,7 +19,7 @@ from pipeline.core.metadata import FIELDS
 from pipeline.core.predictions import prediction_frame, truth_frame
 from pipeline.core.taxonomy import LEVELS, Taxonomy
 from pipeline.data import splits
-from pipeline.model import bundle
+from pipeline.model import bundle, quality
 
 #: Prediction files kept in the cache (newest first).
 CACHE_KEEP = 6
@@ -37,6 +37,7 @@ class Predictions:
     ood_score: np.ndarray | None = None
     in_distribution: np.ndarray | None = None
     embeddings: np.ndarray | None = None  # the penultimate embeddings (plain view), for retrieval
+    quality: np.ndarray | None = None  # image-quality reasons as bit masks (pipeline.model.quality.to_mask)
 
     def level(self, level: str) -> np.ndarray | None:
         return self.probs.get(level)
@@ -56,7 +57,7 @@ def predict_split(
     from pipeline.model.inference import derive_levels
 
     files = splits.image_files(frame, images_dir, desc)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("native", "raw", "score", "inside", "emb")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("native", "raw", "score", "inside", "emb", "quality")}
     meta_cols = [c for c in FIELDS if c in frame.columns]
     with tqdm(total=len(frame), desc=desc, unit="img", leave=False, disable=not progress) as bar:
         for s in range(0, len(frame), batch_size):
@@ -70,6 +71,8 @@ def predict_split(
             if out.get("ood_score") is not None:
                 parts["score"].append(np.asarray(out["ood_score"], dtype=np.float64))
                 parts["inside"].append(np.asarray(out["in_distribution"], dtype=bool))
+            if out.get("quality_reasons") is not None:
+                parts["quality"].append(quality.to_mask(out["quality_reasons"]))
             bar.update(len(chunk))
     level, tax = predictor.native_level, predictor.taxonomy
     probs = derive_levels(np.concatenate(parts["native"]), level, tax)
@@ -82,6 +85,7 @@ def predict_split(
         np.concatenate(parts["score"]) if parts["score"] else None,
         np.concatenate(parts["inside"]) if parts["inside"] else None,
         np.concatenate(parts["emb"]) if parts["emb"] else None,
+        np.concatenate(parts["quality"]) if parts["quality"] else None,
     )
 
 
@@ -93,7 +97,7 @@ def prediction_key(model_dir: Path, frame: pd.DataFrame, images_dir: Path) -> st
     h.update("\n".join(frame["image_id"]).encode())
     h.update(str(images_dir).encode())  # as given (not resolved): the same key on a GPU machine's copy
     h.update(str(lineage.data_version(LAYOUT.data_pointer).get("md5")).encode())
-    h.update(b"evaluate-predictions/3")
+    h.update(b"evaluate-predictions/4")
     return h.hexdigest()
 
 
@@ -110,6 +114,7 @@ def _cached(path: Path, frame: pd.DataFrame) -> Predictions | None:
                     get("ood_score"),
                     get("in_distribution"),
                     get("embeddings"),
+                    get("quality"),
                 )
     except (OSError, ValueError, KeyError):
         pass  # unreadable cache entry: predict again
@@ -139,7 +144,12 @@ def cached_predictions(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        extra = {"ood_score": pred.ood_score, "in_distribution": pred.in_distribution, "embeddings": pred.embeddings}
+        extra = {
+            "ood_score": pred.ood_score,
+            "in_distribution": pred.in_distribution,
+            "embeddings": pred.embeddings,
+            "quality": pred.quality,
+        }
         np.savez_compressed(
             tmp,
             image_id=np.asarray(frame["image_id"], dtype=str),
@@ -172,6 +182,7 @@ def prediction_table(pred: Predictions, tax: Taxonomy, threshold: float) -> pd.D
                 digits=None,
                 in_distribution=pred.in_distribution,
                 ood_score=pred.ood_score,
+                quality_reasons=None if pred.quality is None else quality.from_mask(pred.quality),
             ),
         ],
         axis=1,

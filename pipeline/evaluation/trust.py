@@ -5,8 +5,10 @@ out-of-distribution (OOD) detector, both fitted by the train stage (:mod:`pipeli
   the test split before and after temperature scaling, with their reliability bins;
 * **OOD**: the detector's scores on the test split (in distribution) and on images that are not
   dermoscopic lesions (:mod:`pipeline.evaluation.oodsets`): AUROC (overall and per group), the
-  share of OOD images caught and of test images flagged at the model's threshold, and which OOD
-  images got through.
+  share of OOD images caught and of test images flagged, and which OOD images got through. An
+  image counts as flagged (no answer given) when the detector or an image-quality check
+  (:mod:`pipeline.model.quality`) refuses it; how many each refused, and for which reasons, is
+  under ``quality`` and ``detector_*``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.core.taxonomy import LEVELS, Taxonomy
 from pipeline.evaluation import metrics
 from pipeline.evaluation.oodsets import OodImage
 from pipeline.evaluation.predictions import Predictions, binary_truth
+from pipeline.model import quality
 
 
 def calibration_effect(pred: Predictions, tax: Taxonomy, n_bins: int) -> dict[str, Any]:
@@ -69,7 +72,11 @@ def ood_effect(predictor: Any, test: Predictions, others: Sequence[OodImage]) ->
     out = predictor.predict([o.rgb for o in others], tta=False) if others else None
     scores = np.asarray(out["ood_score"]) if out is not None else np.zeros(0)
     groups = np.array([o.group for o in others])
-    caught = scores > detector.threshold
+    by_detector = scores > detector.threshold
+    other_reasons = (out or {}).get("quality_reasons") or [[] for _ in others]
+    test_reasons = quality.from_mask(test.quality) if test.quality is not None else [[] for _ in test.ood_score]
+    caught = by_detector | np.array([bool(r) for r in other_reasons], dtype=bool)
+    test_flagged = ~np.asarray(test.in_distribution, dtype=bool) | np.array([bool(r) for r in test_reasons])
 
     def auroc(mask: np.ndarray) -> float | None:
         if not mask.any():
@@ -82,8 +89,11 @@ def ood_effect(predictor: Any, test: Predictions, others: Sequence[OodImage]) ->
         "method": detector.method,
         "threshold": float(detector.threshold),
         "auroc": auroc(everything),
-        "test_flagged_share": float(np.mean(~test.in_distribution)),
+        "test_flagged_share": float(np.mean(test_flagged)),
         "caught_share": float(caught.mean()) if len(caught) else None,
+        "detector_test_flagged_share": float(np.mean(~test.in_distribution)),
+        "detector_caught_share": float(by_detector.mean()) if len(by_detector) else None,
+        "quality": _refusals(test.quality is not None, test_reasons, other_reasons),
         "n_test": int(len(test.ood_score)),
         "n_ood": int(len(others)),
         "groups": {},
@@ -95,8 +105,24 @@ def ood_effect(predictor: Any, test: Predictions, others: Sequence[OodImage]) ->
     }
     for g in sorted(set(groups)):
         m = groups == g
-        result["groups"][g] = {"n": int(m.sum()), "auroc": auroc(m), "caught_share": float(caught[m].mean())}
+        result["groups"][g] = {
+            "n": int(m.sum()),
+            "auroc": auroc(m),
+            "caught_share": float(caught[m].mean()),
+            "detector_caught_share": float(by_detector[m].mean()),
+        }
     return result
+
+
+def _refusals(checked: bool, test: list[list[str]], others: list[list[str]]) -> dict[str, Any]:
+    """The image-quality checks' refusals per reason on the test split and on the OOD images."""
+    return {
+        "checked": checked,
+        "test": quality.counts(test),
+        "test_refused": int(sum(bool(r) for r in test)),
+        "ood_sets": quality.counts(others),
+        "ood_sets_refused": int(sum(bool(r) for r in others)),
+    }
 
 
 def headline(calib: dict[str, Any], ood: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, float]]:

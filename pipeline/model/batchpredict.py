@@ -4,7 +4,8 @@ files, in one process (``lesionflow predict``) or as shards on Dask workers (:mo
 
 Files that cannot be read, or images too small or too elongated for the model
 (:class:`pipeline.core.formats.SizeLimits`), are reported, not predicted. An image out of
-distribution keeps its probabilities but gets no decision (``withhold``).
+distribution, or refused by an image-quality check (:mod:`pipeline.model.quality`, the reasons in
+``quality_reasons``), keeps its probabilities but gets no decision (``withhold``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def predict_files(
                 in_distribution=res["in_distribution"],
                 ood_score=res["ood_score"],
                 withhold=True,
+                quality_reasons=res.get("quality_reasons"),
             )
             frames.append(pd.concat([pd.DataFrame({"file": [str(f) for f in chunk]}), rows], axis=1))
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), problems

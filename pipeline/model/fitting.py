@@ -273,7 +273,7 @@ def fit_trust(run: training.Run, data: Data, config: dict[str, Any]) -> trust.Tr
         for s in ("train", "val")
     }
     fitted = trust.fit_trust(predictor, split["train"], split["val"], run.p.trust, run.p.eval_batch_size)
-    cal, det = fitted.calibration, fitted.ood
+    cal, det, checks = fitted.calibration, fitted.ood, fitted.quality
     parts = ["no calibration"]
     if cal:
         parts = [
@@ -282,6 +282,11 @@ def fit_trust(run: training.Run, data: Data, config: dict[str, Any]) -> trust.Tr
     if det:
         parts.append(
             f"OOD {det['method']} threshold {det['threshold']:.3f}, val flagged {det['val_flagged_share']:.1%}"
+        )
+    if checks:
+        parts.append(
+            f"quality checks refuse {checks['train_refused_share']:.1%} of train, "
+            f"{checks['val_refused_share']:.1%} of val"
         )
     print(f"train: trust fitted in {time.perf_counter() - t0:.0f} s: {'; '.join(parts)}", flush=True)
     return fitted

@@ -31,6 +31,7 @@ from pipeline.model.bundle import CONFIG_FILE, OOD_FILE, ModelLoadError
 from pipeline.model.cam import heatmap
 from pipeline.model.metadata import MetadataEncoder
 from pipeline.model.ood import OodDetector
+from pipeline.model.quality import QualityChecks
 
 __all__ = ["BasePredictor", "OnnxPredictor", "OnnxSession", "derive_levels", "level_matrix", "load_packaged"]
 
@@ -104,6 +105,8 @@ class BasePredictor:
         self.ood: OodDetector | None = (
             OodDetector.from_config(entry, self._ood_arrays, self.temperature) if entry else None
         )
+        checks = config.get("quality")
+        self.quality: QualityChecks | None = QualityChecks.from_config(checks) if checks else None
 
     # -- preprocessing -------------------------------------------------------------------------
     def resize_u8(self, images: Any) -> np.ndarray:
@@ -174,10 +177,13 @@ class BasePredictor:
         ``binary_probs`` (class order in ``classes``), ``p_malignant`` (all calibrated),
         ``embeddings``, ``native_level``, ``native_probs``, ``native_probs_uncalibrated``,
         ``logits`` (views, n, k), ``ood_score`` and ``in_distribution`` (None without a
-        detector) and ``classes`` (level -> class names).
+        detector), ``quality_reasons`` (per image the codes of :mod:`pipeline.model.quality` it
+        failed, empty when it passed; None for a model without checks) and ``classes`` (level ->
+        class names).
         """
         tta = self.default_tta if tta is None else tta
-        z, emb = self.forward_all(images, metadata, tta, batch_size)
+        u8 = self.resize_u8(images)
+        z, emb = self.forward_all(u8, metadata, tta, batch_size)
         native = self.probabilities(z)
         raw = native if self.temperature == 1.0 else self.probabilities(z, calibrated=False)
         levels = derive_levels(native, self.native_level, self.taxonomy)
@@ -195,6 +201,7 @@ class BasePredictor:
             "embeddings": emb,
             "ood_score": score,
             "in_distribution": self.ood.in_distribution(score) if score is not None else None,
+            "quality_reasons": self.quality.reasons(u8) if self.quality is not None else None,
             "classes": {lvl: list(self.taxonomy.classes(lvl)) for lvl in ("dx", "risk", "binary")},
         }
 

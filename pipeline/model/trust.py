@@ -1,8 +1,9 @@
 """Fitting what makes a trained model's answers trustworthy, through THE prediction path: the
-temperature (:mod:`pipeline.model.calibration`, on val) and the out-of-distribution detector
+image-quality checks (:mod:`pipeline.model.quality`, thresholds on train), the temperature
+(:mod:`pipeline.model.calibration`, on val) and the out-of-distribution detector
 (:mod:`pipeline.model.ood`, statistics on train, threshold on val). The train stage calls
 :func:`fit_trust` on the best epoch's model before it saves it; the results go into the model's
-``config.json`` (``calibration``, ``ood``) and ``ood.npz``."""
+``config.json`` (``quality``, ``calibration``, ``ood``) and ``ood.npz``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd
 import torch
 
 from pipeline.core.params import TrustParams
-from pipeline.model import bundle, calibration, ood
+from pipeline.model import bundle, calibration, ood, quality
 from pipeline.model.inference import Predictor
 
 
@@ -29,16 +30,36 @@ class SplitInputs:
 
 @dataclass
 class Trust:
-    """The ``config.json`` entries and the arrays file of a model's calibration and OOD detector."""
+    """The ``config.json`` entries and the arrays file of a model's calibration and OOD detector,
+    and its image-quality checks."""
 
     calibration: dict[str, Any] | None
     ood: dict[str, Any] | None
     arrays: dict[str, dict[str, np.ndarray]]
+    quality: dict[str, Any] | None = None
+
+
+def fit_quality(predictor: Predictor, train: SplitInputs, val: SplitInputs, q: float) -> dict[str, Any] | None:
+    """Fit the image-quality thresholds on the training split's images at the input size (None
+    when ``q`` is 0: no checks) and set them on ``predictor``; their ``config.json`` entry."""
+    predictor.quality = None
+    if q <= 0:
+        return None
+    checks, train_refused = quality.fit(_u8(train.images), q)
+    predictor.quality = checks
+    return checks.record(train_refused, checks.refused_share(_u8(val.images)))
+
+
+def _u8(images: torch.Tensor) -> np.ndarray:
+    """A split's uint8 ``(N, 3, H, W)`` images as a NumPy array (on the CPU)."""
+    return images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
 
 
 def fit_trust(predictor: Predictor, train: SplitInputs, val: SplitInputs, p: TrustParams, batch_size: int) -> Trust:
     """Fit the temperature on val, then the OOD score (on train) and its threshold (on val, with the
-    fitted temperature), all on ``predictor``'s own outputs (its TTA setting included)."""
+    fitted temperature), all on ``predictor``'s own outputs (its TTA setting included); first the
+    image-quality thresholds (on train)."""
+    checks = fit_quality(predictor, train, val, p.quality_quantile)
     predictor.temperature = 1.0
     predictor.ood = None
     val_out = predictor.predict(val.images, metadata=val.metadata, batch_size=batch_size)
@@ -47,7 +68,7 @@ def fit_trust(predictor: Predictor, train: SplitInputs, val: SplitInputs, p: Tru
         calib = calibration.calibration_record(val_out["logits"], val.labels)
         predictor.temperature = calib["temperature"]
     if p.ood_method == "none":
-        return Trust(calib, None, {})
+        return Trust(calib, None, {}, checks)
     train_emb = None
     if p.ood_method == "mahalanobis":
         train_emb = predictor.predict(train.images, metadata=train.metadata, tta=False, batch_size=batch_size)[
@@ -64,4 +85,4 @@ def fit_trust(predictor: Predictor, train: SplitInputs, val: SplitInputs, p: Tru
     )
     predictor.ood = detector
     arrays = {bundle.OOD_FILE: detector.arrays} if detector.arrays else {}
-    return Trust(calib, detector.record(p.ood_pass_share, val_scores), arrays)
+    return Trust(calib, detector.record(p.ood_pass_share, val_scores), arrays, checks)

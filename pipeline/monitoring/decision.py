@@ -77,6 +77,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             f"| log coverage | {cov.get('records')} answer records of {answered} answers given; "
             f"{cov.get('with_statistics')} with image statistics |"
         )
+    if refused := summary.get("refused"):
+        why = [f"{r.replace('_', ' ')} {n}" for r, n in (refused.get("quality") or {}).items() if n]
+        lines.append(
+            f"| not judged | {refused.get('quality_refused', 0)} by the image-quality checks"
+            f"{' (' + ', '.join(why) + ')' if why else ''}; {refused.get('ood', 0)} out of distribution |"
+        )
     if warning := summary.get("coverage_warning"):
         lines += ["", f"**Warning**: {warning}"]
     if d != NOT_ENOUGH_DATA:

@@ -245,11 +245,30 @@ def _summary_head(
     }
     if "model_tag" in current and n_cur:
         summary["model_tags"] = sorted(map(str, current["model_tag"].dropna().unique()))
+    if refused := refusals(current):
+        summary["refused"] = refused
     if current.attrs.get("coverage") is not None:  # a window of the inference log
         summary["coverage"] = dict(current.attrs["coverage"])
         if warning := coverage_warning(summary["coverage"]):
             summary["coverage_warning"] = warning
     return summary
+
+
+def refusals(current: pd.DataFrame) -> dict[str, Any] | None:
+    """How many of the checked answers got no risk estimate, and why: per image-quality reason
+    (``quality``; an answer may have several) and out of distribution (``ood``); None when the
+    rows carry neither verdict."""
+    from pipeline.core.predictions import IN_DISTRIBUTION, QUALITY
+    from pipeline.model.quality import REASONS
+
+    out: dict[str, Any] = {}
+    if QUALITY in current:
+        reasons = [str(v).split("; ") for v in current[QUALITY].dropna() if v]
+        out["quality"] = {r: sum(r in rs for rs in reasons) for r in REASONS}
+        out["quality_refused"] = len(reasons)
+    if IN_DISTRIBUTION in current:
+        out["ood"] = int((current[IN_DISTRIBUTION].dropna().astype(bool) == False).sum())  # noqa: E712
+    return out or None
 
 
 def coverage_warning(coverage: Mapping[str, Any], minimum: float = 0.99) -> str | None:

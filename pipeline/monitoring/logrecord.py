@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import FIELDS
-from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, pred_column, prob_column
+from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, QUALITY, pred_column, prob_column
 
 SCHEMA = 1
 #: Schema of the split records (answer, features, tally).
@@ -139,6 +139,8 @@ class Answer:
         for key in ("p_malignant", "in_distribution", "ood_score"):
             if out.get(key) is not None:
                 prediction[key] = np.asarray(out[key])[row].item()
+        if out.get("quality_reasons") is not None:
+            prediction["quality_reasons"] = list(out["quality_reasons"][row])
         emb = out.get("embeddings")
         return cls(rgb, prediction, model_tag, embedding=None if emb is None else np.asarray(emb)[row], **kw)
 
@@ -166,6 +168,9 @@ def _prediction_part(prediction: Mapping[str, Any]) -> dict[str, Any]:
     score = prediction.get("ood_score")
     if score is not None:
         out["ood_score"] = clean(float(score))
+    reasons = prediction.get("quality_reasons")
+    if reasons is not None:
+        out["quality_reasons"] = [str(r) for r in reasons]
     return out
 
 
@@ -369,6 +374,8 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     row[DECISION] = pred.get("decision")
     row[IN_DISTRIBUTION] = pred.get("in_distribution")
     row["ood_score"] = pred.get("ood_score")
+    reasons = pred.get("quality_reasons")
+    row[QUALITY] = None if reasons is None else "; ".join(reasons)
     image = record.get("image") or {}
     row["image_sha256"], row["image_bytes"] = image.get("sha256"), image.get("bytes")
     emb = record.get("embedding")

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.core import images
 from pipeline.core.metadata import FIELDS
 from pipeline.core.taxonomy import DIAGNOSIS_NAMES
-from pipeline.model import bundle
+from pipeline.model import bundle, quality
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
@@ -160,8 +160,10 @@ class Classifier:
     # -- the model call (one batch) -----------------------------------------------------------
     def _similar(self, pred: dict[str, Any], items: list[Item]) -> dict[int, list[Any]]:
         """The similar cases each item asked for (none out of distribution), in one pass over the index."""
-        inside = pred["in_distribution"]
-        wanted = [j for j, it in enumerate(items) if it[2] and (inside is None or inside[j])]
+        inside, refused = pred["in_distribution"], pred.get("quality_reasons")
+        wanted = [
+            j for j, it in enumerate(items) if it[2] and (inside is None or inside[j]) and not (refused and refused[j])
+        ]
         if not wanted or self.retrieval is None:
             return {}
         found = self.retrieval.query(pred["embeddings"][wanted], max(items[j][2] for j in wanted))
@@ -184,6 +186,7 @@ class Classifier:
                 "p_malignant": float(pred["p_malignant"][j]),
                 "in_distribution": None if pred["in_distribution"] is None else bool(pred["in_distribution"][j]),
                 "ood_score": None if pred["ood_score"] is None else float(pred["ood_score"][j]),
+                "quality_reasons": None if pred.get("quality_reasons") is None else list(pred["quality_reasons"][j]),
                 "embedding": pred["embeddings"][j],  # for the inference log; not sent back
                 "similar": similar.get(j, []),  # retrieval.Case objects, made into JSON by finalise()
             }
@@ -264,18 +267,21 @@ class Classifier:
         """The response of one image. Every prediction of /classify, /classify_batch and /similar
         passes here exactly once, and here its answer goes to the inference log.
 
-        An image out of distribution gets no risk estimate: the probability fields, ``refer`` and
+        An image refused by an image-quality check (:mod:`pipeline.model.quality`; ``quality_reasons``)
+        or out of distribution gets no risk estimate: the probability fields, ``refer`` and
         ``decision`` are null, ``message`` says why, and the probabilities are kept under
         ``withheld_probabilities`` for API clients. ``similar``: add that many similar confirmed
         cases (none for an image out of distribution)."""
         probs = self._probabilities(pred)
-        withheld = pred.get("in_distribution") is False
+        refused = pred.get("quality_reasons") or []
+        withheld = bool(refused) or pred.get("in_distribution") is False
         ood = self.predictor.ood
         result = {
             "in_distribution": pred.get("in_distribution"),
             "ood_score": pred.get("ood_score"),
             "ood_threshold": None if ood is None else float(ood.threshold),
-            "message": OOD_MESSAGE if withheld else None,
+            "quality_reasons": pred.get("quality_reasons"),
+            "message": _why_withheld(refused, pred.get("in_distribution") is False),
             **(dict.fromkeys(probs) if withheld else probs),
             **self._verdict(pred, withheld),
             "withheld_probabilities": probs if withheld else None,
@@ -374,6 +380,7 @@ class Classifier:
             "input_limits": p.size_limits.to_dict(),
             "calibration": p.config.get("calibration"),
             "ood": p.config.get("ood"),
+            "quality": p.config.get("quality"),
             "metadata_fields": {
                 "age": f"number of years, {self.vocab.age_min:g}-{self.vocab.age_max:g}",
                 "sex": list(self.vocab.sex) if self.vocab.sex is not None else "any text",
@@ -399,3 +406,10 @@ class Classifier:
             },
             "disclaimer": DISCLAIMER,
         }
+
+
+def _why_withheld(refused: list[str], outside: bool) -> str | None:
+    """The answer's ``message``: the image-quality reasons, and whether it is out of distribution."""
+    if refused:
+        return quality.message(refused) + ("; it does not look like a dermoscopic image either" if outside else "")
+    return OOD_MESSAGE if outside else None

@@ -177,7 +177,8 @@ async def similar(request: Request) -> JSONResponse:
     if isinstance(results, JSONResponse):
         return results
     r = results[0]
-    keep = ("in_distribution", "message", "similar", "request_id", "model_tag", "data_version", "disclaimer")
+    keep = ("in_distribution", "quality_reasons", "message", "similar")
+    keep += ("request_id", "model_tag", "data_version", "disclaimer")
     return JSONResponse({**{key: r[key] for key in keep}, "k": k, "attribution": ATTRIBUTION})
 
 

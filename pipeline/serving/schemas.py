@@ -53,14 +53,21 @@ class SimilarCase(BaseModel):
 
 
 class Classification(BaseModel):
-    """The answer for one image. When ``in_distribution`` is false the risk estimate is withheld:
-    the probability fields, ``refer`` and ``decision`` are null, ``message`` says why and the
-    probabilities are under ``withheld_probabilities``."""
+    """The answer for one image. When ``quality_reasons`` is not empty or ``in_distribution`` is
+    false the risk estimate is withheld: the probability fields, ``refer`` and ``decision`` are
+    null, ``message`` says why and the probabilities are under ``withheld_probabilities``."""
 
     in_distribution: bool | None = Field(description="false: the image does not look like the training images")
     ood_score: float | None = Field(description="out-of-distribution score (higher: more unusual)")
     ood_threshold: float | None = Field(description="scores above this are out of distribution")
-    message: str | None = Field(description="why no risk estimate is given (out of distribution), else null")
+    quality_reasons: list[str] | None = Field(
+        None,
+        description="image-quality checks the image failed (blank, underexposed, overexposed, out_of_focus, "
+        "implausible_colour); empty: it passed; null: the model has no checks",
+    )
+    message: str | None = Field(
+        description="why no risk estimate is given (an image-quality check, or out of distribution), else null"
+    )
     dx_probabilities: dict[str, float] | None
     dx_top: str | None
     risk_class: str | None
@@ -87,6 +94,7 @@ class SimilarCases(BaseModel):
     """The answer of ``/similar``: the similar confirmed cases of one image."""
 
     in_distribution: bool | None
+    quality_reasons: list[str] | None = None
     message: str | None
     similar: list[SimilarCase]
     k: int
@@ -128,6 +136,7 @@ class ModelInfo(BaseModel):
     input_limits: dict[str, float]
     calibration: dict[str, Any] | None
     ood: dict[str, Any] | None
+    quality: dict[str, Any] | None = Field(None, description="the image-quality checks: thresholds and reasons")
     similar_cases: dict[str, Any] | None = Field(None, description="the retrieval index: size, default k, route")
     metadata_fields: dict[str, Any]
     limits: dict[str, Any]

@@ -78,7 +78,7 @@ def train(
         info = fitting.run_info(run, data)
         config = fitting.model_config(run, tax, vocabulary, limits, args.splits, result, info["device"])
         fitted = fitting.fit_trust(run, data, config)
-        config.update(calibration=fitted.calibration, ood=fitted.ood)
+        config.update(calibration=fitted.calibration, ood=fitted.ood, quality=fitted.quality)
         checkpoint.save(args.out, best["state"], config, fitted.arrays)
         report.write_reports(args.reports, history, result, info, config["lineage"])
         print(f"train: {fitting.describe_result(result, p.tta)} -> {args.out}", flush=True)

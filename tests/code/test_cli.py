@@ -132,6 +132,27 @@ def test_predict_with_a_model_dir_or_tag_and_a_threshold_override(workspace, tin
     assert res.exit_code == 2 and "no operating threshold" in res.output
 
 
+def test_predict_names_why_an_image_was_not_judged_and_leaves_its_decision_empty(workspace):
+    root, _, _ = workspace
+    meta = pd.read_csv(PROJECT_ROOT / "data" / "HAM10000_metadata.csv").sample(40, random_state=2)
+    files = [PROJECT_ROOT / "data" / "images" / f"{i}.jpg" for i in meta["image_id"]]
+    rgb = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    model = write_model_dir(root / "checked", trust_images=rgb, trust_labels=list(meta["dx"]))
+    write_evaluation(model, root / "checked-eval", root / "checked-reports", threshold=THRESHOLD)
+    (root / "mixed").mkdir()
+    Image.new("RGB", (300, 200), (0, 0, 0)).save(root / "mixed" / "capped.png")
+    shutil.copy(files[0], root / "mixed" / "lesion.jpg")
+    res = invoke("predict", "mixed", "--model", str(model), "--threshold", "0.3", "--out", "q.csv")
+    assert res.exit_code == 0, res.output
+    assert "not judged: blank or without visible structure" in " ".join(res.output.split())
+    assert "1 image(s) refused by the image-quality checks" in res.output
+    df = pd.read_csv(root / "q.csv", keep_default_na=False).set_index("file")
+    capped = df.loc[[f for f in df.index if f.endswith("capped.png")][0]]
+    lesion = df.loc[[f for f in df.index if f.endswith("lesion.jpg")][0]]
+    assert set(capped["quality_reasons"].split("; ")) >= {"blank", "underexposed"} and capped["decision"] == ""
+    assert lesion["quality_reasons"] == "" and lesion["decision"] in ("malignant", "benign")
+
+
 def test_predict_with_nothing_readable_fails(workspace):
     root, _, _ = workspace
     (root / "junk.png").write_bytes(b"")

@@ -70,3 +70,61 @@ def test_temperature_scaling_lowers_held_out_ece_and_nll_and_keeps_every_predict
     assert calibration.nll(after["logits"], y, t) < calibration.nll(after["logits"], y, 1.0)
     assert np.array_equal(after["native_probs"].argmax(1), before["native_probs"].argmax(1))
     assert np.allclose(after["native_probs_uncalibrated"], before["native_probs"], atol=1e-6)
+
+
+def _variants(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """A real lesion spoiled in the ways the image-quality checks name, and plain frames."""
+    from PIL import Image, ImageFilter
+
+    h, w = rgb.shape[:2]
+    blurred = np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius=8)))
+    green = rgb[..., [1, 0, 2]]  # red and green swapped: a green lesion on green skin
+    return {
+        "black": np.zeros((h, w, 3), np.uint8),
+        "white": np.full((h, w, 3), 255, np.uint8),
+        "grey": np.full((h, w, 3), 128, np.uint8),
+        "dark": (rgb * 0.12).astype(np.uint8),
+        "blurred": blurred,
+        "green": np.ascontiguousarray(green),
+    }
+
+
+def test_quality_checks_refuse_spoiled_images_with_their_reasons_and_pass_held_out_lesions(fitted):
+    from pipeline.model import quality
+
+    p = fitted["p"]
+    rec = fitted["fit"].quality
+    assert rec["fitted_on"] == "train" and rec["quantile"] == params.TrustParams().quality_quantile
+    # 0.1% tails of 1,400 images are the extremes of about two images each: out of sample a few
+    # percent of lesions fall beyond them (the full training split's tails refuse about 0.6%)
+    assert rec["train_refused_share"] <= 0.015 and rec["val_refused_share"] <= 0.04, rec
+    held = p.predict(fitted["u8"]["held"])["quality_reasons"]
+    refused = [r for r in held if r]
+    assert len(refused) <= 0.04 * len(held), f"{len(refused)} of {len(held)} held-out lesions refused: {refused}"
+    lesion = images.decode_rgb(IMAGES_DIR / f"{fitted['held']['image_id'].iloc[0]}.jpg")
+    variants = _variants(lesion)
+    got = dict(zip(variants, p.predict(list(variants.values()))["quality_reasons"]))
+    expected = {
+        "black": {"blank", "underexposed"},
+        "white": {"blank", "overexposed"},
+        "grey": {"blank"},
+        "dark": {"underexposed"},
+        "blurred": {"out_of_focus"},
+        "green": {"implausible_colour"},
+    }
+    for name, reasons in expected.items():
+        assert reasons <= set(got[name]), (name, got[name])
+    assert "implausible_colour" in got["grey"] or "blank" in got["grey"]
+    # what the packaged model carries gives the same verdicts
+    checks = quality.QualityChecks.from_config(rec)
+    assert checks.reasons(p.resize_u8(list(variants.values()))) == list(got.values())
+    assert quality.from_mask(quality.to_mask(list(got.values()))) == list(got.values())
+
+
+def test_a_bad_quality_entry_names_the_key():
+    from pipeline.model import quality
+
+    with pytest.raises(ValueError, match="quality.thresholds: unknown feature 'glare'"):
+        quality.QualityChecks.from_config({"quantile": 0.001, "thresholds": {"glare": [None, 1.0]}})
+    with pytest.raises(ValueError, match="quality quantile"):
+        quality.fit(np.zeros((4, 3, 8, 8), np.uint8), 0.7)

@@ -31,6 +31,7 @@ from PIL import Image
 from pipeline.core import params
 from pipeline.evaluation import oodsets
 from pipeline.evaluation.predictions import predict_split
+from pipeline.model import quality
 from pipeline.model.inference import load_model
 from pipeline.monitoring import inferencelog
 from pipeline.serving.schemas import Classification, ModelInfo, SimilarCases
@@ -75,7 +76,7 @@ def test_a_photo_that_is_not_dermoscopy_gets_no_risk_estimate(trusted_server, tr
     assert r.status_code == 200, r.text
     body = Classification.model_validate(r.json()).model_dump()
     assert body["in_distribution"] is False and body["ood_score"] > body["ood_threshold"]
-    assert "does not look like the dermoscopic images" in body["message"]
+    assert "does not look like" in body["message"]  # the detector's verdict, beside any quality reason
     for key in ("dx_probabilities", "risk_probabilities", "p_malignant", "refer", "decision", "risk_class"):
         assert body[key] is None, key
     withheld = body["withheld_probabilities"]
@@ -95,6 +96,41 @@ def test_a_photo_that_is_not_dermoscopy_gets_no_risk_estimate(trusted_server, tr
         time.sleep(0.3)
     flagged = rows[rows["in_distribution"] == False]  # noqa: E712
     assert len(flagged) >= 1 and flagged["p_malignant"].notna().all() and flagged["decision"].isna().all()
+
+
+def test_a_blank_or_dark_image_is_refused_with_its_reasons_in_the_answer_and_the_log(trusted_server, trusted_client):
+    """A plain black frame (the lens cap on) and a very dark lesion get no decision, the reasons in
+    ``quality_reasons`` and ``message``; the log keeps the reasons for monitoring."""
+    lesion = np.asarray(Image.open(IMAGES_DIR / f"{trust_sample()['image_id'][1]}.jpg").convert("RGB"))
+    dark = io.BytesIO()
+    Image.fromarray((lesion * 0.1).astype(np.uint8)).save(dark, format="PNG")
+    sent = {
+        "black.png": (_png(400, 300, (0, 0, 0)), {"blank", "underexposed"}),
+        "dark.png": (dark.getvalue(), {"underexposed"}),
+    }
+    ids = set()
+    for name, (data, reasons) in sent.items():
+        r = trusted_client.post("/classify", files={"image": (name, data, "image/png")})
+        assert r.status_code == 200, r.text
+        body = Classification.model_validate(r.json()).model_dump()
+        assert reasons <= set(body["quality_reasons"]), (name, body["quality_reasons"])
+        assert body["message"].startswith("the image cannot be judged") and "under-exposed" in body["message"]
+        for key in ("p_malignant", "refer", "decision", "risk_class", "dx_top"):
+            assert body[key] is None, (name, key)
+        assert body["withheld_probabilities"] is not None
+        ids.add(body["request_id"])
+    similar = trusted_client.post("/similar", files={"image": ("black.png", _png(400, 300, (0, 0, 0)), "image/png")})
+    assert similar.status_code == 200 and similar.json()["similar"] == [] and similar.json()["quality_reasons"]
+    log_dir = trusted_server[2].parent / "inference-log"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = inferencelog.read(log_dir) if log_dir.exists() else pd.DataFrame()
+        if len(rows) and ids <= set(rows["request_id"]):
+            break
+        time.sleep(0.3)
+    mine = rows[rows["request_id"].isin(ids)]
+    assert len(mine) == 2 and mine["decision"].isna().all()
+    assert all("underexposed" in str(v).split("; ") for v in mine["quality_reasons"])
 
 
 def test_service_and_evaluation_give_the_same_calibrated_probabilities(trusted_server, trusted_client):
@@ -120,6 +156,7 @@ def test_model_info_states_limits_calibration_and_ood(trusted_client):
         "max_aspect_ratio": 4.0,
     }
     assert info.calibration["method"] == "temperature" and info.ood["method"] == "mahalanobis"
+    assert info.quality["fitted_on"] == "train" and set(info.quality["thresholds"]) == set(quality.FEATURES)
 
 
 def test_openapi_documents_every_endpoint_and_docs_page_browses_it(trusted_client):

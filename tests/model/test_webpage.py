@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.model import quality
 from tests.service_fixtures import IMAGES_DIR, MAX_BYTES, THRESHOLD, token_for
 from tests.service_fixtures import real_images as _real_images
 
@@ -329,7 +330,9 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     page.wait_for_selector("#ood-warning:not([hidden])")
     wait_until(page, "document.getElementById('form').getAttribute('aria-busy') === 'false'")
     warning = page.locator("#ood-warning").inner_text()
-    assert "does not look like the dermoscopic images the model was trained on" in warning
+    assert "does not look like" in warning  # the detector's verdict
+    for reason in api["quality_reasons"]:  # and the image-quality checks' reasons, named
+        assert quality.REASONS[reason] in warning
     assert "no risk estimate is given" in warning
     for hidden in ("#decision", "#risk", "#dx-bars"):
         assert not page.locator(hidden).is_visible(), hidden

@@ -230,11 +230,18 @@ function renderBars(probs) {
   }
 }
 
+function isWithheld(res) {
+  // refused by an image-quality check, or out of distribution: the service gave no risk estimate
+  return res.in_distribution === false || (Array.isArray(res.quality_reasons) && res.quality_reasons.length > 0);
+}
+
 function renderWithheld(res) {
   // the model cannot judge this image: no risk class, no probability, no referral box
   $("ood-message").textContent = res.message.replace(/^./, (c) => c.toUpperCase()) + ".";
   $("ood-detail").textContent =
-    " (out-of-distribution score " + res.ood_score.toFixed(2) + ", threshold " + res.ood_threshold.toFixed(2) + ")";
+    res.quality_reasons && res.quality_reasons.length
+      ? " (image-quality check)"
+      : " (out-of-distribution score " + res.ood_score.toFixed(2) + ", threshold " + res.ood_threshold.toFixed(2) + ")";
   $("ood-warning").hidden = false;
   $("summary").hidden = true;
   $("model-tag").textContent = res.model_tag;
@@ -245,7 +252,7 @@ function renderResult(res) {
   $("ood-warning").hidden = true;
   $("summary").hidden = false;
   renderSimilar(res.similar);  // none for an image the model cannot judge
-  if (res.in_distribution === false) {
+  if (isWithheld(res)) {
     renderWithheld(res);
     return;
   }
@@ -327,7 +334,7 @@ async function analyse(ev) {
     $("preview").src = previewUrl;
     renderResult(res);
     $("result").hidden = false;
-    if (res.in_distribution === false) {
+    if (isWithheld(res)) {
       $("overlay-status").textContent = "no overlay: the image was not judged";
     } else {
       $("status").textContent = "Computing the Grad-CAM overlay…";
