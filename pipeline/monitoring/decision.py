@@ -79,10 +79,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         )
     if refused := summary.get("refused"):
         why = [f"{r.replace('_', ' ')} {n}" for r, n in (refused.get("quality") or {}).items() if n]
-        lines.append(
-            f"| not judged | {refused.get('quality_refused', 0)} by the image-quality checks"
-            f"{' (' + ', '.join(why) + ')' if why else ''}; {refused.get('ood', 0)} out of distribution |"
+        checks = (
+            f"{refused['quality_refused']} by the image-quality checks{' (' + ', '.join(why) + ')' if why else ''}; "
+            if "quality_refused" in refused
+            else ""
         )
+        lines.append(f"| not judged | {checks}{refused.get('ood', 0)} out of distribution |")
     if warning := summary.get("coverage_warning"):
         lines += ["", f"**Warning**: {warning}"]
     if d != NOT_ENOUGH_DATA:

@@ -256,13 +256,13 @@ def _summary_head(
 
 def refusals(current: pd.DataFrame) -> dict[str, Any] | None:
     """How many of the checked answers got no risk estimate, and why: per image-quality reason
-    (``quality``; an answer may have several) and out of distribution (``ood``); None when the
-    rows carry neither verdict."""
+    (``quality``; an answer may have several; absent when no row was checked: a model without
+    checks) and out of distribution (``ood``); None when the rows carry neither verdict."""
     from pipeline.core.predictions import IN_DISTRIBUTION, QUALITY
     from pipeline.model.quality import REASONS
 
     out: dict[str, Any] = {}
-    if QUALITY in current:
+    if QUALITY in current and current[QUALITY].notna().any():
         reasons = [str(v).split("; ") for v in current[QUALITY].dropna() if v]
         out["quality"] = {r: sum(r in rs for rs in reasons) for r in REASONS}
         out["quality_refused"] = len(reasons)

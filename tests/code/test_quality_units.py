@@ -93,3 +93,7 @@ def test_the_monitor_counts_answers_not_judged_per_reason():
     md = decision.summary_markdown({"decision": "not_enough_data", "refused": refused, "source": {}})
     row = "| not judged | 2 by the image-quality checks (blank 1, underexposed 1, out of focus 1); 2 out of"
     assert row in md
+    unchecked = drift.refusals(window.assign(**{QUALITY: None}))  # a model without checks: none counted
+    assert unchecked == {"ood": 2}
+    md = decision.summary_markdown({"decision": "not_enough_data", "refused": unchecked, "source": {}})
+    assert "| not judged | 2 out of distribution |" in md
