@@ -105,9 +105,10 @@ def show_summary(r: dict) -> None:
     )
     out.print(t)
     b = r["metrics"].get("binary", {})
-    flagged = r.get("ood_flagged_share")
+    flagged, refused = r.get("ood_flagged_share"), r.get("quality_refused_share")
     out.print(
         f"binary ROC-AUC {show(b.get('roc_auc'), 3)}; dx balanced accuracy "
         f"{show(r['metrics'].get('dx', {}).get('balanced_accuracy'), 3)}; OOD flagged "
-        f"{'-' if flagged is None else f'{100 * flagged:.1f}%'}; drift: {r['drift'].get('decision') or 'not checked'}"
+        f"{'-' if flagged is None else f'{100 * flagged:.1f}%'}; refused by the image-quality checks "
+        f"{'-' if refused is None else f'{100 * refused:.1f}%'}; drift: {r['drift'].get('decision') or 'not checked'}"
     )

@@ -161,12 +161,17 @@ def monitor(
 
 
 def _say_coverage(state: Any) -> None:
-    """For a check of the inference log: how many of the service's answers its window holds, and a
-    warning when that (or the share with image statistics) is below 99%."""
+    """How many of the checked answers got no risk estimate, and why; for a check of the inference
+    log, how many of the service's answers its window holds, and a warning when that (or the share
+    with image statistics) is below 99%."""
+    from pipeline.monitoring.decision import refusals_text
+
     try:
         summary = state.result(raise_on_failure=False)
     except Exception:  # noqa: BLE001 - a state without a result: nothing to say
         return
+    if isinstance(summary, dict) and summary.get("refused"):
+        out.print(f"Not judged: {refusals_text(summary['refused'])}.")
     cov = summary.get("coverage") if isinstance(summary, dict) else None
     if not cov:
         return

@@ -55,6 +55,18 @@ def _drifted_columns(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, "", "Reports: " + ", ".join(f"`{rd}/{v['html'] or v['json']}`" for v in reports)]
 
 
+def refusals_text(refused: Mapping[str, Any]) -> str:
+    """How many answers got no risk estimate and why (:func:`pipeline.monitoring.drift.refusals`),
+    in one line."""
+    why = [f"{r.replace('_', ' ')} {n}" for r, n in (refused.get("quality") or {}).items() if n]
+    checks = ""
+    if "quality_refused" in refused:
+        checks = (
+            f"{refused['quality_refused']} by the image-quality checks{' (' + ', '.join(why) + ')' if why else ''}; "
+        )
+    return f"{checks}{refused.get('ood', 0)} out of distribution"
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """A short markdown summary (also the Prefect artifact of the monitoring flow)."""
     d = summary.get("decision")
@@ -78,13 +90,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             f"{cov.get('with_statistics')} with image statistics |"
         )
     if refused := summary.get("refused"):
-        why = [f"{r.replace('_', ' ')} {n}" for r, n in (refused.get("quality") or {}).items() if n]
-        checks = (
-            f"{refused['quality_refused']} by the image-quality checks{' (' + ', '.join(why) + ')' if why else ''}; "
-            if "quality_refused" in refused
-            else ""
-        )
-        lines.append(f"| not judged | {checks}{refused.get('ood', 0)} out of distribution |")
+        lines.append(f"| not judged | {refusals_text(refused)} |")
     if warning := summary.get("coverage_warning"):
         lines += ["", f"**Warning**: {warning}"]
     if d != NOT_ENOUGH_DATA:

@@ -112,6 +112,9 @@ def test_external_numbers_equal_an_independent_sklearn_computation(setup):
     assert r["restoring_target"]["threshold"] == pytest.approx(best)
     assert r["restoring_target"]["sensitivity"] >= r["target_sensitivity"]
     assert r["ood_flagged_share"] == pytest.approx(1 - pred["in_distribution"].mean())
+    refused = pred["quality_reasons"].fillna("") != ""  # the model has image-quality checks
+    assert r["quality_refused_share"] == pytest.approx(refused.mean())
+    assert sum(r["quality_refused"].values()) >= refused.sum()
     ci = r["confidence"]["binary"]["roc_auc"]
     assert ci["low"] <= b["roc_auc"] <= ci["high"] and r["ci_over"] == "lesion"
     # the drift check against the model's reference profile ran on the shifted set
