@@ -15,8 +15,9 @@ Side by side in one run (one server at a time, the same packaged model, images a
   node) ``--kill-after`` seconds into the load; answers received vs records;
 * ``store-down``: the log on an S3-compatible object store (moto's server on 127.0.0.1), which is
   stopped (SIGSTOP: unreachable, every request to it hangs) ``--outage-start`` seconds into the
-  load for ``--outage`` seconds, then resumed; answers received vs records read back from the
-  store after the server stopped.
+  load for ``--outage`` seconds, then resumed; after the load the benchmark waits for the writer to
+  catch up, as in ``log-on``; answers received vs records read back from the store after the
+  server stopped.
 
 Load: ``--clients`` concurrent clients (default 32) posting real JPEGs back to back for
 ``--duration`` seconds (default 60) after a warm-up, with authentication on
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 outage["back_at_s"] = round(a.warmup + a.outage_start + a.outage, 1)
 
             s3_run_env = {**env, **s3_env, "LESIONFLOW_INFERENCE_LOG": url, "LESIONFLOW_LOG_SPOOL": str(tmp / "spool")}
-            down = scenario("store-down", s3_run_env, tmp, blobs, token, a, store_goes_down)
+            down = scenario("store-down", s3_run_env, tmp, blobs, token, a, store_goes_down, catch_up=True)
             results["store-down"] = {
                 "load": down["load"],
                 "counters": down["inference_log"],
