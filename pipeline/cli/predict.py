@@ -20,6 +20,7 @@ from pipeline.core.predictions import (
     QUALITY,
     pred_column,
     prob_column,
+    split_reasons,
 )
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.quality import REASONS
@@ -38,8 +39,8 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
     )
     for r in rows.head(shown).to_dict("records"):
         dx = r.get(pred_column("dx"))
-        if r.get(QUALITY):  # no risk estimate for an image the model cannot judge
-            why = "; ".join(REASONS.get(code, code) for code in r[QUALITY].split("; "))
+        if refused := split_reasons(r.get(QUALITY)):  # no risk estimate for an image the model cannot judge
+            why = "; ".join(REASONS.get(code, code) for code in refused)
             table.add_row(safe(Path(r["file"]).name), "-", "-", "-", "-", f"[yellow]not judged: {why}[/]")
             continue
         if r.get(IN_DISTRIBUTION) is False:

@@ -24,7 +24,7 @@ own identifying columns (``file``, ``image_id``, ``request_id``) and, with label
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,7 @@ IN_DISTRIBUTION = "in_distribution"
 OOD_SCORE = "ood_score"
 #: The image-quality reasons an image was refused for (codes of pipeline.model.quality, "; "-joined; empty: passed).
 QUALITY = "quality_reasons"
+_REASON_SEP = "; "
 #: Decimals kept in written probabilities.
 DIGITS = 6
 
@@ -76,6 +77,16 @@ def decide(p_malignant: np.ndarray | float, threshold: float, taxonomy: Taxonomy
     pos = taxonomy.binary_positive
     neg = next(c for c in taxonomy.classes("binary") if c != pos)
     return np.where(refers(p_malignant, threshold), pos, neg)
+
+
+def join_reasons(reasons: Sequence[str]) -> str:
+    """The :data:`QUALITY` cell of an image's reason codes ("" when it passed)."""
+    return _REASON_SEP.join(reasons)
+
+
+def split_reasons(cell: Any) -> list[str]:
+    """The reason codes of a :data:`QUALITY` cell (none for "", None or NaN)."""
+    return [r for r in cell.split(_REASON_SEP) if r] if isinstance(cell, str) else []
 
 
 def prediction_frame(
@@ -117,7 +128,7 @@ def prediction_frame(
         if withhold and DECISION in cols:
             cols[DECISION] = np.where(inside, cols[DECISION], None)
     if quality_reasons is not None:
-        cols[QUALITY] = np.array(["; ".join(r) for r in quality_reasons], dtype=object)
+        cols[QUALITY] = np.array([join_reasons(r) for r in quality_reasons], dtype=object)
         if withhold and DECISION in cols:
             cols[DECISION] = np.where(cols[QUALITY] == "", cols[DECISION], None)
     import pandas as pd

@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.core.images import ImageError, decode_rgb, fit_to_size, list_images
 from pipeline.core.metadata import read_metadata_csv
 from pipeline.core.params import FeatureConfig
-from pipeline.core.predictions import IN_DISTRIBUTION, P_MALIGNANT, QUALITY, pred_column, prob_column
+from pipeline.core.predictions import IN_DISTRIBUTION, P_MALIGNANT, QUALITY, join_reasons, pred_column, prob_column
 from pipeline.core.workers import map_chunks
 from pipeline.features.imagestats import SHARPNESS, image_statistics, sharpness
 from pipeline.monitoring.profile import MonitorError, Reference, embedding_columns
@@ -104,7 +104,7 @@ def prediction_frame(out: Mapping[str, Any], projection: np.ndarray | None) -> p
     if out.get("in_distribution") is not None:
         cols[IN_DISTRIBUTION] = np.asarray(out["in_distribution"], dtype=bool)
     if out.get("quality_reasons") is not None:
-        cols[QUALITY] = ["; ".join(r) for r in out["quality_reasons"]]
+        cols[QUALITY] = [join_reasons(r) for r in out["quality_reasons"]]
     frame = pd.DataFrame(cols)
     if projection is not None:
         emb = np.asarray(out["embeddings"], dtype=np.float32)

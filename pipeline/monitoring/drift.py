@@ -258,14 +258,14 @@ def refusals(current: pd.DataFrame) -> dict[str, Any] | None:
     """How many of the checked answers got no risk estimate, and why: per image-quality reason
     (``quality``; an answer may have several; absent when no row was checked: a model without
     checks) and out of distribution (``ood``); None when the rows carry neither verdict."""
-    from pipeline.core.predictions import IN_DISTRIBUTION, QUALITY
-    from pipeline.model.quality import REASONS
+    from pipeline.core.predictions import IN_DISTRIBUTION, QUALITY, split_reasons
+    from pipeline.model import quality
 
     out: dict[str, Any] = {}
     if QUALITY in current and current[QUALITY].notna().any():
-        reasons = [str(v).split("; ") for v in current[QUALITY].dropna() if v]
-        out["quality"] = {r: sum(r in rs for rs in reasons) for r in REASONS}
-        out["quality_refused"] = len(reasons)
+        reasons = [split_reasons(v) for v in current[QUALITY]]
+        out["quality"] = quality.counts(reasons)
+        out["quality_refused"] = sum(bool(r) for r in reasons)
     if IN_DISTRIBUTION in current:
         out["ood"] = int((current[IN_DISTRIBUTION].dropna().astype(bool) == False).sum())  # noqa: E712
     return out or None

@@ -185,7 +185,7 @@ def log_prediction_rows(
     import hashlib
 
     from pipeline.core.images import decode_rgb
-    from pipeline.core.predictions import OOD_SCORE, QUALITY
+    from pipeline.core.predictions import OOD_SCORE, QUALITY, split_reasons
 
     log = InferenceLog.for_model(model_path, location, metadata)
     written = failed = 0
@@ -200,7 +200,7 @@ def log_prediction_rows(
             value = row.get(key)
             prediction[key] = None if value is None or (isinstance(value, float) and np.isnan(value)) else value
         if isinstance(row.get(QUALITY), str):
-            prediction["quality_reasons"] = [r for r in row[QUALITY].split("; ") if r]
+            prediction["quality_reasons"] = split_reasons(row[QUALITY])
         try:
             data = Path(row["file"]).read_bytes()
             rgb = decode_rgb(data, str(row["file"]))

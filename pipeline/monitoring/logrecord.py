@@ -42,7 +42,15 @@ import numpy as np
 
 from pipeline.core.errors import LesionflowError
 from pipeline.core.metadata import FIELDS
-from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, P_MALIGNANT, QUALITY, pred_column, prob_column
+from pipeline.core.predictions import (
+    DECISION,
+    IN_DISTRIBUTION,
+    P_MALIGNANT,
+    QUALITY,
+    join_reasons,
+    pred_column,
+    prob_column,
+)
 
 SCHEMA = 1
 #: Schema of the split records (answer, features, tally).
@@ -375,7 +383,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     row[IN_DISTRIBUTION] = pred.get("in_distribution")
     row["ood_score"] = pred.get("ood_score")
     reasons = pred.get("quality_reasons")
-    row[QUALITY] = None if reasons is None else "; ".join(reasons)
+    row[QUALITY] = None if reasons is None else join_reasons(reasons)
     image = record.get("image") or {}
     row["image_sha256"], row["image_bytes"] = image.get("sha256"), image.get("bytes")
     emb = record.get("embedding")

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from pipeline.core import fsutil
 from pipeline.monitoring import logstore
 
 logger = logging.getLogger("pipeline.serving.logqueue")
@@ -43,6 +44,12 @@ def read_totals(path: Path) -> dict[str, int]:
         return {k: int(v) for k, v in json.loads(path.read_text()).get("totals", {}).items()}
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+def write_totals(path: Path, writer: str, totals: Mapping[str, int]) -> None:
+    """Persist ``writer``'s totals at ``path`` (atomically, in a folder readable by its owner only)."""
+    logstore.private_folder(path.parent)
+    fsutil.atomic_write_text(path, json.dumps({"writer": writer, "totals": dict(totals)}))
 
 
 class LogMetrics:

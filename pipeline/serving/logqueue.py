@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import fsutil
 from pipeline.core.images import working_copy
 from pipeline.core.statsconfig import feature_config_from_dict
 from pipeline.model import bundle
@@ -364,9 +363,7 @@ class BackgroundLog:
             rec = logrecord.tally_record(self.writer, self.run, self.started, counts)
             logstore.append_line(str(self.log.location), *logrecord.to_line(rec))
             totals = {k: self._persisted.get(k, 0) + v for k, v in counts.items()}
-            target = self._counters_file()
-            logstore.private_folder(target.parent)
-            fsutil.atomic_write_text(target, json.dumps({"writer": self.writer, "totals": totals}))
+            logmetrics.write_totals(self._counters_file(), self.writer, totals)
             self._tallied = counts
         except OSError as exc:
             logger.warning("inference log: could not write the tally: %s", exc)
