@@ -54,7 +54,8 @@ class Appender:
     """Appends lines to the log at ``location`` (:func:`pipeline.monitoring.logstore.append_line`),
     a batch per write (see the module docstring). The leader runs ``counted(batch)`` once a batch's
     states are known, before its callers go on (the service counts the states there, so a caller
-    sees its record counted), and ``after(batch)`` after (it queues their statistics)."""
+    sees its record counted), and ``after(batch)`` once it gave up leading (it queues their
+    statistics; one batch at a time)."""
 
     def __init__(self, location: str, counted: Hook | None = None, after: Hook | None = None):
         self.location = location
@@ -64,6 +65,7 @@ class Appender:
         self._waiting: list[Pending] = []
         self._busy = 0  # batches taken and not yet through their hooks
         self._leader = threading.Lock()  # held by the request appending for everyone
+        self._after_lock = threading.Lock()  # held while a batch's after hook runs
 
     def append(self, day: date, line: bytes, item: Any = None, timeout: float | None = None) -> str:
         """Append one line and return once it is in the file (or the spool): its state, or
@@ -83,36 +85,41 @@ class Appender:
         return pending.state
 
     def _lead_while_waiting(self) -> None:
-        """Lead (holding self._leader, released here); after releasing it, lead again when a record
-        arrived after the last look and no other request took over, so that none is left waiting."""
+        """Lead (holding self._leader, released here), then run ``after`` on the batches appended,
+        no longer holding it: a record arriving meanwhile waits for the next write, not for the
+        statistics of the last batch. After that, lead again when a record arrived after the last
+        look and no other request took over, so that none is left waiting."""
         while True:
+            appended: list[list[Pending]] = []
             try:
-                self._lead()
+                self._lead(appended)
             finally:
                 self._leader.release()
+            for batch in appended:
+                with self._after_lock:  # one batch's hook at a time: it queues statistics in order
+                    self._call(1, batch)
+                with self._mu:
+                    self._busy -= 1
             with self._mu:
                 if not self._waiting:
                     return
             if not self._leader.acquire(blocking=False):
                 return  # another leader holds it, and will look at what waits
 
-    def _lead(self) -> None:
-        """Append batches until none waits (the leader, holding self._leader)."""
+    def _lead(self, appended: list[list[Pending]]) -> None:
+        """Append batches until none waits, releasing each batch's callers (the leader, holding
+        self._leader); the batches go to ``appended`` for their ``after`` hook."""
         while True:
             with self._mu:
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
                 if not batch:
                     return
                 self._busy += 1
-            try:
-                self._commit(batch)
-                self._call(0, batch)
-                for pending in batch:
-                    pending.done.set()
-                self._call(1, batch)
-            finally:
-                with self._mu:
-                    self._busy -= 1
+            appended.append(batch)
+            self._commit(batch)
+            self._call(0, batch)
+            for pending in batch:
+                pending.done.set()
 
     def wait(self, timeout: float) -> bool:
         """Whether every line appended before this call was handled, hooks included, within

@@ -304,13 +304,14 @@ class BackgroundLog:
                 self._count(pending.state)
 
     def _queue_batch(self, batch: list[Pending]) -> None:
-        """Queue the statistics of a batch's kept answer records (the appending leader)."""
+        """Queue the statistics of a batch's kept answer records (the appender's ``after`` hook, one
+        batch at a time)."""
         for pending in batch:
             if pending.item is not None and pending.state in ("written", "spooled"):
                 self._queue_statistics(pending.item)
 
     def _queue_statistics(self, item: Answer) -> None:
-        """Queue one statistics copy (only the appending leader calls this, one at a time): in memory, or as a
+        """Queue one statistics copy (only :meth:`_queue_batch` calls this, one batch at a time): in memory, or as a
         frame on the disk backlog when the memory queue is full (encoded and written without
         holding self._lock); skipped and counted when both are full or the writer is down."""
         nbytes = int(np.asarray(item.rgb).nbytes) + (len(item.image_bytes) if item.image_bytes else 0)
