@@ -6,9 +6,8 @@ For every answer :meth:`BackgroundLog.submit` writes the **answer record**
 verdict and score, metadata as the privacy policy says, the image's sha256 and size) before the
 request goes on: one line appended to the local day file under ``flock``, or to the replica's
 local spool of an object-store log, from which an uploader thread puts the segments (retrying
-with backoff while the store is down). The records of requests arriving together are appended in
-one write (:mod:`pipeline.serving.logappender`); nothing is held in memory after the request
-returns, so a SIGKILL or an OOM kill loses at most the answers in flight. A record counts as
+with backoff while the store is down). Nothing is held in memory after the request returns, so a
+SIGKILL or an OOM kill loses at most the answers in flight. A record counts as
 ``written`` once it is in the local file or its segment's PUT succeeded, ``spooled`` while it
 waits in the spool, ``dropped`` when the spool is full, ``failed`` when the disk refused it.
 
@@ -54,7 +53,6 @@ from pipeline.monitoring import logrecord, logstore
 from pipeline.monitoring.logrecord import Answer, utcnow
 from pipeline.serving import logmetrics, logworker
 from pipeline.serving.backlog import BACKLOG_MB, DiskBacklog, OnDisk, backlog_folder
-from pipeline.serving.logappender import Appender, Pending
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +63,6 @@ TALLY_S = float(os.environ.get("LESIONFLOW_LOG_TALLY_S", "10"))
 #: States of an answer record, and of an answer's statistics.
 RECORD_STATES = ("written", "spooled", "dropped", "failed")
 STATISTICS_STATES = ("written", "dropped", "failed")
-#: Seconds a request waits for its answer record's append before it goes on (counted when it lands).
-APPEND_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +107,7 @@ class BackgroundLog:
         self.run, self.started = uuid.uuid4().hex[:12], utcnow()
         self.projection, self.statistics_side = _reference(self.model_path)
         self._lock = threading.Lock()
+        self._queueing = threading.Lock()  # held while one statistics copy is queued
         self._changed = threading.Condition(self._lock)
         self._queue: queue.Queue = queue.Queue()
         self._seq = 0
@@ -134,7 +131,6 @@ class BackgroundLog:
                 logger.warning("inference log: deleted %d statistics backlog file(s) a killed run left", left)
             if self.log.remote:
                 self._spool, self._uploader = logstore.spool(str(self.log.location))
-            self._appender = Appender(str(self.log.location), counted=self._appended, after=self._queue_batch)
             with self._lock:
                 self._start()
             threading.Thread(target=self._housekeeping, name="inference-log-tally", daemon=True).start()
@@ -267,8 +263,8 @@ class BackgroundLog:
 
     # -- the service's side ----------------------------------------------------------------------
     def submit(self, answer: Answer, statistics: bool = True) -> bool:
-        """Log one answer: its answer record appended before this returns (group commit,
-        :mod:`pipeline.serving.logappender`), its statistics queued for the writer process
+        """Log one answer: its answer record appended before this returns, its statistics queued
+        for the writer process
         (``statistics=False``: none, e.g. an explanation). False when the answer record could not
         be kept (spool full, disk error: counted) or logging is off."""
         if not self.log.enabled:
@@ -282,7 +278,20 @@ class BackgroundLog:
                 self._count("answered")
                 self._count("failed")
             return False
-        state = self._appender.append(day, line, self._statistics_copy(answer) if statistics else None, APPEND_WAIT_S)
+        try:
+            logstore.append_line(str(self.log.location), day, line)
+            state = "spooled" if self.log.remote else "written"
+        except logstore.SpoolFull:
+            state = "dropped"
+        except Exception as exc:  # noqa: BLE001 - a full disk must not fail the answer
+            logger.warning("inference log: could not write the answer record of %s: %s", answer.request_id, exc)
+            state = "failed"
+        with self._lock:
+            self._count("answered")
+            self._count(state)
+        if state in ("written", "spooled") and statistics:
+            with self._queueing:  # one copy at a time: whether it fits in memory, then its place
+                self._queue_statistics(self._statistics_copy(answer))
         dropped = self._counts["dropped"]
         if state == "dropped" and (dropped in (1, 10, 100) or dropped % 1000 == 0):
             logger.warning("inference log: spool full; %d answer record(s) dropped so far", dropped)
@@ -295,23 +304,8 @@ class BackgroundLog:
         size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
         return replace(answer, rgb=small, size=size, embedding=None)
 
-    def _appended(self, batch: list[Pending]) -> None:
-        """Count the states of a batch of answer records (the appending leader, before their
-        requests go on)."""
-        with self._lock:
-            for pending in batch:
-                self._count("answered")
-                self._count(pending.state)
-
-    def _queue_batch(self, batch: list[Pending]) -> None:
-        """Queue the statistics of a batch's kept answer records (the appender's ``after`` hook, one
-        batch at a time)."""
-        for pending in batch:
-            if pending.item is not None and pending.state in ("written", "spooled"):
-                self._queue_statistics(pending.item)
-
     def _queue_statistics(self, item: Answer) -> None:
-        """Queue one statistics copy (only :meth:`_queue_batch` calls this, one batch at a time): in memory, or as a
+        """Queue one statistics copy (callers hold self._queueing): in memory, or as a
         frame on the disk backlog when the memory queue is full (encoded and written without
         holding self._lock); skipped and counted when both are full or the writer is down."""
         nbytes = int(np.asarray(item.rgb).nbytes) + (len(item.image_bytes) if item.image_bytes else 0)
@@ -403,8 +397,6 @@ class BackgroundLog:
         writer roll its spool segment, write a tally and put what waits in the spool; True when
         all of it happened in time."""
         deadline = time.monotonic() + timeout
-        if self.log.enabled and not self._appender.wait(timeout):
-            return False
         with self._changed:
             if not self.log.enabled:
                 return True
@@ -449,7 +441,6 @@ class BackgroundLog:
                 ok = False
         self._stop.set()
         if self.log.enabled:
-            self._appender.close()
             self._abandon()
             ok = self._drain_spool(max(deadline, time.monotonic() + 1.0)) and ok
         return ok

@@ -18,10 +18,9 @@ import pytest
 from pipeline.core.images import decode_rgb
 from pipeline.core.params import to_dict
 from pipeline.features import imagestats
-from pipeline.monitoring import inferencelog, logrecord, logstore, profile
+from pipeline.monitoring import inferencelog, logrecord, profile
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import logqueue
-from pipeline.serving.logappender import Appender
 from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
 
@@ -102,35 +101,6 @@ def test_read_by_time_window(tmp_path):
     naive = (T0 + timedelta(hours=5)).replace(tzinfo=None)  # naive = UTC
     assert len(inferencelog.read(tmp_path, start=naive)) == 1
     assert len(inferencelog.read(tmp_path / "absent")) == 0
-
-
-def test_group_commit_appends_every_record_once_and_counts_it_before_its_request_goes_on(tmp_path):
-    """16 request threads append at once through the service's appender: every record lands
-    exactly once, whole, and is counted before its own append returns; nothing is left waiting."""
-    counted: list[bytes] = []
-    after: list[bytes] = []
-    appender = Appender(
-        str(tmp_path),
-        counted=lambda b: counted.extend(p.line for p in b),
-        after=lambda b: after.extend(p.line for p in b),
-    )
-    day = T0.date()
-
-    def request(w: int) -> None:
-        for k in range(150):
-            line = json.dumps({"w": w, "k": k, "pad": "x" * (k * 37 % 3000)}).encode() + b"\n"
-            assert appender.append(day, line, timeout=30) == "written"
-            assert line in counted
-
-    threads = [threading.Thread(target=request, args=(w,)) for w in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert appender.wait(5)
-    rows = [json.loads(line) for line in logstore.day_file(tmp_path, day).read_text().splitlines()]
-    assert sorted((r["w"], r["k"]) for r in rows) == [(w, k) for w in range(16) for k in range(150)]
-    assert len(counted) == len(after) == 16 * 150
 
 
 def test_concurrent_appends_never_interleave_and_torn_lines_are_skipped(tmp_path):
