@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.model import bundle
+from pipeline.model import bundle, sites
 from pipeline.registry import bento as bentos
 from pipeline.registry import package as packaging
 from tests.registry_fixtures import PROJECT_ROOT, write_evaluation
@@ -56,15 +56,23 @@ def package(model_dir: Path, tmp: Path, home: Path) -> str:
 
 @contextlib.contextmanager
 def serving(
-    model_dir: Path, tmp: Path, retrieval_dir: Path | None = None, env_extra: dict[str, str] | None = None
+    model_dir: Path,
+    tmp: Path,
+    retrieval_dir: Path | None = None,
+    env_extra: dict[str, str] | None = None,
+    site_records: list[dict] = (),
 ) -> Iterator[tuple[str, str, Path]]:
     """(base URL, packaged tag, model dir) of a running service of the packaged ``model_dir``
     (with the retrieval index ``retrieval_dir`` stored beside it, as packaging does; ``env_extra``:
-    more environment for the service, e.g. where its inference log goes)."""
+    more environment for the service, e.g. where its inference log goes; ``site_records``: sites
+    recorded with the stored model, as ``lesionflow site add`` does, their ``model_md5`` filled in)."""
     home = tmp / "bentoml"
     tag = package(model_dir, tmp, home)
+    stored = home / "models" / tag.replace(":", "/")
     if retrieval_dir is not None:
-        shutil.copytree(retrieval_dir, home / "models" / tag.replace(":", "/") / bundle.RETRIEVAL_DIR)
+        shutil.copytree(retrieval_dir, stored / bundle.RETRIEVAL_DIR)
+    for record in site_records:
+        sites.write(stored, {**record, "model_md5": bundle.model_md5(stored)})
     port = free_port()
     env = {
         **os.environ,

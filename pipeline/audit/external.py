@@ -18,6 +18,7 @@ Writes ``<out>/``: ``summary.json`` (everything), ``predictions.csv`` (predictio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,16 @@ def _summary(
     return result
 
 
-def validate_external(inputs: ExternalInputs, tax: Taxonomy, progress: bool = True) -> dict[str, Any]:
-    """Run the external validation (see the module docstring) and write its outputs; returns the summary."""
+#: What a caller adds to the summary from the predictions (``lesionflow site add``'s operating point).
+Extension = Callable[[Predictions, pd.DataFrame, dict[str, Any]], dict[str, Any]]
+
+
+def validate_external(
+    inputs: ExternalInputs, tax: Taxonomy, progress: bool = True, site: Extension | None = None
+) -> dict[str, Any]:
+    """Run the external validation (see the module docstring) and write its outputs; returns the
+    summary. ``site``: computes the summary's ``site`` entry from the predictions, the labels and
+    the summary, before anything is written (:mod:`pipeline.audit.sites`)."""
     t0 = time.perf_counter()
     labels = read_labels(inputs.labels_csv, tax)
     predictor = load_model(inputs.model_dir, device="cpu")
@@ -163,6 +172,8 @@ def validate_external(inputs: ExternalInputs, tax: Taxonomy, progress: bool = Tr
         predictor, labels, inputs.images_dir, inputs.evaluate.batch_size, str(inputs.labels_csv), progress
     )
     result = _summary(inputs, labels, pred, tax, point)
+    if site is not None:
+        result["site"] = site(pred, labels, result)
     with fsutil.staged_dir(inputs.out_dir) as stage:
         prediction_table(pred, tax, point.threshold).to_csv(stage / "predictions.csv", index=False)
         result["drift"] = _drift(replace(inputs, out_dir=stage), predictor, tax, progress)

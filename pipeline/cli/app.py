@@ -12,6 +12,7 @@ lesionflow logs prune | forget ID   # the inference log's retention; erase one a
 lesionflow schedule --cron "0 3 * * 1"   # serve the scheduled retraining deployment
 lesionflow monitor [PATH] [--metadata CSV]   # drift check (docs/monitoring.md)
 lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # external validation
+lesionflow site add NAME IMAGES LABELS.csv | site list   # an operating point per site
 lesionflow similar IMAGE [--k 6] [--sheet cases.png]   # the most similar confirmed training cases
 lesionflow ingest DIR --metadata CSV [--commit] [--push]   # new labelled images -> a new data version
 lesionflow data diff [REV_A] [REV_B]  # what a data version adds (default: champion's vs workspace)
@@ -30,6 +31,7 @@ from pipeline.cli import (  # noqa: F401  (registers the commands)
     run,
     serve,
     similar,
+    sites,
     tokens,
 )
 from pipeline.cli.base import app

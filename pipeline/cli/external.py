@@ -40,7 +40,7 @@ def validate_external(
     model_dir, label = m.path, m.label
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name or images_dir.resolve().name).strip("-") or "external"
     layout = Layout(root())
-    out_dir = _claim(out_dir.resolve() if out_dir is not None else layout.reports("external") / name)
+    out_dir = claim(out_dir.resolve() if out_dir is not None else layout.reports("external") / name)
     inputs = external.ExternalInputs(
         name=name,
         model_dir=model_dir,
@@ -66,7 +66,7 @@ def validate_external(
         out.print(f"Recorded with {label}: {path} (lesionflow trace {label})")
 
 
-def _claim(folder: Path) -> Path:
+def claim(folder: Path) -> Path:
     """The report's folder, claimed before any work: a folder of someone else's files is never replaced."""
     try:
         return fsutil.claim_folder(folder)

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from pipeline.cli.base import app, fail, out, safe, show
+from pipeline.cli.base import DISCLAIMER, app, fail, out, safe, show
 
 
 def print_champion() -> dict[str, Any] | None:
@@ -120,6 +120,8 @@ def trace(
     if d.get("gates"):
         print_gates(d["gates"], "Gate verdict")
     print_external(d.get("external_validations") or [])
+    if d.get("sites"):
+        print_sites(d["sites"], "Sites (lesionflow site add)")
     _print_champion_history(d["tag"])
     _print_provenance(d)
 
@@ -158,5 +160,36 @@ def print_external(records: list[dict[str, Any]]) -> None:
             show(at.get("sensitivity"), 3),
             show(at.get("specificity"), 3),
             "-" if flagged is None else f"{100 * flagged:.1f}%",
+        )
+    out.print(t)
+
+
+def print_sites(records: list[dict[str, Any]], title: str = "Sites") -> None:
+    """A table of site records (``lesionflow site list`` and ``lesionflow trace``)."""
+    t = Table(
+        "site",
+        "threshold",
+        "interval",
+        "sensitivity",
+        "specificity",
+        "malignant",
+        "images",
+        "decides",
+        "recorded",
+        title=safe(title),
+        caption=DISCLAIMER,
+    )
+    for r in records:
+        lo, hi = r.get("threshold_interval") or (None, None)
+        t.add_row(
+            safe(r.get("name")),
+            show(r.get("threshold")),
+            f"{show(lo)} - {show(hi)}",
+            show(r.get("sensitivity"), 3),
+            show(r.get("specificity"), 3),
+            str(r.get("n_malignant")),
+            str(r.get("n_images")),
+            "yes" if r.get("suitable") else safe(f"no: {r.get('reason')}"),
+            str(r.get("created_at")),
         )
     out.print(t)

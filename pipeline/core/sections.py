@@ -377,9 +377,21 @@ class RetrievalParams:
 class ServingParams:
     """What the service shows of other patients: the similar confirmed cases' diagnosis, how it was
     confirmed and their similarity always; their age, sex and body site only when
-    ``share_case_demographics`` (a decision for the site's data-protection officer)."""
+    ``share_case_demographics`` (a decision for the site's data-protection officer). A site's own
+    operating point (``lesionflow site add``) needs enough malignant cases that its sensitivity is
+    known within ``site_interval_width`` (the width of its confidence interval), and a site whose
+    specificity at the target sensitivity is below ``min_site_specificity`` is "not suitable": the
+    service gives it probabilities but no decision."""
 
     share_case_demographics: bool = False
+    min_site_specificity: float = 0.30
+    site_interval_width: float = 0.20
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_site_specificity < 1.0:
+            fail("min_site_specificity", f"must be in [0, 1), got {self.min_site_specificity}")
+        if not 0.0 < self.site_interval_width < 1.0:
+            fail("site_interval_width", f"must be in (0, 1), got {self.site_interval_width}")
 
 
 @section("eda")

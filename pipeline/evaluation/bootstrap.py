@@ -144,6 +144,36 @@ def binary_statistic(
     return stat
 
 
+def threshold_statistic(
+    y01: Sequence[int], score: Sequence[float], target_sensitivity: float, threshold: float
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A bootstrap statistic for a site's operating point: weights -> ``threshold`` (the highest
+    score reaching ``target_sensitivity``, chosen again in each replicate, as
+    :func:`pipeline.evaluation.metrics.choose_threshold` does), ``specificity_at_target`` (the
+    specificity there) and, at the fixed ``threshold`` chosen on all the data,
+    ``sensitivity_at_threshold`` and ``specificity_at_threshold``."""
+    y01 = np.asarray(y01).astype(int)
+    score = np.asarray(score, dtype=np.float64)
+    distinct = np.unique(score)[::-1]  # the thresholds of w_binary_curves' columns, highest first
+    fixed = refers(score, threshold).astype(int)
+
+    def stat(w: np.ndarray) -> dict[str, np.ndarray]:
+        tp, fp, p, n = w_binary_curves(w, y01, score)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reached = tp / p[:, None] >= target_sensitivity - 1e-12
+            first = np.argmax(reached, axis=1)  # tpr reaches 1 at the last column
+            rows = np.arange(len(w))
+            cm = w_confusion(w, y01, fixed, 2)
+            return {
+                "threshold": np.where(p > 0, distinct[first], np.nan),
+                "specificity_at_target": 1.0 - fp[rows, first] / n,
+                "sensitivity_at_threshold": cm[:, 1, 1] / cm[:, 1].sum(axis=1),
+                "specificity_at_threshold": cm[:, 0, 0] / cm[:, 0].sum(axis=1),
+            }
+
+    return stat
+
+
 def bootstrap(
     statistic: Callable[[np.ndarray], Mapping[str, np.ndarray]],
     groups: Sequence,

@@ -17,6 +17,8 @@ first three files; packaging (:mod:`pipeline.registry.package`) adds the rest, t
     reference/               the drift-monitoring reference profile (stage reference)
     retrieval/               the similar-cases index (stage retrieval)
     external/                external validations recorded later (lesionflow validate-external)
+    sites/                   operating points per site recorded later (lesionflow site add,
+                             pipeline.model.sites)
 
 :func:`verify` checks a folder against its ``metadata.json`` (every listed file present, same
 size and sha256) and is called when a packaged model is loaded
@@ -58,6 +60,7 @@ REFERENCE_SCHEMA_FILE = "profile.json"
 REFERENCE_PROJECTION_FILE = "projection.npy"
 RETRIEVAL_DIR = "retrieval"
 EXTERNAL_DIR = "external"
+SITES_DIR = "sites"
 
 #: What a trained model is (the train stage's output).
 TRAINED_FILES = (MODEL_FILE, CONFIG_FILE)
@@ -229,7 +232,8 @@ def describe(
 ) -> dict[str, Any]:
     """The ``metadata.json`` document of a complete model folder: what it takes and gives, where it
     comes from, the graphs it can be run with besides ``model.pt`` (``engines``) and every file it
-    holds with its size and sha256 (``external/`` is left out: records added after packaging)."""
+    holds with its size and sha256 (``external/`` and ``sites/`` are left out: records added after
+    packaging)."""
     d = Path(folder)
     config = json.loads((d / CONFIG_FILE).read_text())
     return {
@@ -241,7 +245,7 @@ def describe(
         "outputs": _outputs(config, operating_point(d)),
         "lineage": dict(lineage),
         "engines": dict(engines or {}),
-        "files": _files(d, skip=(METADATA_FILE, EXTERNAL_DIR)),
+        "files": _files(d, skip=(METADATA_FILE, EXTERNAL_DIR, SITES_DIR)),
     }
 
 

@@ -47,6 +47,7 @@ from pipeline.core.predictions import (
     IN_DISTRIBUTION,
     P_MALIGNANT,
     QUALITY,
+    THRESHOLD,
     join_reasons,
     pred_column,
     prob_column,
@@ -171,6 +172,9 @@ def _prediction_part(prediction: Mapping[str, Any]) -> dict[str, Any]:
     out["p_malignant"] = None if p_mal is None else clean(float(p_mal))
     decision = prediction.get("decision")
     out["decision"] = None if decision is None else str(decision)
+    for key in ("threshold", "site"):  # the operating point the decision was made at (a site's, or the model's)
+        if prediction.get(key) is not None:
+            out[key] = prediction[key]
     inside = prediction.get("in_distribution")
     out["in_distribution"] = None if inside is None else bool(inside)
     score = prediction.get("ood_score")
@@ -379,7 +383,9 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
     elif pred.get("pred_class") is not None:  # an explanation (/gradcam): the class it showed
         row["explained_class"] = pred["pred_class"]
     row[P_MALIGNANT] = pred.get("p_malignant")
+    row[THRESHOLD] = pred.get("threshold")
     row[DECISION] = pred.get("decision")
+    row["site"] = pred.get("site")
     row[IN_DISTRIBUTION] = pred.get("in_distribution")
     row["ood_score"] = pred.get("ood_score")
     reasons = pred.get("quality_reasons")

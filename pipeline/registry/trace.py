@@ -2,6 +2,7 @@
 
 describe("lesionflow-classifier:abc123")   # lineage, metrics, verdict + the commands restoring them
 record_external(tag, "site-b", summary)     # an external validation kept with the stored model
+record_site(tag, record)                    # a site's operating point kept with it (lesionflow site add)
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.fsutil import read_json, write_json
+from pipeline.model import sites
 from pipeline.model.bundle import EXTERNAL_DIR
 from pipeline.registry.store import model_record, resolve
 
@@ -80,6 +82,7 @@ def describe(tag: str) -> dict[str, Any]:
         "restore": restore_commands(commit, data_md5),
         "notes": notes(git),
         "external_validations": external_validations(Path(rec["path"])),
+        "sites": [s.record for s in sites.load(rec["path"]).values()],
     }
 
 
@@ -96,3 +99,20 @@ def external_validations(model_path: Path) -> list[dict[str, Any]]:
     """The external validations recorded with a stored model, oldest first."""
     found = [read_json(f) for f in sorted((Path(model_path) / EXTERNAL_DIR).glob("*.json"))]
     return sorted((f for f in found if f), key=lambda d: str(d.get("created_at", "")))
+
+
+def record_site(tag: str, record: dict[str, Any], replace: bool = False) -> Path:
+    """Keep a site's operating point with a stored model (:func:`pipeline.model.sites.write`).
+    A site already recorded is kept unless ``replace``; then the record it replaces goes along
+    inside the new one (``replaces``), so no earlier decision is lost. Returns the file."""
+    model, _ = resolve(tag)
+    path = sites.path(model.path, record["name"])
+    earlier = read_json(path)
+    if earlier is not None:
+        if not replace:
+            raise sites.SiteError(
+                f"site {record['name']!r} is already recorded with {model.tag} ({path}): "
+                "pass --replace to record the new measurement (the earlier one is kept inside it)"
+            )
+        record = {**record, "replaces": earlier}
+    return sites.write(model.path, record)

@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.core import images
 from pipeline.core.metadata import FIELDS
 from pipeline.core.taxonomy import DIAGNOSIS_NAMES
-from pipeline.model import bundle, quality
+from pipeline.model import bundle, quality, sites
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
@@ -107,6 +107,7 @@ class Classifier:
         self.path, self.tag, self.data_version = Path(path), tag, data_version
         self.settings, monitor = _settings()
         self.operating_point = bundle.require_operating_point(self.path)
+        self.sites = sites.load(self.path)  # the operating points per site (lesionflow site add)
         self.predictor = load_predictor(self.path, ENGINE, device, threads)
         self.inference_log = BackgroundLog(
             self.path, logstore.location(), int(LOG_QUEUE_MB * (1 << 20)), metadata=monitor.log_metadata
@@ -127,6 +128,14 @@ class Classifier:
     @property
     def threshold(self) -> float:
         return self.operating_point.threshold
+
+    def site(self, name: str | None) -> sites.Site | None:
+        """The site a request names (None: the model's own operating point), or ApiError 422 naming
+        the field for a site this model has no record of."""
+        try:
+            return sites.choose(self.sites, name)
+        except sites.SiteError as exc:
+            raise ApiError(422, sites.FIELD, str(exc)) from None
 
     def _load_retrieval(self) -> RetrievalIndex | None:
         """The model's index of similar confirmed training cases, when packaged with it."""
@@ -249,16 +258,21 @@ class Classifier:
             "p_malignant": float(pred["p_malignant"]),
         }
 
-    def _verdict(self, pred: dict[str, Any], withheld: bool) -> dict[str, Any]:
-        """The top classes and the referral decision at the operating point (none when withheld)."""
+    def _verdict(self, pred: dict[str, Any], withheld: bool, site: sites.Site | None) -> dict[str, Any]:
+        """The top classes and the referral decision at the operating point: the site's when the
+        request names one (no decision at a site not suitable for the model), else the model's;
+        none when withheld."""
         dx, risk = pred.get("dx"), pred.get("risk")
-        refer = self.operating_point.refer(float(pred["p_malignant"]))
+        point = self.operating_point if site is None else site.point(self.operating_point.positive_class)
+        refer = point.refer(float(pred["p_malignant"]))
+        undecided = withheld or (site is not None and not site.suitable)
         return {
             "dx_top": None if dx is None or withheld else self.classes["dx"][int(np.argmax(dx))],
             "risk_class": None if risk is None or withheld else self.classes["risk"][int(np.argmax(risk))],
-            "threshold": self.threshold,
-            "refer": None if withheld else refer,
-            "decision": None if withheld else (REFER if refer else NO_REFER),
+            "site": None if site is None else site.name,
+            "threshold": point.threshold,
+            "refer": None if undecided else refer,
+            "decision": None if undecided else (REFER if refer else NO_REFER),
         }
 
     def finalise(
@@ -271,19 +285,23 @@ class Classifier:
         or out of distribution gets no risk estimate: the probability fields, ``refer`` and
         ``decision`` are null, ``message`` says why, and the probabilities are kept under
         ``withheld_probabilities`` for API clients. ``similar``: add that many similar confirmed
-        cases (none for an image out of distribution)."""
+        cases (none for an image out of distribution). A request naming a site (``site`` of
+        ``request_info``) is decided at that site's threshold; at a site not suitable for the model
+        the probabilities are given without a decision, and ``message`` says why."""
         probs = self._probabilities(pred)
         refused = pred.get("quality_reasons") or []
         withheld = bool(refused) or pred.get("in_distribution") is False
+        site = self.site(request_info.get(sites.FIELD))
         ood = self.predictor.ood
         result = {
             "in_distribution": pred.get("in_distribution"),
             "ood_score": pred.get("ood_score"),
             "ood_threshold": None if ood is None else float(ood.threshold),
             "quality_reasons": pred.get("quality_reasons"),
-            "message": _why_withheld(refused, pred.get("in_distribution") is False),
+            "message": _why_withheld(refused, pred.get("in_distribution") is False)
+            or (None if site is None else site.message),
             **(dict.fromkeys(probs) if withheld else probs),
-            **self._verdict(pred, withheld),
+            **self._verdict(pred, withheld, site),
             "withheld_probabilities": probs if withheld else None,
             "similar": None if similar is None else ([] if withheld else self.similar_cases(pred.get("similar") or [])),
             "metadata": {k: request_info.get(k) for k in FIELDS},
@@ -372,6 +390,7 @@ class Classifier:
             "data_version": self.data_version,
             "threshold": self.threshold,
             "decision_rule": self.operating_point.rule,
+            "sites": [site.summary() for site in self.sites.values()],
             "native_level": p.native_level,
             "classes": self.classes,
             "input_size": list(p.input_size),

@@ -21,6 +21,8 @@ from pipeline.core import images
 from pipeline.core.formats import SizeLimits
 from pipeline.core.metadata import FIELDS
 from pipeline.core.params import MetadataParams
+from pipeline.model.sites import FIELD as SITE
+from pipeline.model.sites import HEADER as SITE_HEADER
 
 MAX_IMAGE_BYTES = int(os.environ.get("LESIONFLOW_MAX_IMAGE_BYTES", str(20 * 1024 * 1024)))
 MAX_IMAGE_PIXELS = int(os.environ.get("LESIONFLOW_MAX_IMAGE_PIXELS", str(images.MAX_PIXELS)))
@@ -33,7 +35,7 @@ MULTIPART_SLACK = 64 * 1024  # multipart framing + metadata fields on top of the
 RAW_TYPES = ("application/octet-stream", "image/jpeg", "image/png", "image/jpg")
 IMAGE_FIELDS = ("image", "file")
 #: Query parameters that are options of the request, not metadata (``/classify?similar=6``).
-QUERY_OPTIONS = ("similar",)
+QUERY_OPTIONS = ("similar", SITE)
 MAX_SIMILAR = 50
 _AGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MetadataParams) if f.name in ("age_min", "age_max")}
 #: A number as a form or query value: ASCII digits, optional sign and decimals (no "²", "٣", "1_0", "1e5").
@@ -218,6 +220,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+def site_field(request: Request, form_values: list[Any] = ()) -> str | None:
+    """The site a request names (``lesionflow site add``): the ``X-Lesionflow-Site`` header, the
+    ``site`` query parameter or form field; None when it names none. :class:`ApiError` (422) when it
+    is not text or the places disagree. Whether the model knows the site is the engine's question."""
+    given = [request.headers.get(SITE_HEADER), request.query_params.get(SITE), *form_values]
+    given = [v for v in given if v is not None and v != ""]
+    if any(not isinstance(v, str) for v in given):
+        raise ApiError(422, SITE, "must be a text form field, not a file")
+    if len(set(given)) > 1:
+        shown = ", ".join(repr(v[:64]) for v in dict.fromkeys(given))
+        raise ApiError(422, SITE, f"named differently in the header, query and form ({shown}): name one site")
+    return given[0] if given else None
+
+
 async def _file_fields(form: Any, batch: bool, max_images: int) -> list[tuple[str, bytes]]:
     """``[(field name, bytes)]`` of the image fields of a multipart form (refusing none, too many
     or an empty one)."""
@@ -263,11 +279,12 @@ async def _parse_multipart(request: Request, vocab: Vocabulary, batch: bool) -> 
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
         raise ApiError(400, "image", f"malformed multipart request ({detail})") from None
     try:
-        check_fields(list(form.keys()), IMAGE_FIELDS + FIELDS)
+        check_fields(list(form.keys()), IMAGE_FIELDS + FIELDS + (SITE,))
+        site = site_field(request, form.getlist(SITE))
         blobs = await _file_fields(form, batch, max_images)
         metadata = _metadata_fields(form, len(blobs))
         return [
-            (field, data, validate_metadata(raw, vocab, f"[{i}]" if batch else ""))
+            (field, data, {**validate_metadata(raw, vocab, f"[{i}]" if batch else ""), SITE: site})
             for i, ((field, data), raw) in enumerate(zip(blobs, metadata))
         ]
     finally:
@@ -275,7 +292,8 @@ async def _parse_multipart(request: Request, vocab: Vocabulary, batch: bool) -> 
 
 
 async def parse_request(request: Request, vocab: Vocabulary, batch: bool) -> list[tuple[str, bytes, dict[str, Any]]]:
-    """``[(field name, image bytes, validated metadata)]`` from a multipart or raw-body request."""
+    """``[(field name, image bytes, validated metadata)]`` from a multipart or raw-body request; the
+    metadata also holds the ``site`` the request names (:func:`site_field`)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in RAW_TYPES and not batch:
         body = await read_body(request, MAX_IMAGE_BYTES)
@@ -283,7 +301,7 @@ async def parse_request(request: Request, vocab: Vocabulary, batch: bool) -> lis
         check_fields(list(query), FIELDS)
         if not body:
             raise ApiError(400, "image", "empty request body (0 bytes): send a JPEG or PNG image")
-        return [("image", body, validate_metadata(query, vocab))]
+        return [("image", body, {**validate_metadata(query, vocab), SITE: site_field(request)})]
     if ctype != "multipart/form-data":
         accepted = "multipart/form-data" + ("" if batch else ", " + ", ".join(RAW_TYPES[:3]))
         raise ApiError(415, "image", f"unsupported Content-Type {ctype or '(none)'!r} (accepted: {accepted})")

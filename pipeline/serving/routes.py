@@ -31,7 +31,7 @@ from pipeline.serving import openapi
 from pipeline.serving.batching import QueueFull
 from pipeline.serving.engine import Classifier
 from pipeline.serving.limits import busy
-from pipeline.serving.requests import ApiError, check_request_pixels, parse_request, similar_count
+from pipeline.serving.requests import SITE, ApiError, check_request_pixels, parse_request, similar_count
 from pipeline.serving.schemas import ApiErrorBody, BatchClassification, Classification, Health, ModelInfo, SimilarCases
 
 logger = logging.getLogger("lesionflow.service")
@@ -68,6 +68,7 @@ async def _predict(request: Request, batch: bool, similar: int | None) -> list[d
     try:
         c = classifier()
         items = await parse_request(request, c.vocab, batch)
+        c.site(items[0][2].get(SITE))  # an unknown site is refused before any image is decoded
         declared = check_request_pixels(items)
         c.batcher.reserve(len(items))
     except QueueFull as exc:

@@ -66,7 +66,8 @@ class Classification(BaseModel):
         "implausible_colour); empty: it passed; null: the model has no checks",
     )
     message: str | None = Field(
-        description="why no risk estimate is given (an image-quality check, or out of distribution), else null"
+        description="why no risk estimate is given (an image-quality check, or out of distribution), or why no "
+        "decision at a site not suitable for the model, else null"
     )
     dx_probabilities: dict[str, float] | None
     dx_top: str | None
@@ -74,8 +75,16 @@ class Classification(BaseModel):
     risk_probabilities: dict[str, float] | None
     binary_probabilities: dict[str, float] | None
     p_malignant: float | None
-    threshold: float = Field(description="the operating threshold on p_malignant, chosen on validation data")
-    refer: bool | None = Field(description="p_malignant >= threshold (null when withheld)")
+    site: str | None = Field(
+        None, description="the site the request named (field or header `site`), whose threshold applies; else null"
+    )
+    threshold: float = Field(
+        description="the operating threshold on p_malignant: the site's when one is named (lesionflow site add), "
+        "else the model's, chosen on validation data"
+    )
+    refer: bool | None = Field(
+        description="p_malignant >= threshold (null when withheld, or at a site not suitable for the model)"
+    )
     decision: str | None
     withheld_probabilities: WithheldProbabilities | None
     similar: list[SimilarCase] | None = Field(
@@ -130,6 +139,9 @@ class ModelInfo(BaseModel):
     data_version: str
     threshold: float
     decision_rule: str
+    sites: list[dict[str, Any]] = Field(
+        [], description="the sites with their own operating point: threshold, suitable or not (lesionflow site list)"
+    )
     native_level: str
     classes: dict[str, list[str]]
     input_size: list[int]

@@ -23,6 +23,17 @@ from tests.service_fixtures import TOKENS, serving, token_for
 
 #: The real images the trusted model's OOD detector was fitted on (they pass its check).
 TRUST_IMAGES = 80
+#: Sites recorded with the trusted model (lesionflow site add measures them; here their outcome).
+SITES = [
+    {"name": "clinic-a", "threshold": 0.999, "target_sensitivity": 0.95, "suitable": True, "reason": None},
+    {
+        "name": "clinic-b",
+        "threshold": 0.01,
+        "target_sensitivity": 0.95,
+        "suitable": False,
+        "reason": "specificity 0.100 at sensitivity 0.950 is below serving.min_site_specificity 0.30",
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,7 @@ def trusted_server(tmp_path_factory):
     retrieval.build_index(load_model(model_dir, device="cpu"), rows, files, tmp / "retrieval", p, meta, False)
     token = auth.add(tmp / "api-tokens", "tests")
     env = {"LESIONFLOW_LOG_IMAGES": "1", "LESIONFLOW_AUTH": "", auth.TOKENS_ENV: str(tmp / "api-tokens")}
-    with serving(model_dir, tmp, tmp / "retrieval", env_extra=env) as running:
+    with serving(model_dir, tmp, tmp / "retrieval", env_extra=env, site_records=SITES) as running:
         TOKENS[running[0]] = token
         yield running
 

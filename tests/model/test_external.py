@@ -63,7 +63,14 @@ def setup(real_metadata, tmp_path_factory):
     _shifted(ext_rows, folder)
     labels = root / "labels.csv"
     ext_rows[["image_id", "lesion_id", "dx", "age", "sex", "localization"]].to_csv(labels, index=False)
-    return {"root": root, "model": model, "folder": folder, "labels": labels, "monitor": monitor}
+    return {
+        "root": root,
+        "model": model,
+        "folder": folder,
+        "labels": labels,
+        "monitor": monitor,
+        "fitted_lesions": set(ref_rows["lesion_id"]),
+    }
 
 
 def _validated(s: dict, name: str, labels_csv, out_dir, bootstrap: int) -> dict:
@@ -177,3 +184,123 @@ def test_cli_validates_a_stored_model_and_trace_shows_the_record(setup, tmp_path
     )
     assert refused.returncode == 2 and "row 4" in refused.stderr and "'melanoma'" in refused.stderr
     assert not (tmp_path / "o2").exists()
+
+
+# -- sites: an operating point per site (lesionflow site add) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site_set(setup, real_metadata):
+    """A site's shifted labelled set: 36 malignant and 44 benign lesions (one image each) the model
+    was not fitted on, zoomed 1.33x and re-compressed as JPEG 60; and its labels."""
+    rows = real_metadata[~real_metadata["lesion_id"].isin(setup["fitted_lesions"])].drop_duplicates("lesion_id")
+    malignant = pd.Series(TAX.labels(rows["dx"], "binary"), index=rows.index) == TAX.binary_positive
+    chosen = pd.concat([rows[malignant].sample(36, random_state=5), rows[~malignant].sample(44, random_state=5)])
+    folder = setup["root"] / "site-images"
+    _shifted(chosen, folder)
+    labels = setup["root"] / "site-labels.csv"
+    chosen[["image_id", "lesion_id", "dx"]].to_csv(labels, index=False)
+    return folder, labels
+
+
+def _site_inputs(s: dict, folder, labels, out_dir, name: str = "clinic-c") -> external.ExternalInputs:
+    evaluate = params.load_section("evaluate", PROJECT_ROOT / "params.yaml")
+    return external.ExternalInputs(
+        name=name,
+        model_dir=s["model"],
+        model_label=str(s["model"]),
+        images_dir=folder,
+        labels_csv=labels,
+        out_dir=out_dir,
+        evaluate=dataclasses.replace(evaluate, bootstrap=300),
+        monitor=dataclasses.replace(s["monitor"], min_batch_size=50),
+    )
+
+
+def test_a_site_gets_the_threshold_restoring_the_target_with_a_lesion_bootstrap_interval(setup, site_set, tmp_path):
+    """At the default settings the site's 36 malignant cases are enough; its threshold is the
+    highest one reaching the model's target sensitivity on its images (checked with scikit-learn),
+    inside its bootstrap interval; suitable exactly when its specificity there reaches
+    serving.min_site_specificity. Asked for more specificity than it has, it is not suitable."""
+    from pipeline.audit import sites
+
+    serving = params.load_section("serving", PROJECT_ROOT / "params.yaml")
+    r = sites.onboard(_site_inputs(setup, *site_set, tmp_path / "out"), serving, TAX, progress=False)
+    site = r["site"]
+    pred = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    y, p = (pred["binary_true"] == "malignant").to_numpy(), pred["p_malignant"].to_numpy()
+    fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
+    i = int(np.argmax(tpr >= site["target_sensitivity"]))
+    assert site["threshold"] == pytest.approx(thr[i]) and site["specificity"] == pytest.approx(1 - fpr[i])
+    assert site["sensitivity"] >= site["target_sensitivity"] and site["n_malignant"] == 36
+    lo, hi = site["threshold_interval"]
+    assert lo <= site["threshold"] <= hi and site["ci_over"] == "lesion" and site["n_boot"] == 300
+    assert site["sensitivity_interval"][0] <= site["sensitivity"] <= site["sensitivity_interval"][1]
+    assert site["suitable"] is (site["specificity"] >= serving.min_site_specificity)
+    assert site["model_md5"] == r["model_md5"] and site["min_malignant"] == sites.minimum_malignant(0.95, 0.2, 0.95)
+    assert "Site operating point" in (tmp_path / "out" / "report.md").read_text()
+    strict = dataclasses.replace(serving, min_site_specificity=0.99)
+    picky = sites.onboard(_site_inputs(setup, *site_set, tmp_path / "strict"), strict, TAX, progress=False)["site"]
+    assert picky["suitable"] is False and picky["threshold"] == pytest.approx(site["threshold"])
+    assert (
+        f"specificity {picky['specificity']:.3f}" in picky["reason"] and "min_site_specificity 0.99" in picky["reason"]
+    )
+
+
+def test_a_site_with_too_few_malignant_cases_is_refused_before_any_work(setup, site_set, tmp_path):
+    from pipeline.audit import sites
+    from pipeline.model.sites import SiteError
+
+    folder, labels = site_set
+    few = pd.read_csv(labels)
+    malignant = pd.Series(TAX.labels(few["dx"], "binary"), index=few.index) == TAX.binary_positive
+    few = pd.concat([few[malignant].head(10), few[~malignant]])
+    few.to_csv(tmp_path / "few.csv", index=False)
+    serving = params.load_section("serving", PROJECT_ROOT / "params.yaml")
+    with pytest.raises(SiteError) as refused:
+        sites.onboard(_site_inputs(setup, folder, tmp_path / "few.csv", tmp_path / "out"), serving, TAX, progress=False)
+    needed = sites.minimum_malignant(0.95, serving.site_interval_width, 0.95)
+    assert "10 malignant case(s)" in str(refused.value) and f"at least {needed}" in str(refused.value)
+    assert "serving.site_interval_width" in str(refused.value) and not (tmp_path / "out").exists()
+    # the count it asks for: a sensitivity of 0.95 on that many cases has a 95% interval no wider than asked
+    assert (
+        sites.wilson_width(0.95, needed, 0.95)
+        <= serving.site_interval_width
+        < sites.wilson_width(0.95, needed - 1, 0.95)
+    )
+
+
+def test_cli_site_add_records_the_site_with_the_stored_model_and_lists_it(setup, site_set, tmp_path):
+    """``lesionflow site add`` on a stored model: the report, the record kept with the model (in
+    ``site list`` and ``trace``); measuring a recorded site again needs --replace, which keeps the
+    earlier record inside the new one; a bad name is refused naming it."""
+    s, (folder, labels) = setup, site_set
+    home = tmp_path / "bentoml"
+    tag = package(s["model"], tmp_path, home)
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    cli = [sys.executable, "-m", "pipeline.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    add = ["site", "add", "clinic-c", str(folder), str(labels), "--model", tag, "--no-build"]
+    first = run(*add, "--out", str(tmp_path / "out"))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Site clinic-c: threshold" in first.stdout and f"Recorded with {tag}" in first.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    listed = run("site", "list", "--model", tag)
+    assert (
+        listed.returncode == 0
+        and "clinic-c" in listed.stdout
+        and f"{summary['site']['threshold']:.4f}" in listed.stdout
+    )
+    traced = json.loads(run("trace", tag, "--json").stdout)["sites"]
+    assert [t["name"] for t in traced] == ["clinic-c"] and traced[0]["threshold"] == summary["site"]["threshold"]
+    again = run(*add, "--out", str(tmp_path / "again"))
+    assert again.returncode != 0 and "--replace" in again.stderr and not (tmp_path / "again").exists()
+    replaced = run(*add, "--out", str(tmp_path / "again"), "--replace")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    traced = json.loads(run("trace", tag, "--json").stdout)["sites"]
+    assert traced[0]["replaces"]["created_at"] == summary["site"]["created_at"]
+    bad = run("site", "add", "../etc", str(folder), str(labels), "--model", tag, "--no-build")
+    assert bad.returncode != 0 and "'../etc'" in bad.stderr

@@ -121,14 +121,7 @@ def test_a_blank_or_dark_image_is_refused_with_its_reasons_in_the_answer_and_the
         ids.add(body["request_id"])
     similar = trusted_client.post("/similar", files={"image": ("black.png", _png(400, 300, (0, 0, 0)), "image/png")})
     assert similar.status_code == 200 and similar.json()["similar"] == [] and similar.json()["quality_reasons"]
-    log_dir = trusted_server[2].parent / "inference-log"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        rows = inferencelog.read(log_dir) if log_dir.exists() else pd.DataFrame()
-        if len(rows) and ids <= set(rows["request_id"]):
-            break
-        time.sleep(0.3)
-    mine = rows[rows["request_id"].isin(ids)]
+    mine = _log_rows(trusted_server, ids)
     assert len(mine) == 2 and mine["decision"].isna().all()
     assert all("underexposed" in str(v).split("; ") for v in mine["quality_reasons"])
 
@@ -334,3 +327,65 @@ def test_the_python_client_gives_typed_answers_of_every_image_route(trusted_serv
         with pytest.raises(ApiRequestError) as refused:
             client.classify(_png(1, 1))
         assert refused.value.status == 422 and refused.value.field == "image" and "64x64" in refused.value.message
+
+
+def _log_rows(trusted_server, ids: set[str]) -> pd.DataFrame:
+    """The inference log's rows of the answers ``ids`` (waiting up to 20 s for them)."""
+    log_dir = trusted_server[2].parent / "inference-log"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = inferencelog.read(log_dir) if log_dir.exists() else pd.DataFrame()
+        if len(rows) and ids <= set(rows["request_id"]):
+            break
+        time.sleep(0.3)
+    return rows[rows["request_id"].isin(ids)].set_index("request_id")
+
+
+def test_a_request_naming_a_site_is_decided_at_that_sites_threshold(trusted_server, trusted_client):
+    """``lesionflow site add`` records an operating point per site with the model (here: clinic-a
+    suitable at 0.999, clinic-b not suitable; tests/model/conftest.py). A request names its site by
+    header, form field or query parameter; the answer says which site and threshold applied; at a
+    site not suitable for the model it gets probabilities but no decision, and the reason. The
+    inference log keeps the site and threshold of every answer."""
+    image = (IMAGES_DIR / f"{trust_sample()['image_id'][2]}.jpg").read_bytes()
+    files = {"image": ("x.jpg", image, "image/jpeg")}
+    model = trusted_client.post("/classify", files=files).json()
+    by_header = trusted_client.post("/classify", files=files, headers={"X-Lesionflow-Site": "clinic-a"}).json()
+    by_form = trusted_client.post("/classify", files=files, data={"site": "clinic-a"}).json()
+    raw = trusted_client.post("/classify?site=clinic-a", content=image, headers={"Content-Type": "image/jpeg"})
+    model_threshold = trusted_client.get("/model").json()["threshold"]
+    assert model["site"] is None and model["threshold"] == pytest.approx(model_threshold)
+    for body in (by_header, by_form, raw.json()):
+        assert body["site"] == "clinic-a" and body["threshold"] == pytest.approx(0.999)
+        assert body["p_malignant"] == pytest.approx(model["p_malignant"], abs=1e-6)
+        assert body["refer"] is (body["p_malignant"] >= 0.999) and body["decision"] is not None
+    assert model["refer"] is (model["p_malignant"] >= model_threshold)
+    unsuitable = trusted_client.post("/classify", files=files, data={"site": "clinic-b"}).json()
+    assert unsuitable["site"] == "clinic-b" and unsuitable["refer"] is None and unsuitable["decision"] is None
+    assert unsuitable["p_malignant"] == pytest.approx(model["p_malignant"], abs=1e-6)  # probabilities, no decision
+    assert "not suitable" in unsuitable["message"] and "min_site_specificity" in unsuitable["message"]
+    rows = _log_rows(trusted_server, {model["request_id"], by_header["request_id"], unsuitable["request_id"]})
+    assert rows.loc[by_header["request_id"], "site"] == "clinic-a"
+    assert rows.loc[by_header["request_id"], "threshold"] == pytest.approx(0.999)
+    assert pd.isna(rows.loc[model["request_id"], "site"])
+    assert rows.loc[model["request_id"], "threshold"] == pytest.approx(model_threshold)
+    assert pd.isna(rows.loc[unsuitable["request_id"], "decision"])
+
+
+def test_an_unknown_or_ambiguous_site_is_refused_naming_the_field(trusted_client):
+    image = (IMAGES_DIR / f"{trust_sample()['image_id'][2]}.jpg").read_bytes()
+    files = {"image": ("x.jpg", image, "image/jpeg")}
+    unknown = trusted_client.post("/classify", files=files, data={"site": "clinic-z"})
+    assert unknown.status_code == 422 and unknown.json()["field"] == "site"
+    assert "clinic-z" in unknown.json()["error"] and "clinic-a, clinic-b" in unknown.json()["error"]
+    both = trusted_client.post(
+        "/classify", files=files, data={"site": "clinic-a"}, headers={"X-Lesionflow-Site": "clinic-b"}
+    )
+    assert both.status_code == 422 and both.json()["field"] == "site" and "name one site" in both.json()["error"]
+    batch = trusted_client.post(
+        "/classify_batch", files=[("image", ("a.jpg", image)), ("image", ("b.jpg", image))], data={"site": "clinic-a"}
+    )
+    assert batch.status_code == 200 and {r["site"] for r in batch.json()["results"]} == {"clinic-a"}
+    shown = {s["name"]: s for s in trusted_client.get("/model").json()["sites"]}
+    assert set(shown) == {"clinic-a", "clinic-b"} and shown["clinic-b"]["suitable"] is False
+    assert shown["clinic-a"]["threshold"] == pytest.approx(0.999)

@@ -370,3 +370,33 @@ def test_page_withholds_the_referral_for_a_photo_that_is_not_dermoscopy(
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     phone.screenshot(path=tmp_path / "similar-phone.png", full_page=True)
     assert js_errors == [] and phone_errors == []
+
+
+def test_page_lets_a_clinician_choose_the_site_and_says_when_it_gives_no_decision(
+    trusted_server, browser, pages, tmp_path
+):
+    """The sites recorded with the model (tests/model/conftest.py: clinic-a suitable at 0.999,
+    clinic-b not suitable) are offered on the page; choosing one sends it, the result names the
+    site's threshold, and at a site not suitable for the model the page shows the probability and
+    "No decision" with the reason instead of a referral."""
+    from tests.model.conftest import trust_sample
+
+    page, js_errors = _open(browser, pages, trusted_server[0], token=token_for(trusted_server[0]))
+    wait_until(page, "document.querySelectorAll('#site option').length === 3")
+    assert page.locator("#site-field").is_visible()
+    ham = IMAGES_DIR / f"{trust_sample()['image_id'][2]}.jpg"
+    page.set_input_files("#image", str(ham))
+    page.select_option("#site", "clinic-a")
+    page.click("#submit")
+    _wait_for_result(page)
+    assert "of site clinic-a: 99.9%" in page.locator("#thr").inner_text()
+    assert "Decision: " in page.locator("#decision-text").inner_text()
+    page.select_option("#site", "clinic-b")
+    page.click("#submit")
+    wait_until(page, "document.getElementById('thr').innerText.includes('clinic-b')")
+    wait_until(page, "document.getElementById('form').getAttribute('aria-busy') === 'false'")
+    text = page.locator("#decision-text").inner_text()
+    assert text.startswith("No decision: not suitable for this model") and "min_site_specificity" in text
+    assert "Malignancy probability" in page.locator("#p-mal").inner_text()
+    page.screenshot(path=tmp_path / "site-not-suitable.png", full_page=True)
+    assert js_errors == []

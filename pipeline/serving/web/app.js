@@ -87,6 +87,18 @@ function fillSelect(select, values) {
   }
 }
 
+function fillSites(sites) {
+  // the sites recorded with the model (lesionflow site add): a request naming one is decided at its threshold
+  const select = $("site");
+  for (const s of sites) {
+    const opt = document.createElement("option");
+    opt.value = s.name;
+    opt.textContent = s.name + (s.suitable ? " (threshold " + pct(s.threshold) + ")" : " (not suitable: no decision)");
+    select.appendChild(opt);
+  }
+  $("site-field").hidden = sites.length === 0;
+}
+
 let similarK = 0;  // similar confirmed cases shown under a result (0: the model has no index)
 
 function renderSimilar(cases) {
@@ -136,6 +148,7 @@ async function loadModelInfo() {
     fillSelect($("sex"), fields.sex);
     fillSelect($("localization"), fields.localization);
     similarK = info.similar_cases ? info.similar_cases.k : 0;
+    fillSites(info.sites || []);
   } catch (e) {
     $("model-tag").textContent = "unavailable (" + e.message + ")";
     $("data-version").textContent = "unavailable";
@@ -177,7 +190,7 @@ function setBusy(busy) {
 function formData() {
   const fd = new FormData();
   fd.append("image", chosen, chosen.name);
-  for (const k of ["age", "sex", "localization"]) {
+  for (const k of ["age", "sex", "localization", "site"]) {
     const v = $(k).value.trim();
     if (v !== "") fd.append(k, v);
   }
@@ -274,12 +287,20 @@ function renderResult(res) {
   $("gauge").setAttribute("aria-label",
     "malignancy probability " + pct(p) + " against the operating threshold " + pct(t));
   $("p-mal").textContent = "Malignancy probability: " + pct(p) + ".";
-  $("thr").textContent = "Operating threshold: " + pct(t) + (res.refer ? " (at or above it)." : " (below it).");
+  const where = res.site ? " of site " + res.site : "";
   const decision = $("decision");
-  decision.className = "decision " + (res.refer ? "refer" : "no-refer");
-  $("decision-text").textContent = res.refer
-    ? "Decision: refer. " + res.decision.replace(/^refer:\s*/, "").replace(/^./, (c) => c.toUpperCase()) + "."
-    : "Decision: " + res.decision + ".";
+  if (res.refer === null) {
+    // a site not suitable for this model: probabilities, no decision, and why
+    $("thr").textContent = "Threshold" + where + ": " + pct(t) + ".";
+    decision.className = "decision undecided";
+    $("decision-text").textContent = "No decision: " + res.message.replace(/^no decision at site [^:]*:\s*/, "") + ".";
+  } else {
+    $("thr").textContent = "Operating threshold" + where + ": " + pct(t) + (res.refer ? " (at or above it)." : " (below it).");
+    decision.className = "decision " + (res.refer ? "refer" : "no-refer");
+    $("decision-text").textContent = res.refer
+      ? "Decision: refer. " + res.decision.replace(/^refer:\s*/, "").replace(/^./, (c) => c.toUpperCase()) + "."
+      : "Decision: " + res.decision + ".";
+  }
 
   renderBars(res.dx_probabilities);
   $("model-tag").textContent = res.model_tag;
