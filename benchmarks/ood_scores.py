@@ -1,26 +1,40 @@
-"""Benchmark: which out-of-distribution score should the model ship with?
+"""Benchmark: which out-of-distribution score should the model ship with, measured out of sample?
 
-Side by side in one run, on the trained model (``artifacts/model``), the HAM10000 test split (in
-distribution) and the non-dermoscopic images of :mod:`pipeline.evaluation.oodsets` (bundled
-sample photographs and synthetic blanks/noise/screenshots):
+The non-dermoscopic images of :mod:`pipeline.evaluation.oodsets` come in kinds (photographs,
+close-ups of objects, skin without a dermoscope, blank and near-blank frames, gradients, noise,
+patterns, text and screenshots) and in two halves by source. In-distribution: the HAM10000 test
+split, and a shifted copy of it (zoomed 1.33x at the centre, re-compressed as JPEG 60: other
+clinics' dermoscopy is legitimate input), each cut into two halves by lesion. Candidates, each
+thresholded as the shipped detector is (the score passing ``train.trust.ood_pass_share`` of the
+validation split), and each together with the model's image-quality checks (a refused image is
+one either of them stops):
 
-* the baseline a user would otherwise write: the maximum softmax probability (Hendrycks & Gimpel
-  2017), thresholded;
-* the energy score (Liu et al. 2020) on the logits, with and without the fitted temperature;
-* the Mahalanobis distance of the penultimate embedding to class-conditional Gaussians with a
-  shared, Ledoit-Wolf shrunk covariance fitted on the training split (Lee et al. 2018), what
-  :mod:`pipeline.model.ood` implements.
+* ``max_softmax``: the baseline a user would otherwise write (Hendrycks & Gimpel 2017);
+* ``energy``: on the calibrated logits (Liu et al. 2020);
+* ``mahalanobis``: the penultimate embedding to class-conditional Gaussians with a shared,
+  Ledoit-Wolf shrunk covariance (Lee et al. 2018), the model's own ``ood.npz``: what ships;
+* ``mahalanobis_layers``: the same, class-agnostic, on the pooled outputs of four blocks of the
+  backbone and the embedding, each standardised on val, summed;
+* ``image_statistics``: Mahalanobis on the image-quality features and the channel means and spreads;
+* ``mahalanobis_or_statistics``: either of ``mahalanobis`` and ``image_statistics``, each at half
+  the flagged share.
 
-For each: AUROC (OOD images vs test images; per group and overall) and, at the threshold that
-lets 99 % of the validation split pass, the share of OOD images caught and of test images
-flagged. The temperature is fitted on val as the train stage does.
+The method is **chosen** on the ``choose`` halves (the most non-dermoscopic images refused, pooled,
+among those flagging at most 2 % of the test half and 5 % of the shifted half, averaged over the
+models) and **reported** on the ``report`` halves, per kind, for the champion (``artifacts/model``)
+and for ``--seeds`` models of a small recipe (the train stage with ``--epochs`` epochs and seeds
+1..N), so that the figures show how much they move between trainings.
 
-Run from the project root: ``python benchmarks/ood_scores.py`` -> benchmarks/results/ood_scores.json
+Run from the project root: ``python benchmarks/ood_scores.py [--seeds 3] [--epochs 2]``
+-> benchmarks/results/ood_scores.json and ood_scores.png
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import hashlib
+import io
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,89 +44,326 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.covariance import LedoitWolf  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
 from pipeline.core import images, lineage, params  # noqa: E402
+from pipeline.core.fsutil import write_json  # noqa: E402
 from pipeline.data import splits  # noqa: E402
 from pipeline.evaluation import oodsets  # noqa: E402
-from pipeline.model import calibration, ood  # noqa: E402
+from pipeline.model import calibration, ood, quality  # noqa: E402
 from pipeline.model.inference import load_model  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/ood_scores.json"
-PASS_SHARE = 0.99
+LAYERS = (3, 7, 11, 15)  # blocks of EfficientNet-Lite0 whose pooled outputs mahalanobis_layers uses
+METHODS = (
+    "max_softmax",
+    "energy",
+    "mahalanobis",
+    "mahalanobis_layers",
+    "image_statistics",
+    "mahalanobis_or_statistics",
+)
+TARGETS = {"refused_share": 0.95, "test_flagged_share": 0.02, "shifted_flagged_share": 0.05}
 
 
-def predict_files(predictor, frame: pd.DataFrame, images_dir: Path, batch: int = 64) -> dict[str, np.ndarray]:
-    files = splits.image_files(frame, images_dir, "benchmark")
-    logits, emb = [], []
-    for s in range(0, len(files), batch):
-        out = predictor.predict([images.decode_rgb(f) for f in files[s : s + batch]], tta=False)
-        logits.append(out["logits"][0])
-        emb.append(out["embeddings"])
-    return {"logits": np.concatenate(logits), "embeddings": np.concatenate(emb)}
+def shifted(rgb: np.ndarray) -> np.ndarray:
+    """The shifted copy: the centre 1/1.33 zoomed back to full size, re-compressed as JPEG 60."""
+    h, w = rgb.shape[:2]
+    ch, cw = int(h / 1.33), int(w / 1.33)
+    crop = Image.fromarray(rgb[(h - ch) // 2 : (h - ch) // 2 + ch, (w - cw) // 2 : (w - cw) // 2 + cw])
+    buf = io.BytesIO()
+    crop.resize((w, h), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=60)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
-def scores(method: str, pred: dict[str, np.ndarray], stats: dict, t: float) -> np.ndarray:
-    z = pred["logits"]
-    if method == "max_softmax (baseline)":
-        return -calibration.probabilities(z).max(1)
-    if method == "energy":
-        return ood.energy(z, 1.0)
-    if method == "energy (calibrated T)":
-        return ood.energy(z, t)
-    return ood.OodDetector("mahalanobis", np.inf, stats).score(pred["embeddings"], z)
+def lesion_half(lesion_ids: pd.Series) -> np.ndarray:
+    """``choose`` or ``report`` per image, by its lesion id's md5 (a lesion's images stay together)."""
+    return np.array(
+        ["choose" if int(hashlib.md5(str(i).encode()).hexdigest(), 16) % 2 else "report" for i in lesion_ids]
+    )
+
+
+def image_statistics(u8: np.ndarray) -> np.ndarray:
+    """(n, 11): the five image-quality features and the mean and spread of each channel."""
+    q = quality.quality_features(u8)
+    x = u8.astype(np.float32)
+    return np.column_stack([*(q[f] for f in quality.FEATURES), x.mean(axis=(2, 3)), x.std(axis=(2, 3))])
+
+
+def features(predictor, rgbs: list[np.ndarray], batch: int = 64) -> dict[str, np.ndarray]:
+    """Per image: logits, embedding, pooled block outputs, image statistics, the shipped OOD score and
+    whether the image-quality checks refuse it."""
+    pooled: dict[int, list[np.ndarray]] = {k: [] for k in LAYERS}
+    blocks = predictor.model.backbone.net._blocks
+    hooks = [
+        blocks[k].register_forward_hook(lambda _m, _i, o, k=k: pooled[k].append(o.float().mean((2, 3)).numpy()))
+        for k in LAYERS
+    ]
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "embedding": [], "stats": [], "shipped": [], "refused": []}
+    try:
+        for s in range(0, len(rgbs), batch):
+            u8 = predictor.resize_u8(rgbs[s : s + batch])
+            out = predictor.predict(u8, tta=False)
+            parts["logits"].append(out["logits"][0])
+            parts["embedding"].append(out["embeddings"])
+            parts["stats"].append(image_statistics(u8))
+            parts["shipped"].append(out["ood_score"])
+            parts["refused"].append(np.array([bool(r) for r in out["quality_reasons"]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    found = {k: np.concatenate(v) for k, v in parts.items()}
+    found |= {f"block{k}": np.concatenate(v) for k, v in pooled.items()}
+    return found
+
+
+class Gaussian:
+    """A class-agnostic Gaussian (Ledoit-Wolf shrunk) and the Mahalanobis distance to it."""
+
+    def __init__(self, x: np.ndarray):
+        x = np.asarray(x, dtype=np.float64)
+        self.mean = x.mean(0)
+        self.scale = x.std(0) + 1e-9
+        self.precision = LedoitWolf().fit((x - self.mean) / self.scale).precision_
+
+    def distance(self, x: np.ndarray) -> np.ndarray:
+        z = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        return np.sqrt(np.einsum("ij,jk,ik->i", z, self.precision, z))
+
+
+def fit_scores(fitting: dict[str, np.ndarray], val: dict[str, np.ndarray], t: float):
+    """The candidates' score functions (higher: more unusual), fitted on ``fitting`` (a sample of
+    the training split) and, for the layer sum, standardised on ``val``."""
+    layer_keys = [f"block{k}" for k in LAYERS] + ["embedding"]
+    layers = {k: Gaussian(fitting[k]) for k in layer_keys}
+    val_d = {k: layers[k].distance(val[k]) for k in layer_keys}
+    norm = {k: (d.mean(), d.std() + 1e-9) for k, d in val_d.items()}
+    stats = Gaussian(fitting["stats"])
+    return {
+        "max_softmax": lambda f: -calibration.probabilities(f["logits"]).max(1),
+        "energy": lambda f: ood.energy(f["logits"], t),
+        "mahalanobis": lambda f: f["shipped"],
+        "mahalanobis_layers": lambda f: sum((layers[k].distance(f[k]) - norm[k][0]) / norm[k][1] for k in layer_keys),
+        "image_statistics": lambda f: stats.distance(f["stats"]),
+    }
+
+
+def flags(score_fns, val: dict[str, np.ndarray], pass_share: float):
+    """Each candidate's verdict function (True: flagged), thresholded on ``val`` at ``pass_share``;
+    the either-or candidate splits the flagged share between its two scores."""
+    out = {}
+    for name, fn in score_fns.items():
+        thr = float(np.quantile(fn(val), pass_share, method="higher"))
+        out[name] = lambda f, fn=fn, thr=thr: fn(f) > thr
+    half = 1.0 - (1.0 - pass_share) / 2.0
+    a, b = score_fns["mahalanobis"], score_fns["image_statistics"]
+    ta, tb = (float(np.quantile(g(val), half, method="higher")) for g in (a, b))
+    out["mahalanobis_or_statistics"] = lambda f: (a(f) > ta) | (b(f) > tb)
+    return out
+
+
+def subset(f: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in f.items()}
+
+
+def measure(verdicts, data: dict, halves: dict, half: str) -> dict[str, dict]:
+    """Per candidate, on one half: the refused share per kind and pooled, and the flagged shares of
+    the test and shifted halves (a refusal: the candidate or the quality checks)."""
+    kinds = np.array(data["ood_kinds"])
+    rows = {}
+    for name, verdict in verdicts.items():
+        row: dict[str, float] = {}
+        o = subset(data["ood"], halves["ood"] == half)
+        refused = verdict(o) | o["refused"]
+        k = kinds[halves["ood"] == half]
+        row["refused_share"] = float(refused.mean())
+        row["by_kind"] = {kind: float(refused[k == kind].mean()) for kind in oodsets.KINDS if (k == kind).any()}
+        row["by_kind_detector_only"] = {kind: float(verdict(o)[k == kind].mean()) for kind in row["by_kind"]}
+        for split in ("test", "shifted"):
+            s = subset(data[split], halves[split] == half)
+            row[f"{split}_flagged_share"] = float((verdict(s) | s["refused"]).mean())
+        row["meets_targets"] = (
+            row["refused_share"] >= TARGETS["refused_share"]
+            and row["test_flagged_share"] <= TARGETS["test_flagged_share"]
+            and row["shifted_flagged_share"] <= TARGETS["shifted_flagged_share"]
+        )
+        rows[name] = row
+    return rows
+
+
+def model_data(model_dir: Path, frames: dict, others: list, fit_n: int) -> tuple[dict, dict]:
+    """Features of one model on the training sample, val, test, the shifted test and the OOD images."""
+    predictor = load_model(model_dir, device="cpu", engine="torch")
+    img_dir = ROOT / "data/images"
+    sample = frames["train"].sample(min(fit_n, len(frames["train"])), random_state=0)
+    decode = lambda frame: [images.decode_rgb(f) for f in splits.image_files(frame, img_dir, "benchmark")]  # noqa: E731
+    test_rgb = decode(frames["test"])
+    data = {
+        "fit": features(predictor, decode(sample)),
+        "val": features(predictor, decode(frames["val"])),
+        "test": features(predictor, test_rgb),
+        "shifted": features(predictor, [shifted(x) for x in test_rgb]),
+        "ood": features(predictor, [o.rgb for o in others]),
+        "ood_kinds": [o.kind for o in others],
+    }
+    labels = params.load_taxonomy(ROOT / "params.yaml").encode(frames["val"]["dx"], predictor.native_level)
+    info = {
+        "temperature": calibration.fit_temperature(data["val"]["logits"], labels),
+        "pass_share": predictor.config["ood"]["pass_share"],
+    }
+    return data, info
+
+
+def train_small(seed: int, epochs: int, work: Path) -> Path:
+    """A model of the small recipe (the train stage, ``epochs`` epochs, ``seed``), trained once."""
+    out = work / f"seed{seed}-epochs{epochs}"
+    if not (out / "model" / "model.pt").exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.stages.train",
+            "--set",
+            f"train.seed={seed}",
+            "--set",
+            f"train.epochs={epochs}",
+        ]
+        cmd += ["--out", str(out / "model"), "--reports", str(out / "reports"), "--no-progress"]
+        print(f"training seed {seed} ({epochs} epochs) -> {out}", flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return out / "model"
+
+
+def choose(per_model: dict[str, dict]) -> tuple[str, dict[str, dict]]:
+    """The method with the most refused on the choose halves (mean over models) among those flagging
+    at most the targets' shares of the test and shifted halves; the means of every method."""
+    means = {}
+    for m in METHODS:
+        rows = [r["choose"][m] for r in per_model.values()]
+        means[m] = {
+            k: float(np.mean([r[k] for r in rows]))
+            for k in ("refused_share", "test_flagged_share", "shifted_flagged_share")
+        }
+    eligible = [
+        m
+        for m in METHODS
+        if means[m]["test_flagged_share"] <= TARGETS["test_flagged_share"]
+        and means[m]["shifted_flagged_share"] <= TARGETS["shifted_flagged_share"]
+    ]
+    pool = (
+        eligible
+        or [m for m in METHODS if means[m]["test_flagged_share"] <= TARGETS["test_flagged_share"]]
+        or list(METHODS)
+    )
+    return max(pool, key=lambda m: means[m]["refused_share"]), means
+
+
+def spread(per_model: dict[str, dict], method: str) -> dict:
+    """Mean, min and max over the models of a method's report-half figures, per kind too."""
+    rows = [r["report"][method] for r in per_model.values()]
+
+    def mmm(values: list[float]) -> dict[str, float]:
+        return {"mean": round(float(np.mean(values)), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
+
+    out = {k: mmm([r[k] for r in rows]) for k in ("refused_share", "test_flagged_share", "shifted_flagged_share")}
+    out["by_kind"] = {kind: mmm([r["by_kind"][kind] for r in rows]) for kind in rows[0]["by_kind"]}
+    out["models_meeting_targets"] = sum(r["meets_targets"] for r in rows)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """Refused share per kind on the report half: the chosen method and the shipped one (mean over
+    models, bars from min to max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(result["report"]["mahalanobis"]["by_kind"])
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    shown = dict.fromkeys([result["chosen"], "mahalanobis"])
+    for i, m in enumerate(shown):
+        v = result["report"][m]["by_kind"]
+        mean = np.array([v[k]["mean"] for k in kinds])
+        err = np.array([[v[k]["mean"] - v[k]["min"] for k in kinds], [v[k]["max"] - v[k]["mean"] for k in kinds]])
+        ax.bar(np.arange(len(kinds)) + 0.4 * i - 0.2 * (len(shown) - 1), mean, 0.4, yerr=err, capsize=3, label=m)
+    ax.axhline(TARGETS["refused_share"], color="k", ls="--", lw=1, label="target 95 %")
+    ax.set_xticks(np.arange(len(kinds)), [k.replace("_", " ") for k in kinds], rotation=25, ha="right")
+    ax.set(ylim=(0, 1.05), ylabel="refused (detector or quality check)")
+    ax.set_title(f"Held-out half, {len(result['models'])} models (champion + small-recipe seeds)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="models of the small recipe (seeds 1..N)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the small recipe")
+    ap.add_argument("--fit-images", type=int, default=2500, help="training images the new candidates are fitted on")
+    ap.add_argument("--work", type=Path, default=ROOT / "artifacts/benchmarks/ood_seeds", help="the seeds' models")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
     t0 = time.perf_counter()
-    predictor = load_model(ROOT / "artifacts/model", device="cpu")
-    predictor.temperature, predictor.ood = 1.0, None
-    tax = params.load_taxonomy(ROOT / "params.yaml")
-    level = predictor.native_level
     frames = splits.read_splits(ROOT / "artifacts/splits")
-    data = {s: predict_files(predictor, frames[s], ROOT / "data/images") for s in ("train", "val", "test")}
-    labels = {s: tax.encode(frames[s]["dx"], level) for s in data}
     others = oodsets.ood_images()
-    out = predictor.predict([o.rgb for o in others], tta=False)
-    data["ood"] = {"logits": out["logits"][0], "embeddings": out["embeddings"]}
-    group = np.array([o.group for o in others])
-    t = calibration.fit_temperature(data["val"]["logits"], labels["val"])
-    stats = ood.mahalanobis_statistics(data["train"]["embeddings"], labels["train"])
-    predicted = time.perf_counter() - t0
-    rows = {}
-    for method in ("max_softmax (baseline)", "energy", "energy (calibrated T)", "mahalanobis"):
+    halves_ood = np.array([o.half for o in others])
+    test_half = lesion_half(frames["test"]["lesion_id"])
+    models = {"champion": lambda: ROOT / "artifacts/model"}  # the champion first, then each seed trained when reached
+    models |= {f"seed{s}": lambda s=s: train_small(s, args.epochs, args.work) for s in range(1, args.seeds + 1)}
+    per_model = {}
+    for name, make in models.items():
+        folder = make()
         t1 = time.perf_counter()
-        s = {k: scores(method, v, stats, t) for k, v in data.items() if k != "train"}
-        thr = float(np.quantile(s["val"], PASS_SHARE, method="higher"))
-        y = np.r_[np.zeros(len(s["test"])), np.ones(len(s["ood"]))]
-        row = {"auroc_all": round(float(roc_auc_score(y, np.r_[s["test"], s["ood"]])), 4)}
-        for g in ("photo", "synthetic"):
-            m = group == g
-            yg = np.r_[np.zeros(len(s["test"])), np.ones(m.sum())]
-            row[f"auroc_{g}"] = round(float(roc_auc_score(yg, np.r_[s["test"], s["ood"][m]])), 4)
-            row[f"caught_{g}"] = round(float(np.mean(s["ood"][m] > thr)), 4)
-        row["test_flagged_share"] = round(float(np.mean(s["test"] > thr)), 4)
-        row["missed"] = sorted(o.name for o, sc in zip(others, s["ood"]) if sc <= thr)[:20]
-        row["score_seconds"] = round(time.perf_counter() - t1, 3)
-        rows[method] = row
-        print(method, {k: v for k, v in row.items() if k != "missed"})
+        data, info = model_data(folder, frames, others, args.fit_images)
+        verdicts = flags(fit_scores(data["fit"], data["val"], info["temperature"]), data["val"], info["pass_share"])
+        halves = {"ood": halves_ood, "test": test_half, "shifted": test_half}
+        per_model[name] = {
+            "model_md5": lineage.file_md5(folder / "model.pt"),
+            "path": str(folder),
+            "choose": measure(verdicts, data, halves, "choose"),
+            "report": measure(verdicts, data, halves, "report"),
+            "seconds": round(time.perf_counter() - t1, 1),
+        }
+        r = per_model[name]["report"]
+        print(
+            name,
+            {
+                m: (
+                    round(r[m]["refused_share"], 3),
+                    round(r[m]["test_flagged_share"], 3),
+                    round(r[m]["shifted_flagged_share"], 3),
+                )
+                for m in METHODS
+            },
+            flush=True,
+        )
+    chosen, choose_means = choose(per_model)
     result = {
         "benchmark": "ood_scores",
         "created_at": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
         "machine": machine(),
-        "model": str(ROOT / "artifacts/model"),
-        "model_md5": lineage.file_md5(ROOT / "artifacts/model/model.pt"),
-        "in_distribution": {s: len(frames[s]) for s in frames},
-        "ood_images": {g: int((group == g).sum()) for g in ("photo", "synthetic")},
-        "temperature": round(t, 4),
-        "pass_share": PASS_SHARE,
-        "predict_seconds": round(predicted, 1),
-        "methods": rows,
+        "model_md5": per_model["champion"]["model_md5"],
+        "models": {k: {kk: v[kk] for kk in ("model_md5", "path")} for k, v in per_model.items()},
+        "small_recipe": {"epochs": args.epochs, "seeds": list(range(1, args.seeds + 1))},
+        "ood_images": {
+            h: {k: int(((halves_ood == h) & (np.array([o.kind for o in others]) == k)).sum()) for k in oodsets.KINDS}
+            for h in oodsets.HALVES
+        },
+        "test_images": {h: int((test_half == h).sum()) for h in oodsets.HALVES},
+        "targets": TARGETS,
+        "chosen": chosen,
+        "choose_half_means": choose_means,
+        "report": {m: spread(per_model, m) for m in METHODS},
+        "per_model": per_model,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {OUT}")
+    write_json(args.out, result)
+    plot(result, args.out.with_suffix(".png"))
+    print(f"chosen on the choose half: {chosen}; report half: {result['report'][chosen]}")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def operating_point(ev: Evaluation, inputs: Inputs, tax: Taxonomy, p: EvaluatePa
 def measure_trust(ev: Evaluation, tax: Taxonomy, p: EvaluateParams) -> None:
     """Calibration before/after on test, and the OOD detector against non-dermoscopic images."""
     ev.calibration = trust.calibration_effect(ev.preds["test"], tax, p.calibration_bins)
-    ev.ood = trust.ood_effect(ev.predictor, ev.preds["test"], oodsets.ood_images(p.seed))
+    ev.ood = trust.ood_effect(ev.predictor, ev.preds["test"], oodsets.ood_images(p.seed, half="report"))
 
 
 def judge(ev: Evaluation, inputs: Inputs, tax: Taxonomy, p: EvaluateParams) -> None:

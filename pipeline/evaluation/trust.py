@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from pipeline.core.taxonomy import LEVELS, Taxonomy
-from pipeline.evaluation import metrics
+from pipeline.evaluation import metrics, oodsets
 from pipeline.evaluation.oodsets import OodImage
 from pipeline.evaluation.predictions import Predictions, binary_truth
 from pipeline.model import quality
@@ -72,6 +72,7 @@ def ood_effect(predictor: Any, test: Predictions, others: Sequence[OodImage]) ->
     out = predictor.predict([o.rgb for o in others], tta=False) if others else None
     scores = np.asarray(out["ood_score"]) if out is not None else np.zeros(0)
     groups = np.array([o.group for o in others])
+    kinds = np.array([o.kind or o.group for o in others])
     by_detector = scores > detector.threshold
     other_reasons = (out or {}).get("quality_reasons") or [[] for _ in others]
     test_reasons = quality.from_mask(test.quality) if test.quality is not None else [[] for _ in test.ood_score]
@@ -103,8 +104,8 @@ def ood_effect(predictor: Any, test: Predictions, others: Sequence[OodImage]) ->
             **{g: np.round(scores[groups == g], 4).tolist() for g in sorted(set(groups))},
         },
     }
-    for g in sorted(set(groups)):
-        m = groups == g
+    for g in [k for k in oodsets.KINDS if k in set(kinds)] + sorted(set(kinds) - set(oodsets.KINDS)):
+        m = kinds == g
         result["groups"][g] = {
             "n": int(m.sum()),
             "auroc": auroc(m),

@@ -131,3 +131,26 @@ def test_fingerprint_tells_apart_models_that_answer_differently(tmp_path):
     checkpoint.save(tmp_path / "c", {}, cfg, {bundle.OOD_FILE: {"whitener": np.eye(2, dtype=np.float32)}})
     assert bundle.fingerprint(tmp_path / "c") != bundle.fingerprint(tmp_path / "a")
     assert bundle.fingerprint(tmp_path / "missing") is None
+
+
+def test_the_ood_sets_have_every_kind_in_both_halves_and_never_split_a_source():
+    """Methods are chosen on one half and reported on the other (benchmarks/ood_scores.py, the
+    evaluation's gate): a photograph and its crops are in one half; every kind is in both; every
+    image is at least the 64x64 the service accepts; the same images every time."""
+    from collections import Counter
+
+    from pipeline.evaluation import oodsets
+
+    found = oodsets.ood_images()
+    count = Counter((o.kind, o.half) for o in found)
+    for kind in oodsets.KINDS:
+        assert count[(kind, "choose")] >= 3 and count[(kind, "report")] >= 3, kind
+    halves: dict[str, set[str]] = {}
+    for o in found:
+        halves.setdefault(o.source, set()).add(o.half)
+        assert min(o.rgb.shape[:2]) >= 64 and o.rgb.dtype == np.uint8 and o.rgb.shape[2] == 3, o.name
+    assert all(len(h) == 1 for h in halves.values())
+    report = oodsets.ood_images(half="report")
+    assert {o.name for o in report} == {o.name for o in found if o.half == "report"}
+    again = {o.name: o for o in oodsets.ood_images()}
+    assert all(np.array_equal(again[o.name].rgb, o.rgb) for o in found)
