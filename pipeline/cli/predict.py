@@ -54,7 +54,7 @@ def show_table(rows: pd.DataFrame, label: str, threshold: float, positive: str, 
             show(r.get(prob_column("dx", dx)) if dx else None, 3),
             r.get(pred_column("risk"), "-"),
             show(r[P_MALIGNANT], 3),
-            f"[bold red]{r[DECISION]}[/]" if r[DECISION] == positive else r[DECISION],
+            f"[bold red]{r[DECISION]}[/]" if r[DECISION] == positive else (r[DECISION] or "-"),
         )
     out.print(table)
     if IN_DISTRIBUTION in rows and (~rows[IN_DISTRIBUTION].astype(bool)).any():
@@ -95,26 +95,25 @@ def predict(
         "--log",
         help="Also write each answer to the inference log, as the service does (for monitoring and audit).",
     ),
+    site: str | None = typer.Option(
+        None, "--site", help="Decide at this site's threshold (lesionflow site list), as the service does."
+    ),
 ) -> None:
     """Classify local images with the champion or --model; unreadable files are skipped. With
     --dask-address or --dask-workers the files are sharded over Dask workers (same rows)."""
-    from pipeline.model import inference
-
     m = resolve_model(model)
-    thr = _threshold(m, threshold)
+    thr, chosen = _site(m, site, threshold) if site else (_threshold(m, threshold), None)
     _claim(out_csv)
     files, problems = _images(paths)
-    try:
-        predictor = inference.load_model(m.path)
-    except inference.ModelLoadError as exc:
-        raise fail(str(exc)) from None
+    predictor = _load(m.path)
     dask = {"dask_address": dask_address, "workers": dask_workers} if dask_address or dask_workers else None
     rows, unread = predict_rows(predictor, m.path, files, float(thr), batch_size, tta, dask)
     for path, reason in problems + unread:
         err.print(f"[yellow]skipped[/] {safe(path)}: {safe(reason)}")
     if len(rows):
+        where = _at_site(rows, chosen)
         rows["model"] = m.label
-        show_table(rows, m.label, float(thr), predictor.taxonomy.binary_positive, shown)
+        show_table(rows, m.label + where, float(thr), predictor.taxonomy.binary_positive, shown)
     if log and len(rows):
         _log(rows, m)
     write_rows(rows, out_csv, shown, len(problems + unread))
@@ -142,6 +141,42 @@ def _images(paths: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise fail(f"{problems[0][0]}: {problems[0][1]}{more}")
     return files, problems
+
+
+def _site(m: Any, name: str, threshold: float | None) -> tuple[float, Any]:
+    """``--site``: the site's threshold and record (:mod:`pipeline.model.sites`), or exit naming
+    the problem (with --threshold, an unknown site, a malformed record)."""
+    from pipeline.model import sites
+
+    if threshold is not None:
+        raise fail("--site and --threshold both set a threshold: give one")
+    try:
+        found = sites.choose(sites.load(m.path), name)
+    except (sites.SiteError, sites.bundle.ModelLoadError) as exc:
+        raise fail(f"--site: {exc}") from None
+    return found.threshold, found
+
+
+def _load(model_dir: Path) -> Any:
+    """The model's predictor (THE prediction path), or exit naming what is wrong with its folder."""
+    from pipeline.model import inference
+
+    try:
+        return inference.load_model(model_dir)
+    except inference.ModelLoadError as exc:
+        raise fail(str(exc)) from None
+
+
+def _at_site(rows: pd.DataFrame, site: Any) -> str:
+    """The rows as the service answers at ``site`` (none: unchanged): a ``site`` column, and no
+    decision where the site is not suitable for the model. Returns what the table's title adds."""
+    if site is None:
+        return ""
+    rows["site"] = site.name
+    if not site.suitable:
+        rows[DECISION] = None
+        out.print(f"[yellow]{safe(site.message)}[/]: probabilities only (decision empty)")
+    return f", site {site.name}"
 
 
 def _threshold(m: Any, given: float | None) -> float:

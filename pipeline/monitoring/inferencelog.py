@@ -185,7 +185,7 @@ def log_prediction_rows(
     import hashlib
 
     from pipeline.core.images import decode_rgb
-    from pipeline.core.predictions import OOD_SCORE, QUALITY, split_reasons
+    from pipeline.core.predictions import OOD_SCORE, QUALITY, THRESHOLD, split_reasons
 
     log = InferenceLog.for_model(model_path, location, metadata)
     written = failed = 0
@@ -196,7 +196,7 @@ def log_prediction_rows(
             probs = {k[len(prefix) :]: float(v) for k, v in row.items() if k.startswith(prefix) and pd.notna(v)}
             if probs:
                 prediction[f"{level}_probabilities"] = probs
-        for key in ("p_malignant", "decision", "in_distribution", OOD_SCORE):
+        for key in ("p_malignant", "decision", "in_distribution", OOD_SCORE, THRESHOLD, "site"):
             value = row.get(key)
             prediction[key] = None if value is None or (isinstance(value, float) and np.isnan(value)) else value
         if isinstance(row.get(QUALITY), str):

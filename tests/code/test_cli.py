@@ -132,6 +132,41 @@ def test_predict_with_a_model_dir_or_tag_and_a_threshold_override(workspace, tin
     assert res.exit_code == 2 and "no operating threshold" in res.output
 
 
+def test_predict_at_a_site_decides_at_its_threshold_or_not_at_all(workspace, tiny_data):
+    """``--site`` as the service's ``site``: the site's threshold and a ``site`` column; at a site not
+    suitable for the model, probabilities and an empty decision; an unknown site or a second
+    threshold is refused naming it."""
+    from pipeline.model import bundle, sites
+    from pipeline.registry.store import resolve
+
+    root, tag, _ = workspace
+    _images(tiny_data, root / "batch")
+    stored = resolve(tag)[0].path
+    for name, threshold, suitable in (("clinic-a", 0.0, True), ("clinic-b", 0.5, False)):
+        record = {"name": name, "threshold": threshold, "target_sensitivity": 0.95, "suitable": suitable}
+        sites.write(
+            stored,
+            {
+                **record,
+                "reason": None if suitable else "too few benign referred",
+                "model_md5": bundle.model_md5(stored),
+            },
+        )
+    res = invoke("predict", "batch", "--model", tag, "--site", "clinic-a", "--out", "a.csv")
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(root / "a.csv")
+    assert (df["decision"] == "malignant").all() and (df["threshold"] == 0.0).all() and (df["site"] == "clinic-a").all()
+    assert list(df.columns[-2:]) == ["site", "model"]
+    res = invoke("predict", "batch", "--model", tag, "--site", "clinic-b", "--out", "b.csv")
+    assert res.exit_code == 0 and "not suitable for this model" in " ".join(res.output.split())
+    df = pd.read_csv(root / "b.csv")
+    assert df["decision"].isna().all() and df["p_malignant"].notna().all()
+    res = invoke("predict", "batch", "--model", tag, "--site", "clinic-z")
+    assert res.exit_code == 2 and "unknown site 'clinic-z'" in res.output and "clinic-a, clinic-b" in res.output
+    res = invoke("predict", "batch", "--model", tag, "--site", "clinic-a", "--threshold", "0.2")
+    assert res.exit_code == 2 and "give one" in res.output
+
+
 def test_predict_names_why_an_image_was_not_judged_and_leaves_its_decision_empty(workspace):
     root, _, _ = workspace
     meta = pd.read_csv(PROJECT_ROOT / "data" / "HAM10000_metadata.csv").sample(40, random_state=2)
