@@ -50,8 +50,8 @@ def check_cases(
     name: str, labels: pd.DataFrame, tax: Taxonomy, target: float, serving: ServingParams, confidence: float
 ) -> int:
     """The fewest malignant cases a site needs (:func:`minimum_malignant`) when its labels have
-    them, and a benign case; :class:`SiteError` saying how many it has and needs otherwise."""
-    check_name(name)
+    them, and a benign case; :class:`SiteError` saying how many it has and needs otherwise
+    (``name``, already checked by the caller, names the site in the message)."""
     y01 = binary_truth(labels, tax)
     n_mal, needed = int(y01.sum()), minimum_malignant(target, serving.site_interval_width, confidence)
     if n_mal < needed:
@@ -75,8 +75,9 @@ def operating_point(
     """The site's threshold for ``target`` sensitivity and its lesion-bootstrap intervals."""
     y01, score = binary_truth(labels, tax), np.asarray(pred.p_malignant, dtype=np.float64)
     chosen = metrics.choose_threshold(y01, score, target)
+    n_boot = max(n_boot, 100)  # evaluate.bootstrap 0 (no CIs) still gets the site its interval
     stat = bootstrap.threshold_statistic(y01, score, target, chosen["threshold"])
-    ci = bootstrap.bootstrap(stat, labels["lesion_id"].to_numpy(), max(n_boot, 100), seed, confidence)
+    ci = bootstrap.bootstrap(stat, labels["lesion_id"].to_numpy(), n_boot, seed, confidence)
     return {
         "threshold": chosen["threshold"],
         "threshold_interval": _interval(ci["threshold"]),
@@ -85,7 +86,7 @@ def operating_point(
         "specificity": chosen["specificity"],
         "specificity_interval": _interval(ci["specificity_at_threshold"]),
         "at_threshold": chosen,
-        "n_boot": max(n_boot, 100),
+        "n_boot": n_boot,
         "confidence": confidence,
     }
 

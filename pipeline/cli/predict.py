@@ -147,12 +147,13 @@ def _site(m: Any, name: str, threshold: float | None) -> tuple[float, Any]:
     """``--site``: the site's threshold and record (:mod:`pipeline.model.sites`), or exit naming
     the problem (with --threshold, an unknown site, a malformed record)."""
     from pipeline.model import sites
+    from pipeline.model.bundle import ModelLoadError
 
     if threshold is not None:
         raise fail("--site and --threshold both set a threshold: give one")
     try:
         found = sites.choose(sites.load(m.path), name)
-    except (sites.SiteError, sites.bundle.ModelLoadError) as exc:
+    except (sites.SiteError, ModelLoadError) as exc:
         raise fail(f"--site: {exc}") from None
     return found.threshold, found
 
