@@ -259,18 +259,22 @@ class AugmentParams:
 class TrustParams:
     """What makes the model's answers trustworthy, fitted after training and stored with the model:
     temperature scaling on val (:mod:`pipeline.model.calibration`) and the out-of-distribution
-    detector (:mod:`pipeline.model.ood`; threshold: ``ood_pass_share`` of val passes), and the
+    detector (:mod:`pipeline.model.ood`; threshold: ``ood_pass_share`` of val passes; the multi-layer
+    score's covariance shrinkage ``ood_shrinkage``, null: Ledoit-Wolf's estimate), and the
     image-quality checks (:mod:`pipeline.model.quality`; thresholds at the ``quality_quantile``
     tails of the training split's images; 0: no checks)."""
 
     calibration: Literal["temperature", "none"] = "temperature"
-    ood_method: Literal["mahalanobis", "energy", "none"] = "mahalanobis"
+    ood_method: Literal["mahalanobis_layers", "mahalanobis", "energy", "none"] = "mahalanobis_layers"
     ood_pass_share: float = 0.99
+    ood_shrinkage: float | None = 0.1
     quality_quantile: float = 0.001
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.ood_pass_share < 1.0:
             fail("ood_pass_share", f"must be in [0.5, 1), got {self.ood_pass_share}")
+        if self.ood_shrinkage is not None and not 0.0 <= self.ood_shrinkage <= 1.0:
+            fail("ood_shrinkage", f"must be in [0, 1] (or null: Ledoit-Wolf's estimate), got {self.ood_shrinkage}")
         if not 0.0 <= self.quality_quantile < 0.05:
             fail("quality_quantile", f"must be in [0, 0.05) (0: no checks), got {self.quality_quantile}")
 

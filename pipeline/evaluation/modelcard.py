@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline.core.reporting import fmt, frame_table, render_template
 from pipeline.core.taxonomy import DIAGNOSIS_NAMES
+from pipeline.model import ood
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LEVEL_TITLES = {"dx": "7 diagnoses", "risk": "3 risk classes", "binary": "benign vs malignant"}
@@ -101,6 +102,7 @@ def model_card(c: CardInputs) -> str:
         temperature=(c.config.get("calibration") or {}).get("temperature"),
         ood=c.ood,
         ood_config=c.config.get("ood"),
+        ood_description=ood.DESCRIPTIONS.get((c.config.get("ood") or {}).get("method")),
         quality_config=c.config.get("quality"),
         retrieval=c.retrieval,
         retrieval_note=c.retrieval_note,

@@ -38,6 +38,7 @@ class LesionClassifier(nn.Module):
         size = tuple(int(v) for v in (input_size or spec.input_size))
         parts = spec.build(pretrained, size, drop_path)
         self.backbone_name = backbone
+        self.input_size = size
         self.backbone = parts.body
         self.neck = parts.neck if parts.neck is not None else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -67,6 +68,47 @@ class LesionClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.dropout(self.embed(x, metadata)))
+
+    def blocks(self) -> list[nn.Module]:
+        """Four evenly spaced blocks of the backbone (EfficientNet-Lite's MBConv blocks, else the
+        body's top-level stages), whose pooled outputs the multi-layer OOD score uses."""
+        net = getattr(self.backbone, "net", None)
+        found = list(net._blocks) if net is not None and hasattr(net, "_blocks") else list(self.backbone.children())
+        n = len(found)
+        return [found[max(0, round(n * k / 4) - 1)] for k in (1, 2, 3, 4)]
+
+    def block_dims(self) -> list[int]:
+        """The widths of the pooled outputs of :meth:`blocks`, in their order (one probe forward pass
+        of the backbone in eval mode, the module's mode restored)."""
+        widths: list[int] = []
+        hooks = [b.register_forward_hook(lambda _m, _i, o: widths.append(int(o.shape[1]))) for b in self.blocks()]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.backbone(torch.zeros(1, 3, *self.input_size, device=next(self.parameters()).device))
+        finally:
+            self.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        return widths
+
+    def embed_with_blocks(
+        self, x: torch.Tensor, metadata: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`embed` and the global-average-pooled outputs of :meth:`blocks`, concatenated (N, D)."""
+        pooled: list[torch.Tensor] = []
+
+        def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            pooled.append(output.float().mean(dim=(2, 3)) if output.dim() == 4 else output.float().flatten(1))
+
+        hooks = [block.register_forward_hook(keep) for block in self.blocks()]
+        try:
+            emb = self.embed(x, metadata)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return emb, torch.cat(pooled, dim=1)
 
     def gradcam_layer(self) -> nn.Module:
         """The layer Grad-CAM should hook (the last convolutional stage)."""

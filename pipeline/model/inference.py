@@ -151,33 +151,40 @@ class Predictor(BasePredictor):
         return torch.from_numpy(self.metadata_array(metadata, n)).to(self.device)
 
     # -- prediction ----------------------------------------------------------------------------
-    def _torch_forward(self, x: torch.Tensor, meta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.model.embed(x.contiguous(memory_format=torch.channels_last), meta)
-        return self.model.head(emb), emb
+    def _torch_forward(self, x: torch.Tensor, meta: torch.Tensor | None, blocks: bool) -> tuple[torch.Tensor, ...]:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if blocks:
+            emb, pooled = self.model.embed_with_blocks(x, meta)
+            return self.model.head(emb), emb, pooled
+        emb = self.model.embed(x, meta)
+        return self.model.head(emb), emb, None
 
-    def _onnx_forward(self, x: torch.Tensor, meta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _onnx_forward(self, x: torch.Tensor, meta: torch.Tensor | None, blocks: bool) -> tuple[torch.Tensor, ...]:
         feed = {"images": x.cpu().numpy(), "metadata": None if meta is None else meta.cpu().numpy()}
-        logits, emb = self._onnx.run(feed)
-        return torch.from_numpy(logits), torch.from_numpy(emb)
+        out = self._onnx.run(feed, blocks=blocks)
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2]) if blocks else None
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, meta: torch.Tensor | None, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None, tta: bool, blocks: bool = False) -> tuple:
         """Logits of every view ``(views, n, k)`` (the four flips with ``tta``, all in one forward
-        pass) and the embeddings of the plain view ``(n, d)``."""
+        pass), the embeddings of the plain view ``(n, d)`` and, with ``blocks``, its pooled block
+        outputs ``(n, b)`` (else None)."""
         n = x.shape[0]
         views = flip_views(x) if tta else [x]
         batch = torch.cat(views) if len(views) > 1 else x
         metas = None if meta is None else (torch.cat([meta] * len(views)) if len(views) > 1 else meta)
         forward = self._onnx_forward if self._onnx is not None else self._torch_forward
-        logits, emb = forward(batch, metas)
-        return logits.float().view(len(views), n, -1), emb[:n].float()
+        logits, emb, pooled = forward(batch, metas, blocks)
+        return logits.float().view(len(views), n, -1), emb[:n].float(), None if pooled is None else pooled[:n].float()
 
-    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple:
         x = self.normalize(torch.from_numpy(u8))
         if meta is None and self.metadata_encoder is not None:
             meta = self.metadata_array(None, len(u8))
-        z, e = self.forward(x, None if meta is None else torch.from_numpy(meta).to(self.device), tta)
-        return z.cpu().numpy(), e.cpu().numpy()
+        z, e, b = self.forward(
+            x, None if meta is None else torch.from_numpy(meta).to(self.device), tta, self.wants_blocks
+        )
+        return z.cpu().numpy(), e.cpu().numpy(), None if b is None else b.cpu().numpy()
 
     def probabilities(self, logits: Any, calibrated: bool = True) -> np.ndarray:
         """Mean over views of ``softmax(logits / T)`` (``T`` = 1 when not ``calibrated``); float64."""
@@ -227,7 +234,7 @@ def write_onnx(model_dir: Path | str, file_name: str = bundle.ONNX_FILE) -> dict
     return {
         "file": file_name,
         "opset": OPSET,
-        "outputs": ["logits", "embeddings"] + (["cams"] if cams else []),
+        "outputs": ["logits", "embeddings"] + (["cams"] if cams else []) + ["blocks"],
         "checked_difference": diff,
         "tolerance": ONNX_TOLERANCE,
     }

@@ -36,6 +36,9 @@ from pipeline.model.quality import QualityChecks
 __all__ = ["BasePredictor", "OnnxPredictor", "OnnxSession", "derive_levels", "level_matrix", "load_packaged"]
 
 logger = logging.getLogger("lesionflow.inference")
+#: One forward pass's outputs: logits of every view (views, n, k), the plain view's embeddings (n, d)
+#: and its pooled block outputs (n, b), None unless asked for (:attr:`BasePredictor.wants_blocks`).
+Forward = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 def level_matrix(taxonomy: Taxonomy, src: str, dst: str) -> np.ndarray | None:
@@ -107,6 +110,13 @@ class BasePredictor:
         )
         checks = config.get("quality")
         self.quality: QualityChecks | None = QualityChecks.from_config(checks) if checks else None
+        #: Compute the pooled block outputs even when the detector does not need them (its fitting).
+        self.blocks_wanted = False
+
+    @property
+    def wants_blocks(self) -> bool:
+        """Whether predictions compute the pooled block outputs (the multi-layer OOD score's input)."""
+        return self.blocks_wanted or (self.ood is not None and self.ood.needs_blocks)
 
     # -- preprocessing -------------------------------------------------------------------------
     def resize_u8(self, images: Any) -> np.ndarray:
@@ -137,8 +147,9 @@ class BasePredictor:
         return self.metadata_encoder.encode(metadata, n)
 
     # -- prediction ----------------------------------------------------------------------------
-    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Logits of every view ``(views, n, k)`` and plain-view embeddings ``(n, d)`` of one batch."""
+    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> Forward:
+        """Logits of every view ``(views, n, k)``, plain-view embeddings ``(n, d)`` and, when
+        :attr:`wants_blocks`, the plain view's pooled block outputs ``(n, b)`` (else None) of one batch."""
         raise NotImplementedError
 
     def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
@@ -146,22 +157,23 @@ class BasePredictor:
         t = np.float32(self.temperature if calibrated else 1.0)
         return softmax(np.asarray(logits, dtype=np.float32) / t, axis=2).mean(0).astype(np.float64)
 
-    def forward_all(self, images: Any, metadata: Any, tta: bool, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Logits ``(views, n, k)`` and plain-view embeddings ``(n, d)`` of every image,
-        ``batch_size`` images per forward pass."""
+    def forward_all(self, images: Any, metadata: Any, tta: bool, batch_size: int) -> Forward:
+        """:meth:`forward_batch`'s outputs for every image, ``batch_size`` images per forward pass."""
         u8 = self.resize_u8(images)
         n = u8.shape[0]
         meta = self.metadata_array(metadata, n)
-        logits, embs = [], []
+        logits, embs, blocks = [], [], []
         for s in range(0, n, batch_size):
             m = meta[s : s + batch_size] if meta is not None else None
-            z, e = self.forward_batch(u8[s : s + batch_size], m, tta)
+            z, e, b = self.forward_batch(u8[s : s + batch_size], m, tta)
             logits.append(np.asarray(z, dtype=np.float32))
             embs.append(np.asarray(e, dtype=np.float32))
+            blocks.append(None if b is None else np.asarray(b, dtype=np.float32))
         if not logits:
             empty = np.zeros((4 if tta else 1, 0, len(self.classes)), np.float32)
-            return empty, np.zeros((0, self.embedding_dim), np.float32)
-        return np.concatenate(logits, axis=1), np.concatenate(embs)
+            return empty, np.zeros((0, self.embedding_dim), np.float32), None
+        pooled = None if any(b is None for b in blocks) else np.concatenate(blocks)
+        return np.concatenate(logits, axis=1), np.concatenate(embs), pooled
 
     def predict(
         self, images: Any, metadata: Any = None, tta: bool | None = None, batch_size: int = 64
@@ -183,12 +195,12 @@ class BasePredictor:
         """
         tta = self.default_tta if tta is None else tta
         u8 = self.resize_u8(images)
-        z, emb = self.forward_all(u8, metadata, tta, batch_size)
+        z, emb, blocks = self.forward_all(u8, metadata, tta, batch_size)
         native = self.probabilities(z)
         raw = native if self.temperature == 1.0 else self.probabilities(z, calibrated=False)
         levels = derive_levels(native, self.native_level, self.taxonomy)
         binary = levels["binary"]
-        score = self.ood.score(emb, z) if self.ood is not None else None
+        score = self.ood.score(emb, z, blocks) if self.ood is not None else None
         return {
             "native_level": self.native_level,
             "native_probs": native,
@@ -199,6 +211,7 @@ class BasePredictor:
             "binary_probs": binary,
             "p_malignant": binary[:, self.taxonomy.positive_index] if binary is not None else None,
             "embeddings": emb,
+            "blocks": blocks,
             "ood_score": score,
             "in_distribution": self.ood.in_distribution(score) if score is not None else None,
             "quality_reasons": self.quality.reasons(u8) if self.quality is not None else None,
@@ -229,14 +242,17 @@ class OnnxSession:
         self.source = str(graph) if isinstance(graph, Path) else graph
         self.session = ort.InferenceSession(self.source, opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.has_cams = "cams" in {o.name for o in self.session.get_outputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.has_cams = "cams" in outputs
+        self.has_blocks = "blocks" in outputs  # graphs exported before the multi-layer OOD score lack it
 
-    def run(self, feed: Mapping[str, np.ndarray | None], cams: bool = False) -> list[np.ndarray]:
-        """``[logits, embeddings]`` (+ ``cams`` when asked) for ``images`` [+ ``metadata``]."""
+    def run(self, feed: Mapping[str, np.ndarray | None], cams: bool = False, blocks: bool = False) -> list[np.ndarray]:
+        """``[logits, embeddings]`` (+ ``cams``, + ``blocks`` when asked) for ``images`` [+ ``metadata``]."""
         given = {"images": np.ascontiguousarray(feed["images"], dtype=np.float32)}
         if "metadata" in self.inputs:
             given["metadata"] = np.ascontiguousarray(feed["metadata"], dtype=np.float32)
-        return self.session.run(["logits", "embeddings"] + (["cams"] if cams else []), given)
+        names = ["logits", "embeddings"] + (["cams"] if cams else []) + (["blocks"] if blocks else [])
+        return self.session.run(names, given)
 
 
 class OnnxPredictor(BasePredictor):
@@ -255,7 +271,13 @@ class OnnxPredictor(BasePredictor):
         self._explainer: OnnxSession | None = None
 
     def _run(
-        self, u8: np.ndarray, meta: np.ndarray | None, tta: bool, cams: bool, session: OnnxSession | None = None
+        self,
+        u8: np.ndarray,
+        meta: np.ndarray | None,
+        tta: bool,
+        cams: bool,
+        session: OnnxSession | None = None,
+        blocks: bool = False,
     ) -> list[np.ndarray]:
         x = self.normalize_array(u8)
         n = x.shape[0]
@@ -264,14 +286,20 @@ class OnnxPredictor(BasePredictor):
         if meta is None and self.metadata_encoder is not None:
             meta = self.metadata_array(None, n)
         metas = None if meta is None else np.concatenate([meta] * len(views))
-        out = (session or self.session).run({"images": batch, "metadata": metas}, cams=cams)
+        out = (session or self.session).run({"images": batch, "metadata": metas}, cams=cams, blocks=blocks)
         out[0] = out[0].reshape(len(views), n, -1)
         out[1] = out[1][:n]
+        if blocks:
+            out[-1] = out[-1][:n]
         return out
 
-    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        logits, emb = self._run(u8, meta, tta, cams=False)
-        return logits, emb
+    def forward_batch(self, u8: np.ndarray, meta: np.ndarray | None, tta: bool) -> Forward:
+        if self.wants_blocks and not self.session.has_blocks:
+            raise ModelLoadError(
+                "this model's ONNX graph has no block outputs: its OOD score needs them (repackage it)"
+            )
+        out = self._run(u8, meta, tta, cams=False, blocks=self.wants_blocks)
+        return out[0], out[1], (out[2] if self.wants_blocks else None)
 
     @property
     def explains(self) -> bool:

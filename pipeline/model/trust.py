@@ -62,27 +62,28 @@ def fit_trust(predictor: Predictor, train: SplitInputs, val: SplitInputs, p: Tru
     checks = fit_quality(predictor, train, val, p.quality_quantile)
     predictor.temperature = 1.0
     predictor.ood = None
-    val_out = predictor.predict(val.images, metadata=val.metadata, batch_size=batch_size)
-    calib = None
-    if p.calibration == "temperature":
-        calib = calibration.calibration_record(val_out["logits"], val.labels)
-        predictor.temperature = calib["temperature"]
-    if p.ood_method == "none":
-        return Trust(calib, None, {}, checks)
-    train_emb = None
-    if p.ood_method == "mahalanobis":
-        train_emb = predictor.predict(train.images, metadata=train.metadata, tta=False, batch_size=batch_size)[
-            "embeddings"
-        ]
-    detector, val_scores = ood.fit(
-        p.ood_method,
-        train_emb,
-        train.labels,
-        val_out["embeddings"],
-        val_out["logits"],
-        p.ood_pass_share,
-        predictor.temperature,
-    )
+    predictor.blocks_wanted = p.ood_method == "mahalanobis_layers"
+    try:
+        val_out = predictor.predict(val.images, metadata=val.metadata, batch_size=batch_size)
+        calib = None
+        if p.calibration == "temperature":
+            calib = calibration.calibration_record(val_out["logits"], val.labels)
+            predictor.temperature = calib["temperature"]
+        if p.ood_method == "none":
+            return Trust(calib, None, {}, checks)
+        fitting: dict[str, Any] = {"labels": train.labels}
+        if p.ood_method != "energy":
+            out = predictor.predict(train.images, metadata=train.metadata, tta=False, batch_size=batch_size)
+            fitting |= {"embeddings": out["embeddings"], "blocks": out["blocks"]}
+            fitting["block_dims"] = predictor.model.block_dims() if out["blocks"] is not None else None
+        detector, val_scores = ood.fit(
+            p.ood_method, fitting, val_out, p.ood_pass_share, predictor.temperature, p.ood_shrinkage
+        )
+    finally:
+        predictor.blocks_wanted = False
     predictor.ood = detector
     arrays = {bundle.OOD_FILE: detector.arrays} if detector.arrays else {}
-    return Trust(calib, detector.record(p.ood_pass_share, val_scores), arrays, checks)
+    record = detector.record(p.ood_pass_share, val_scores)
+    if p.ood_method == "mahalanobis_layers":
+        record["shrinkage"] = "ledoit_wolf" if p.ood_shrinkage is None else p.ood_shrinkage
+    return Trust(calib, record, arrays, checks)

@@ -10,6 +10,8 @@ from scipy.special import softmax
 from pipeline.core import images
 from pipeline.core.formats import SizeLimits
 from pipeline.core.predictions import DECISION, IN_DISTRIBUTION, prediction_frame
+from pipeline.core.sections import TrustParams
+from pipeline.core.strict import ParamsError
 from pipeline.core.taxonomy import Taxonomy
 from pipeline.model import bundle, calibration, checkpoint, ood
 
@@ -75,7 +77,9 @@ def test_mahalanobis_score_separates_far_points_and_threshold_passes_the_share(t
     train, y = _clusters(3000, 0)
     val, _ = _clusters(1000, 1)
     far, _ = _clusters(200, 2, shift=6.0)
-    det, val_scores = ood.fit("mahalanobis", train, y, val, np.zeros((1000, 3)), pass_share=0.95)
+    det, val_scores = ood.fit(
+        "mahalanobis", {"embeddings": train, "labels": y}, {"embeddings": val, "logits": np.zeros((1000, 3))}, 0.95
+    )
     assert np.mean(det.in_distribution(val_scores)) == pytest.approx(0.95, abs=0.002)
     assert np.mean(~det.in_distribution(det.score(far, None))) > 0.99
     # the score is the distance to the nearest class mean under the shared covariance
@@ -154,3 +158,64 @@ def test_the_ood_sets_have_every_kind_in_both_halves_and_never_split_a_source():
     assert {o.name for o in report} == {o.name for o in found if o.half == "report"}
     again = {o.name: o for o in oodsets.ood_images()}
     assert all(np.array_equal(again[o.name].rgb, o.rgb) for o in found)
+
+
+def test_the_multi_layer_score_sums_standardised_distances_and_needs_the_block_outputs(tmp_path):
+    """Per layer (each block's pooled outputs, then the embedding) one Gaussian fitted on train; each
+    layer's distance standardised on val, summed; the threshold passes the share of val. A point far
+    out in any one layer is flagged; without the block outputs the score refuses to guess."""
+    rng = np.random.default_rng(0)
+    dims = [3, 5]
+
+    def sample(n: int, shift: float = 0.0) -> dict:
+        return {
+            "blocks": rng.normal(0, 1, (n, sum(dims))) + shift,
+            "embeddings": rng.normal(0, 1, (n, 4)),
+            "logits": np.zeros((1, n, 3)),
+        }
+
+    train, val = sample(3000), sample(1000)
+    det, val_scores = ood.fit("mahalanobis_layers", {**train, "labels": None, "block_dims": dims}, val, 0.99)
+    assert det.needs_blocks and np.mean(det.in_distribution(val_scores)) == pytest.approx(0.99, abs=0.002)
+    d = ood.layer_distances(det.arrays, val["blocks"], val["embeddings"])
+    assert d.shape == (1000, 3) and np.allclose(((d - d.mean(0)) / d.std(0)).sum(1), val_scores, atol=1e-3)
+    far = sample(200)
+    far["blocks"][:, :3] += 6.0  # only the first block's outputs are unusual
+    assert np.mean(~det.in_distribution(det.score(far["embeddings"], None, far["blocks"]))) > 0.99
+    with pytest.raises(ValueError, match="block outputs"):
+        det.score(far["embeddings"], None)
+    checkpoint.save(tmp_path / "m", {}, {"ood": det.record(0.99, val_scores)}, {bundle.OOD_FILE: det.arrays})
+    again = ood.OodDetector.from_config(
+        det.record(0.99, val_scores), checkpoint.load_arrays(tmp_path / "m", bundle.OOD_FILE), 1.0
+    )
+    assert np.allclose(
+        again.score(far["embeddings"], None, far["blocks"]),
+        det.score(far["embeddings"], None, far["blocks"]),
+        atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="multi-layer statistics"):
+        ood.OodDetector.from_config({"method": "mahalanobis_layers", "threshold": 1.0}, {}, 1.0)
+
+
+def test_the_multi_layer_covariance_shrinkage_is_the_one_asked_for():
+    """``train.trust.ood_shrinkage``: s blends each layer's correlation matrix with the identity,
+    ``(1 - s) R + s I``; s = 1 leaves the standardised Euclidean distance, s = 0 the plain
+    Mahalanobis distance, null Ledoit-Wolf's estimate (between them)."""
+    rng = np.random.default_rng(1)
+    mix = np.array([[1.0, 0.9], [0.0, 0.4]])
+    x = rng.normal(0, 1, (4000, 2)) @ mix  # strongly correlated columns
+    probe = np.array([[1.0, -1.0], [1.0, 1.0]]) @ mix  # one against the correlation, one along it
+    dims = [2]
+
+    def distances(shrinkage):
+        arrays = ood.layer_statistics(x, x, dims, shrinkage)
+        return ood.layer_distances(arrays, probe, probe)[:, 0]
+
+    z = (probe - x.mean(0)) / x.std(0)
+    assert np.allclose(distances(1.0), np.linalg.norm(z, axis=1), rtol=1e-3)
+    inv = np.linalg.inv(np.corrcoef(x, rowvar=False))
+    assert np.allclose(distances(0.0), np.sqrt(np.einsum("ij,jk,ik->i", z, inv, z)), rtol=1e-2)
+    auto = distances(None)
+    assert distances(1.0)[0] < auto[0] <= distances(0.0)[0] * (1 + 1e-6)
+    with pytest.raises(ParamsError, match="ood_shrinkage"):
+        TrustParams(ood_shrinkage=1.5)

@@ -159,7 +159,7 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     assert {"auroc", "test_flagged_share"} <= set(head_metrics["ood"])
     assert "ece_before_calibration" in head_metrics["dx"]
     cfg = json.loads((ws.root / "artifacts/model/config.json").read_text())
-    assert cfg["calibration"]["temperature"] > 0 and cfg["ood"]["method"] == "mahalanobis"
+    assert cfg["calibration"]["temperature"] > 0 and cfg["ood"]["method"] == "mahalanobis_layers"
     unknown = lesionflow(ws.root, "trace", "lesionflow-classifier:nosuchversion", timeout=300)
     assert unknown.returncode == 2 and "unknown tag" in unknown.stdout
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.model import bundle, cam, explain, inference, onnx, runtime
-from tests.registry_fixtures import write_model_dir
+from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
 
 pytestmark = pytest.mark.skipif(not onnx.onnx_available(), reason="onnxruntime/onnx not installed")
 
@@ -41,7 +42,8 @@ def _packaged(tmp_path, **kwargs):
 def test_the_packaged_graph_predicts_what_the_torch_model_predicts(tmp_path, backbone, fusion, tta):
     model_dir, info = _packaged(tmp_path, backbone=backbone, metadata_fusion=fusion, tta=tta)
     assert (
-        info["outputs"] == ["logits", "embeddings", "cams"] and info["checked_difference"] <= inference.ONNX_TOLERANCE
+        info["outputs"] == ["logits", "embeddings", "cams", "blocks"]
+        and info["checked_difference"] <= inference.ONNX_TOLERANCE
     )
     served = runtime.load_packaged(model_dir)
     reference = inference.load_model(model_dir, device="cpu", engine="torch")
@@ -52,6 +54,26 @@ def test_the_packaged_graph_predicts_what_the_torch_model_predicts(tmp_path, bac
     for key in ("dx_probs", "risk_probs", "binary_probs", "p_malignant", "embeddings", "native_probs_uncalibrated"):
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, err_msg=key)
     assert b["embeddings"].shape == (5, reference.model.embedding_dim) == (5, served.embedding_dim)
+
+
+def test_the_multi_layer_ood_score_is_the_same_through_the_graph_and_torch(tmp_path):
+    """The multi-layer OOD score needs the pooled block outputs: the packaged graph gives them
+    (output ``blocks``), and the service's ONNX predictor scores and flags as torch does."""
+    from pipeline.core import images
+
+    rows = pd.read_csv(PROJECT_ROOT / "data" / "HAM10000_metadata.csv").sample(60, random_state=1)
+    rgb = [images.decode_rgb(PROJECT_ROOT / "data" / "images" / f"{i}.jpg") for i in rows["image_id"]]
+    model_dir, info = _packaged(
+        tmp_path, backbone="efficientnet_lite0", trust_images=rgb, trust_labels=list(rows["dx"])
+    )
+    served = runtime.load_packaged(model_dir)
+    reference = inference.load_model(model_dir, device="cpu", engine="torch")
+    assert served.ood.method == "mahalanobis_layers" and "blocks" in info["outputs"]
+    probe = rgb[:4] + _images(4)
+    a, b = reference.predict(probe), served.predict(probe)
+    np.testing.assert_allclose(b["blocks"], a["blocks"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(b["ood_score"], a["ood_score"], rtol=1e-3, atol=1e-2)
+    assert (b["in_distribution"] == a["in_distribution"]).all() and not a["in_distribution"][4:].any()
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "efficientnet_lite0"])

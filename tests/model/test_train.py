@@ -318,9 +318,12 @@ def test_training_fits_calibration_and_an_ood_detector_that_travel_with_the_mode
     cfg = json.loads((args.out / "config.json").read_text())
     cal, det = cfg["calibration"], cfg["ood"]
     assert cal["method"] == "temperature" and cal["val_nll_after"] <= cal["val_nll_before"]
-    assert det["method"] == "mahalanobis" and det["pass_share"] == 0.99 and (args.out / "ood.npz").exists()
+    assert det["method"] == "mahalanobis_layers" and det["pass_share"] == 0.99 and (args.out / "ood.npz").exists()
     assert cfg["input_limits"] == LIMITS.to_dict()
     p = inference.load_model(args.out, device="cpu")
     assert p.temperature == cal["temperature"] and p.ood is not None and p.ood.threshold == det["threshold"]
-    with np.load(args.out / "ood.npz", allow_pickle=False) as z:
-        assert z["whitener"].shape == (p.model.embedding_dim, p.model.embedding_dim)
+    with np.load(args.out / "ood.npz", allow_pickle=False) as z:  # four blocks, then the embedding
+        dims = list(z["layer_dims"])
+        assert dims == p.model.block_dims() and z["val_mean"].shape == z["val_std"].shape == (len(dims) + 1,)
+        last = f"layer{len(dims)}_whitener"
+        assert z[last].shape == (p.model.embedding_dim, p.model.embedding_dim)

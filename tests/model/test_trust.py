@@ -54,7 +54,7 @@ def test_photographs_are_flagged_and_held_out_lesions_pass(fitted):
     assert auroc >= 0.99, f"OOD AUROC, photographs vs held-out lesions: {auroc:.3f}"
     assert flagged >= 0.85, f"only {flagged:.0%} of the non-dermoscopic photographs are flagged"
     rec = fitted["fit"].ood
-    assert rec["method"] == "mahalanobis" and rec["val_flagged_share"] == pytest.approx(0.01, abs=0.006)
+    assert rec["method"] == "mahalanobis_layers" and rec["val_flagged_share"] == pytest.approx(0.01, abs=0.006)
 
 
 def test_temperature_scaling_lowers_held_out_ece_and_nll_and_keeps_every_prediction(fitted):

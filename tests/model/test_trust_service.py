@@ -148,7 +148,7 @@ def test_model_info_states_limits_calibration_and_ood(trusted_client):
         "min_height": limits.min_height,
         "max_aspect_ratio": 4.0,
     }
-    assert info.calibration["method"] == "temperature" and info.ood["method"] == "mahalanobis"
+    assert info.calibration["method"] == "temperature" and info.ood["method"] == "mahalanobis_layers"
     assert info.quality["fitted_on"] == "train" and set(info.quality["thresholds"]) == set(quality.FEATURES)
 
 
