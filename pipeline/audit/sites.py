@@ -85,6 +85,9 @@ def operating_point(
         "sensitivity_interval": _interval(ci["sensitivity_at_threshold"]),
         "specificity": chosen["specificity"],
         "specificity_interval": _interval(ci["specificity_at_threshold"]),
+        # the specificity at the target with the threshold chosen again in each resample: the
+        # uncertainty of the figure compared with serving.min_site_specificity
+        "specificity_at_target_interval": _interval(ci["specificity_at_target"]),
         "at_threshold": chosen,
         "n_boot": n_boot,
         "confidence": confidence,

@@ -236,6 +236,8 @@ def test_a_site_gets_the_threshold_restoring_the_target_with_a_lesion_bootstrap_
     lo, hi = site["threshold_interval"]
     assert lo <= site["threshold"] <= hi and site["ci_over"] == "lesion" and site["n_boot"] == 300
     assert site["sensitivity_interval"][0] <= site["sensitivity"] <= site["sensitivity_interval"][1]
+    low, high = site["specificity_at_target_interval"]  # the figure "suitable" compares, per resample
+    assert 0.0 <= low <= high <= 1.0 and high - low > 0
     assert site["suitable"] is (site["specificity"] >= serving.min_site_specificity)
     assert site["model_md5"] == r["model_md5"] and site["min_malignant"] == sites.minimum_malignant(0.95, 0.2, 0.95)
     assert "Site operating point" in (tmp_path / "out" / "report.md").read_text()
