@@ -76,8 +76,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 # The end-to-end modules that go on from the shared first run of tests/e2e/conftest.py (checked
 # at collection): under pytest-xdist they run on one worker, so that the run is made once.
-SHARED_FIRST_RUN = ("tests/e2e/test_ingest.py", "tests/e2e/test_retrain_flow.py", "tests/e2e/test_scale_out.py",
-                    "tests/e2e/test_stop.py")  # fmt: skip
+SHARED_FIRST_RUN = ("tests/e2e/test_audit.py", "tests/e2e/test_ingest.py", "tests/e2e/test_retrain_flow.py",
+                    "tests/e2e/test_scale_out.py", "tests/e2e/test_stop.py")  # fmt: skip
 
 
 def _xdist_scope(nodeid: str) -> str:

@@ -22,6 +22,7 @@ lesionflow history                  # champions over time; lesionflow rollback [
 from __future__ import annotations
 
 from pipeline.cli import (  # noqa: F401  (registers the commands)
+    audit,
     champions,
     data,
     external,

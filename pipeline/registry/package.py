@@ -24,6 +24,7 @@ import yaml
 from pipeline.core import fsutil, lineage
 from pipeline.core.errors import LesionflowError
 from pipeline.core.layout import Layout
+from pipeline.core.machine import describe as describe_machine
 from pipeline.model import bundle
 from pipeline.registry.store import MODEL_NAME, RegistryError, model_store, plain
 
@@ -118,7 +119,8 @@ def load_evaluated(model_dir: Path, evaluate_dir: Path, reports_dir: Path) -> Ev
 
 def lineage_record(ev: Evaluated, root: Path) -> dict[str, Any]:
     """The package's full record (``lesionflow.json``): data version, git state, ``dvc.lock``
-    stage hashes, params, test metrics and CIs, verdict, operating point, model, libraries."""
+    stage hashes, params, test metrics and CIs, verdict, operating point, model, libraries and the
+    machine that packaged it (``packaged_on``)."""
     from pipeline.core import params
 
     layout = Layout(root)
@@ -150,6 +152,7 @@ def lineage_record(ev: Evaluated, root: Path) -> dict[str, Any]:
             },
             "packaged_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "libraries": lineage.library_versions(),
+            "packaged_on": describe_machine(),
         }
     )
 

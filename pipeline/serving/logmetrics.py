@@ -46,6 +46,14 @@ def read_totals(path: Path) -> dict[str, int]:
         return {}
 
 
+def persisted(location: str) -> dict[str, dict[str, int]]:
+    """Every writer's persisted totals for the log at ``location``, by writer (what ``/metrics``
+    starts from after a restart)."""
+    folder = counters_file(location, logstore.is_url(location), "any").parent
+    found = {f.stem: read_totals(f) for f in sorted(folder.glob("*.json"))}
+    return {w: t for w, t in found.items() if t}
+
+
 def write_totals(path: Path, writer: str, totals: Mapping[str, int]) -> None:
     """Persist ``writer``'s totals at ``path`` (atomically, in a folder readable by its owner only)."""
     logstore.private_folder(path.parent)

@@ -1,0 +1,103 @@
+"""The audit bundle's parts on their own: Ed25519 signing, the reproduction verdict, the Annex IV
+index and the sites addendum (the whole export, verify and reproduce: tests/e2e/test_audit.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.audit import annex, changeplan, reproduce, signing
+
+
+def test_a_signature_holds_for_the_signed_bytes_only_and_names_its_key(tmp_path):
+    private, public = signing.keygen(tmp_path / "k")
+    sig = signing.sign(b"manifest", private)
+    pem = public.read_bytes()
+    assert sig["public_key"].encode() == pem and sig["algorithm"] == "Ed25519"
+    assert signing.verify_signature(b"manifest", sig["signature"], pem)
+    assert not signing.verify_signature(b"manifest!", sig["signature"], pem)
+    assert not signing.verify_signature(b"manifest", "bm90IGEgc2lnbmF0dXJl", pem)
+    other_private, other_public = signing.keygen(tmp_path / "other")
+    assert not signing.verify_signature(b"manifest", sig["signature"], other_public.read_bytes())
+    assert (
+        sig["fingerprint"]
+        == signing.fingerprint(signing.load_public(pem))
+        != signing.sign(b"x", other_private)["fingerprint"]
+    )
+
+
+def test_a_key_of_another_kind_or_no_key_at_all_is_named(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "ec.key"
+    path.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(signing.SigningError, match=r"ec\.key: an .*PrivateKey, not an Ed25519 key"):
+        signing.sign(b"x", path)
+    with pytest.raises(signing.SigningError, match=r"missing\.key: cannot read the signing key"):
+        signing.sign(b"x", tmp_path / "missing.key")
+    with pytest.raises(signing.SigningError, match="not a PEM public key"):
+        signing.load_public(b"garbage", "their.pub")
+
+
+RECORD = {
+    "model_md5": "a" * 32,
+    "gates": {"gates": [{"metric": "binary.roc_auc", "value": 0.89}, {"metric": "dx.ece", "value": 0.04}]},
+    "confidence": {"binary": {"roc_auc": {"low": 0.86, "high": 0.92}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("md5", "auc", "verdict"),
+    [("a" * 32, 0.89, "identical"), ("b" * 32, 0.87, "within intervals"), ("b" * 32, 0.85, "differs")],
+)
+def test_reproduction_is_identical_within_the_intervals_or_different(md5, auc, verdict):
+    got = reproduce.compare(RECORD, {"binary": {"roc_auc": auc}, "dx": {"ece": 0.5}}, md5)
+    assert got["verdict"] == verdict
+    rows = {r["metric"]: r for r in got["metrics"]}
+    assert rows["binary.roc_auc"]["inside"] is (auc >= 0.86) and rows["dx.ece"]["inside"] is None  # no interval
+
+
+def test_without_any_interval_different_weights_are_not_called_reproduced():
+    record = {**RECORD, "confidence": {}}
+    assert reproduce.compare(record, {"binary": {"roc_auc": 0.89}}, "b" * 32)["verdict"] == "differs"
+
+
+def test_every_file_an_export_writes_is_in_the_index_under_its_longest_prefix():
+    paths = [
+        "model/model.pt",
+        "card/sites.md",
+        "card/model_card.md",
+        "lineage/change_control.md",
+        "lineage/params.yaml",
+    ]
+    idx = annex.index(paths)
+    assert set(idx["items"]) == set(paths)
+    assert idx["items"]["card/sites.md"]["what"].startswith("the model card's addendum")
+    assert "lineage/change_control.md" in idx["annex_iv"]["2(f)"]["items"]
+    assert annex.entry("elsewhere.txt") is None
+    assert "not covered by this bundle" in annex.markdown(idx)  # e.g. Article 9's risk management
+
+
+def test_the_sites_addendum_says_why_a_site_is_not_suitable():
+    site = {
+        "name": "clinic-y",
+        "created_at": "2026-12-07",
+        "n_images": 80,
+        "n_malignant": 30,
+        "threshold": 0.01,
+        "threshold_interval": [0.005, 0.02],
+        "sensitivity": 0.95,
+        "sensitivity_interval": [0.85, 1.0],
+        "specificity": 0.1,
+        "specificity_interval": [0.05, 0.2],
+        "suitable": False,
+        "reason": "specificity 0.100 below 0.30",
+    }
+    text = changeplan.sites_markdown([site], 0.07)
+    assert "| clinic-y |" in text and "**no**: specificity 0.100 below 0.30" in text and "[0.005, 0.020]" in text
+    assert "No site has been recorded" in changeplan.sites_markdown([], 0.07)
