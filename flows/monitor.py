@@ -99,6 +99,11 @@ def apply_retention(root: str) -> list[str]:
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish(summary: dict[str, Any]) -> None:
+    """The summary as Prefect artifacts, and the check kept with the stored model(s) it ran against."""
+    from pipeline.registry.trace import record_drift_check
+
+    for path in record_drift_check(summary):
+        get_run_logger().info("drift check recorded with the stored model: %s", path)
     create_markdown_artifact(
         key="lesionflow-monitor",
         markdown=decision.summary_markdown(summary),

@@ -27,6 +27,7 @@ import yaml
 from pipeline.audit import changeplan, logschema
 from pipeline.audit import datasheet as ds
 from pipeline.audit.versioned import VersionedFiles, VersionError, stage_output
+from pipeline.core.fsutil import read_json
 from pipeline.core.layout import Layout
 from pipeline.core.machine import describe as describe_machine
 from pipeline.model import bundle
@@ -178,24 +179,17 @@ def criteria_markdown(rows: list[dict[str, Any]], gates: Mapping[str, Any]) -> s
     return "\n".join(lines) + "\n"
 
 
-def drift_checks(root: Path, model_md5: str) -> list[dict[str, Any]]:
-    """Every drift check in the workspace's monitoring reports that ran against this model."""
-    found = []
+def drift_checks(root: Path, model_path: Path, model_md5: str) -> list[dict[str, Any]]:
+    """Every drift check run against this model: those recorded with it in the store, and those in
+    the workspace's monitoring reports naming its md5 that were not (checks run before recording)."""
+    found = {r.get("report"): r for r in trace.drift_checks(model_path)}
     for f in sorted(Layout(root).monitoring_reports.glob("*/summary.json")):
-        try:
-            s = json.loads(f.read_text())
-        except (OSError, ValueError):
+        s = read_json(f)
+        if s is None or f.parent.name in found:
             continue
-        if ((s.get("reference") or {}).get("model") or {}).get("model_md5") != model_md5:
-            continue
-        found.append(
-            {
-                "report": f.parent.name,
-                **{k: s.get(k) for k in ("created_at", "source", "n_current", "coverage", "decision", "drift")},
-                **{k: s.get(k) for k in ("drift_share", "reason", "refused")},
-            }
-        )
-    return found
+        if ((s.get("reference") or {}).get("model") or {}).get("model_md5") == model_md5:
+            found[f.parent.name] = trace.drift_check_record({**s, "report_dir": str(f.parent)})
+    return sorted(found.values(), key=lambda d: str(d.get("created_at", "")))
 
 
 def gather(
@@ -224,7 +218,7 @@ def gather(
     }
     files["card/sites.md"] = changeplan.sites_markdown(info.get("sites") or [], record.get("threshold")).encode()
     files["lineage/change_control.md"] = changeplan.change_plan_markdown(record.get("params") or {}).encode()
-    files["monitoring/drift_checks.json"] = _json(drift_checks(root, info["model_md5"]))
+    files["monitoring/drift_checks.json"] = _json(drift_checks(root, path, info["model_md5"]))
     files["history/champions.json"] = _json(history.history())
     files |= logschema.files(log_counters() if log_counters else None)
     summary = {"tag": info["tag"], "model_md5": info["model_md5"], "data_md5": info["data_md5"], "notes": notes}

@@ -122,6 +122,7 @@ def trace(
     print_external(d.get("external_validations") or [])
     if d.get("sites"):
         print_sites(d["sites"], "Sites (lesionflow site add)")
+    _print_drift_checks(d.get("drift_checks") or [])
     _print_champion_history(d["tag"])
     _print_provenance(d)
 
@@ -140,6 +141,27 @@ def _print_champion_history(tag: str) -> None:
         for r in mine
     ]
     out.print(f"  champion:    {state}; " + "; ".join(events))
+
+
+def _print_drift_checks(records: list[dict[str, Any]]) -> None:
+    """The drift checks run against the model (``lesionflow monitor``, the monitoring flow)."""
+    if not records:
+        return
+    title = "Drift checks run against it (coverage: the log's records of the answers)"
+    t = Table("report", "when", "source", "images", "coverage", "decision", title=title)
+    for r in records[-10:]:
+        cov = (r.get("coverage") or {}).get("record_coverage")
+        t.add_row(
+            safe(r.get("report")),
+            str(r.get("created_at")),
+            safe((r.get("source") or {}).get("kind")),
+            str(r.get("n_current")),
+            show(cov, 3),
+            safe(r.get("decision")),
+        )
+    out.print(t)
+    if len(records) > 10:
+        out.print(f"  ({len(records) - 10} earlier drift checks: lesionflow trace TAG --json)")
 
 
 def print_external(records: list[dict[str, Any]]) -> None:

@@ -61,6 +61,7 @@ REFERENCE_PROJECTION_FILE = "projection.npy"
 RETRIEVAL_DIR = "retrieval"
 EXTERNAL_DIR = "external"
 SITES_DIR = "sites"
+MONITORING_DIR = "monitoring"  # drift checks run against the model (pipeline.registry.trace)
 
 #: What a trained model is (the train stage's output).
 TRAINED_FILES = (MODEL_FILE, CONFIG_FILE)
@@ -232,8 +233,8 @@ def describe(
 ) -> dict[str, Any]:
     """The ``metadata.json`` document of a complete model folder: what it takes and gives, where it
     comes from, the graphs it can be run with besides ``model.pt`` (``engines``) and every file it
-    holds with its size and sha256 (``external/`` and ``sites/`` are left out: records added after
-    packaging)."""
+    holds with its size and sha256 (``external/``, ``sites/`` and ``monitoring/`` are left out:
+    records added after packaging)."""
     d = Path(folder)
     config = json.loads((d / CONFIG_FILE).read_text())
     return {
@@ -245,7 +246,7 @@ def describe(
         "outputs": _outputs(config, operating_point(d)),
         "lineage": dict(lineage),
         "engines": dict(engines or {}),
-        "files": _files(d, skip=(METADATA_FILE, EXTERNAL_DIR, SITES_DIR)),
+        "files": _files(d, skip=(METADATA_FILE, EXTERNAL_DIR, SITES_DIR, MONITORING_DIR)),
     }
 
 

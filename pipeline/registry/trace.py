@@ -3,6 +3,7 @@
 describe("lesionflow-classifier:abc123")   # lineage, metrics, verdict + the commands restoring them
 record_external(tag, "site-b", summary)     # an external validation kept with the stored model
 record_site(tag, record)                    # a site's operating point kept with it (lesionflow site add)
+record_drift_check(summary)                 # a drift check kept with every stored model it ran against
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 
 from pipeline.core.fsutil import read_json, write_json
 from pipeline.model import sites
-from pipeline.model.bundle import EXTERNAL_DIR
-from pipeline.registry.store import model_record, resolve
+from pipeline.model.bundle import EXTERNAL_DIR, MONITORING_DIR
+from pipeline.registry.store import model_record, models, resolve
 
 
 def restore_commands(commit: str, data_md5: str) -> list[str]:
@@ -83,6 +84,7 @@ def describe(tag: str) -> dict[str, Any]:
         "notes": notes(git),
         "external_validations": external_validations(Path(rec["path"])),
         "sites": [s.record for s in sites.load(rec["path"]).values()],
+        "drift_checks": drift_checks(Path(rec["path"])),
     }
 
 
@@ -116,3 +118,43 @@ def record_site(tag: str, record: dict[str, Any], replace: bool = False) -> Path
             )
         record = {**record, "replaces": earlier}
     return sites.write(model.path, record)
+
+
+#: What a drift check's record keeps of its summary (never an image or a patient's record).
+DRIFT_CHECK_KEYS = (
+    "created_at", "source", "n_current", "coverage", "decision", "drift", "drift_share", "reason", "refused",
+)  # fmt: skip
+
+
+def drift_check_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The record of one drift check (:func:`pipeline.monitoring.drift.run_check`'s summary): when,
+    on what, coverage, verdict, the model it ran against and its report folder's name."""
+    model = (summary.get("reference") or {}).get("model") or {}
+    return {
+        "report": Path(str(summary.get("report_dir", ""))).name,
+        "model_md5": model.get("model_md5"),
+        **{k: summary.get(k) for k in DRIFT_CHECK_KEYS},
+    }
+
+
+def record_drift_check(summary: dict[str, Any]) -> list[Path]:
+    """Keep a drift check with every stored model it ran against (those whose weights' md5 is the
+    reference profile's model's): ``monitoring/<report>.json`` in their folders, so the model's
+    monitoring history travels with it (``lesionflow trace``, the audit bundle). Returns the files
+    written; none when no stored model has those weights (a workspace model never packaged)."""
+    rec = drift_check_record(summary)
+    if not rec["model_md5"] or not rec["report"]:
+        return []
+    written = []
+    for model in models():
+        if dict(model.info.labels).get("model_md5") == rec["model_md5"]:
+            path = Path(model.path) / MONITORING_DIR / f"{rec['report']}.json"
+            write_json(path, rec)
+            written.append(path)
+    return written
+
+
+def drift_checks(model_path: Path) -> list[dict[str, Any]]:
+    """The drift checks recorded with a stored model, oldest first."""
+    found = [read_json(f) for f in sorted((Path(model_path) / MONITORING_DIR).glob("*.json"))]
+    return sorted((f for f in found if f), key=lambda d: str(d.get("created_at", "")))

@@ -103,3 +103,42 @@ def test_unreachable_retraining_deployment_ends_in_an_alert(harness, tmp_path, m
     assert state.name == "DriftDetected" and state.is_failed()
     assert "not found" in state.message and "python -m flows.retrain --serve" in state.message
     assert "reports/monitoring/20260301T000000Z" in state.message
+
+
+def test_a_drift_check_is_recorded_with_the_stored_model_it_ran_against(harness, tmp_path, monkeypatch):
+    """The check travels with the model whose weights it compared against (``monitoring/`` in its
+    store folder): ``lesionflow trace`` and the audit bundle show it; another model gets nothing."""
+    import flows.monitor as fm
+    from pipeline.audit import evidence
+    from pipeline.model import bundle
+    from pipeline.registry import package, trace
+    from tests.registry_fixtures import write_evaluation, write_model_dir
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    tags = {}
+    for name, seed in (("checked", 0), ("other", 1)):
+        model = write_model_dir(tmp_path / name / "model", seed=seed)
+        files = write_evaluation(model, tmp_path / name / "evaluate", tmp_path / name / "reports")
+        tags[name] = (package.package(model, tmp_path / name / "evaluate", tmp_path / name / "reports",
+                                      project_root=PROJECT_ROOT), files["model_md5"])  # fmt: skip
+    checked_tag, md5 = tags["checked"]
+    fake = _fake_check("no_drift")
+
+    @task(name="check")
+    def check(*args):
+        return {**fake.fn(*args), "created_at": "2026-03-01T00:00:00+00:00",
+                "reference": {"model": {"model_md5": md5}}}  # fmt: skip
+
+    monkeypatch.setattr(fm, "check", check)
+    root = _workspace(tmp_path / "ws", "champion-md5")
+    assert fm.monitor(folder="new-images", project_root=str(root), return_state=True).name == "NoDrift"
+    recorded = trace.describe(checked_tag)
+    assert [(r["report"], r["decision"], r["model_md5"]) for r in recorded["drift_checks"]] == [
+        ("20260301T000000Z", "no_drift", md5)
+    ]
+    assert recorded["drift_checks"][0]["source"] == {"kind": "folder", "path": "new-images"}
+    assert trace.describe(tags["other"][0])["drift_checks"] == []
+    assert bundle.verify(Path(recorded["path"]))["model_md5"] == md5  # a record added later alters no packaged file
+    # the audit bundle lists it once, from the store, even without the workspace's reports
+    shutil.rmtree(root / "reports")
+    assert [r["report"] for r in evidence.drift_checks(root, Path(recorded["path"]), md5)] == ["20260301T000000Z"]
