@@ -281,6 +281,37 @@ def spread(per_model: dict[str, dict], method: str) -> dict:
     return out
 
 
+#: The rows of docs/trust.md's table of the report halves, with what each is there.
+TABLE_ROWS = {
+    "max_softmax": "max softmax (baseline)",
+    "energy": "energy",
+    "mahalanobis": "mahalanobis (penultimate, shipped before)",
+    "mahalanobis_layers": "mahalanobis_layers (Ledoit-Wolf)",
+}
+
+
+def report_table(result: dict) -> str:
+    """docs/trust.md's table: each score's report-half figures (mean, min-max over the models),
+    the chosen one in bold (tools/figures.py checks the doc's copy against this JSON)."""
+
+    def pct(v: dict) -> str:
+        return f"{100 * v['mean']:.1f} % ({100 * v['min']:.1f}-{100 * v['max']:.1f})".replace("100.0", "100")
+
+    n = len(result["models"])
+    lines = [
+        "| score | non-dermoscopic refused | test flagged | shifted flagged | models meeting all three targets |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {**TABLE_ROWS, result["chosen"]: f"{result['chosen']} (shipped)"}
+    for method, label in rows.items():
+        r = result["report"][method]
+        cells = [label] + [pct(r[k]) for k in ("refused_share", "test_flagged_share", "shifted_flagged_share")]
+        if method == result["chosen"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join([*cells, f"{r['models_meeting_targets']} of {n}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: Path) -> None:
     """Refused share per kind on the report half: the chosen method and the shipped one (mean over
     models, bars from min to max)."""

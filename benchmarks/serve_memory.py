@@ -193,6 +193,29 @@ def measure(name: str, env: dict, tmp: Path, blobs: list[bytes], token: str, a: 
     }
 
 
+def memory_table(result: dict) -> str:
+    """docs/security.md's table: a replica's memory idle, under load and under the hostile corpus,
+    ONNX Runtime against torch (tools/figures.py checks the doc's copy against this JSON)."""
+
+    def mb(v: float) -> str:
+        return f"{v:,.0f} MB"
+
+    lines = [
+        "| | idle | peak under 32 clients | peak under the hostile corpus (worker's rise over idle) |",
+        "|---|---|---|---|",
+    ]
+    for engine, label in (
+        ("onnx", "as shipped (ONNX Runtime)"),
+        ("torch", "the same service with `LESIONFLOW_ENGINE=torch`"),
+    ):
+        r = result["results"][engine]
+        lines.append(
+            f"| {label} | {mb(r['idle_mb']['replica'])} | {mb(r['load_32_clients']['peak_mb']['replica'])} | "
+            f"{mb(r['hostile']['peak_mb']['replica'])} ({mb(r['hostile']['worker_rise_over_idle_mb'])}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = load_arguments(__doc__.split("\n\n")[0])
     ap.add_argument("--engines", default="onnx,torch", help="comma-separated: onnx (as shipped), torch")
