@@ -19,7 +19,8 @@ source that does not say on which machine, when and (for a model's figures) with
 Figures of the default recipe's run (the model card's) are quoted from
 ``docs/results/default-recipe/``: a copy of that run's evaluation figures, taken from the stage
 outputs ``dvc.lock`` records (:func:`snapshot`, after ``make run``); :func:`problems` also checks
-that the copy is of the run ``dvc.lock`` records, so a rerun committed without a new copy fails.
+that the copy is of the run the committed ``dvc.lock`` records, so a rerun committed without a new
+copy fails (a workspace's own uncommitted run does not).
 
     python -m tools.figures              # check README.md and docs/*.md; exit 1 listing problems
     python -m tools.figures --table      # write the sources table README carries
@@ -32,6 +33,7 @@ import hashlib
 import importlib
 import json
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,9 +259,14 @@ def sources_table(root: Path = ROOT) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _locked(root: Path) -> dict[str, str]:
-    """``{path: md5}`` of every stage output ``dvc.lock`` records."""
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
+def _locked(root: Path, committed: bool = False) -> dict[str, str]:
+    """``{path: md5}`` of every stage output ``dvc.lock`` records: the workspace's, or with
+    ``committed`` the one of the last commit (a workspace's own ``make run`` changes nothing quoted)."""
+    text = None
+    if committed:
+        res = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True)
+        text = res.stdout if res.returncode == 0 else None
+    lock = yaml.safe_load(text if text is not None else (root / "dvc.lock").read_text())
     return {o["path"]: o.get("md5") for st in lock["stages"].values() for o in st.get("outs") or []}
 
 
@@ -300,14 +307,16 @@ def snapshot_problems(root: Path = ROOT) -> list[str]:
         source = json.loads((root / SNAPSHOT / "source.json").read_text())
     except (OSError, ValueError):
         return [f"{SNAPSHOT}/source.json: missing (python -m tools.figures --snapshot after make run)"]
-    found, locked = [], _locked(root)
+    found, locked = [], _locked(root, committed=True)
     for rel, md5 in source["dvc_lock_md5"].items():
         copy = root / SNAPSHOT / Path(rel).name
         if hashlib.md5(copy.read_bytes()).hexdigest() != md5:
             found.append(f"{copy.relative_to(root)}: not the copy of {rel} it says it is ({md5})")
         if locked.get(rel) != md5:
-            found.append(f"{SNAPSHOT}: a copy of another run than dvc.lock's ({rel}: {md5} vs {locked.get(rel)}); "
-                         "python -m tools.figures --snapshot")  # fmt: skip
+            found.append(
+                f"{SNAPSHOT}: a copy of another run than the committed dvc.lock's ({rel}: {md5} vs "
+                f"{locked.get(rel)}); python -m tools.figures --snapshot"
+            )
     return found
 
 

@@ -121,6 +121,6 @@ def test_a_copied_evaluation_of_another_run_than_dvc_lock_s_is_refused(project):
     md5 = source["dvc_lock_md5"][figures.SNAPSHOT_FILES[0]]
     lock.write_text(lock.read_text().replace(md5, "0" * 32))
     (found,) = figures.problems(project)
-    assert "a copy of another run than dvc.lock's" in found and figures.SNAPSHOT_FILES[0] in found
+    assert "a copy of another run than the committed dvc.lock's" in found and figures.SNAPSHOT_FILES[0] in found
     (project / figures.SNAPSHOT / Path(figures.SNAPSHOT_FILES[1]).name).write_text("{}")
     assert any("not the copy of" in p for p in figures.problems(project))
