@@ -3,6 +3,8 @@ index and the sites addendum (the whole export, verify and reproduce: tests/e2e/
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.audit import annex, changeplan, reproduce, signing
@@ -101,3 +103,39 @@ def test_the_sites_addendum_says_why_a_site_is_not_suitable():
     text = changeplan.sites_markdown([site], 0.07)
     assert "| clinic-y |" in text and "**no**: specificity 0.100 below 0.30" in text and "[0.005, 0.020]" in text
     assert "No site has been recorded" in changeplan.sites_markdown([], 0.07)
+
+
+def test_one_byte_changed_in_any_file_of_a_bundle_fails_verification_naming_that_file(tmp_path):
+    """Every file, the manifest and the signature included: verify names the file whose byte changed."""
+    import hashlib
+    import json
+    import zipfile
+
+    from pipeline.audit import seal
+
+    key, pub = signing.keygen(tmp_path / "k")
+    weights = b"\x00weights" * 64
+    md5 = hashlib.md5(weights).hexdigest()
+    files = {
+        "model/model.pt": weights,
+        "model/lesionflow.json": json.dumps({"model_md5": md5}).encode(),
+        "card/model_card.md": f"# Model card\n\nmodel md5 {md5}\n".encode(),
+        "data/datasheet.md": b"# Datasheet\n\n10,015 images\n",
+    }
+    bundle = seal.write_bundle(tmp_path / "b.zip", files, {"tag": "t:1", "model_md5": md5}, key)
+    assert seal.verify_bundle(Path(bundle["path"]), pub)["ok"]
+    with zipfile.ZipFile(bundle["path"]) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    for k, (name, data) in enumerate(members.items()):
+        rel = name.split("/", 1)[1]
+        i = len(data) // 2
+        changed = dict(members) | {name: data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]}
+        out = tmp_path / f"c{k}.zip"
+        with zipfile.ZipFile(out, "w") as z:
+            for n, d in changed.items():
+                z.writestr(n, d)
+        try:
+            first = seal.verify_bundle(out, pub)["problems"][0]
+        except seal.BundleError as exc:  # a manifest that is no longer JSON
+            first = str(exc)
+        assert rel in first, (rel, first)
