@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import plain_env, project_env
 
-STAGES = ["validate", "split", "eda", "train", "retrieval", "reference", "evaluate"]
+STAGES = ["validate", "split", "eda", "train", "retrieval", "review", "reference", "evaluate"]
 # tiny training and evaluation; gates every model passes (dx.accuracy is always computed)
 TINY = {
     "train.backbone": "small_cnn",

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.audit import external
-from pipeline.core.sections import ServingParams
+from pipeline.core.servicesections import ServingParams
 from pipeline.core.taxonomy import Taxonomy
 from pipeline.evaluation import bootstrap, metrics
 from pipeline.evaluation.predictions import Predictions, binary_truth

@@ -8,7 +8,8 @@ strict: an unknown key, a missing key, a value of the wrong type or out of range
 
 Stages read only their own section (``load_section("split")``), as in DVC's example-get-started,
 so that ``dvc.yaml`` can declare exactly the parameters each stage depends on. The schemas of the
-sections are :mod:`pipeline.core.sections` (importable from here too: ``params.TrainParams``); the
+sections are :mod:`pipeline.core.sections` and :mod:`pipeline.core.servicesections` (importable
+from here too: ``params.TrainParams``); the
 strict conversion is :mod:`pipeline.core.strict`. The module needs only the standard library and
 PyYAML, so ``python -m pipeline.stages.train`` runs on a bare GPU machine.
 """
@@ -28,8 +29,8 @@ from pipeline.core.sections import (
     GatesParams,
     LabelsParams,
     MetadataParams,
-    MonitorParams,
     RetrievalParams,
+    ReviewParams,
     SplitParams,
     TrainParams,
     TrustParams,
@@ -37,6 +38,7 @@ from pipeline.core.sections import (
     section,
     sections,
 )
+from pipeline.core.servicesections import MonitorParams, ServingParams
 from pipeline.core.statsconfig import ABCD_COLOURS, ColourRules, FeatureConfig
 from pipeline.core.strict import ParamsError, apply_overrides, fail, from_dict, to_dict
 
@@ -50,6 +52,8 @@ __all__ = [
     "MetadataParams",
     "MonitorParams",
     "RetrievalParams",
+    "ReviewParams",
+    "ServingParams",
     "SplitParams",
     "TrainParams",
     "TrustParams",

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.core.sheets import contact_grid
+
 #: Side of the greyscale thumbnail every comparison starts from.
 THUMB = 64
 #: Side of the coarse view compared in the candidate stage.
@@ -214,19 +216,6 @@ def contact_sheet(
 ) -> Path:
     """A PNG of the pairs side by side (first ``limit``), each image captioned (id, lesion,
     diagnosis) and each pair with its detail similarity, for a person to look at."""
-    from PIL import ImageDraw
-
-    w, h, gap, text = 200, 150, 40, 16
     shown = list(pairs)[:limit]
-    sheet = Image.new("RGB", (2 * w + gap, max(1, len(shown)) * (h + text + 6)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, p in enumerate(shown):
-        y = r * (h + text + 6)
-        for c, image_id in enumerate((p.a, p.b)):
-            with Image.open(path_of[image_id]) as im:
-                sheet.paste(im.convert("RGB").resize((w, h)), (c * (w + gap), y + text))
-            draw.text((c * (w + gap) + 2, y + 2), caption.get(image_id, image_id), fill="black")
-        draw.text((w + 4, y + text + h // 2), f"{p.detail:.2f}", fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    rows = [[(path_of[i], caption.get(i, i)) for i in (p.a, p.b)] for p in shown]
+    return contact_grid(rows, out, row_notes=[f"{p.detail:.2f}" for p in shown])

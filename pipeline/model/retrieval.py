@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,6 +210,38 @@ class RetrievalIndex:
         return self.thumbnails[off : off + size]
 
 
+def embed(
+    predictor: Any,
+    frame: pd.DataFrame,
+    files: Sequence[Path],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "embeddings",
+    each: Callable[[list[np.ndarray], dict[str, Any]], None] | None = None,
+) -> np.ndarray:
+    """The L2-normalised embeddings (float32) of every row of ``frame`` (its image in ``files``;
+    its metadata when the model fuses it), of the plain view as a query is embedded; ``each`` sees
+    every batch of decoded images and the predictor's outputs for them (the retrieval index makes
+    its thumbnails from the images)."""
+    from tqdm.auto import tqdm
+
+    from pipeline.core import images
+    from pipeline.core.metadata import FIELDS
+
+    fields = [c for c in FIELDS if c in frame.columns]
+    out = []
+    with tqdm(total=len(frame), desc=desc, unit="img", disable=not progress) as bar:
+        for s in range(0, len(frame), batch_size):
+            rgbs = [images.decode_rgb(f, str(f)) for f in files[s : s + batch_size]]
+            meta = frame.iloc[s : s + batch_size][fields].reset_index(drop=True)
+            pred = predictor.predict(rgbs, metadata=meta, tta=False, batch_size=batch_size)
+            out.append(pred["embeddings"])
+            if each is not None:
+                each(rgbs, pred)
+            bar.update(len(rgbs))
+    return normalise(np.concatenate(out)) if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def build_index(
     predictor: Any,
     frame: pd.DataFrame,
@@ -223,26 +255,20 @@ def build_index(
     query's view), make its thumbnail and write the index to ``out_dir`` whole or not at all.
     ``p``: the ``retrieval`` params; ``meta``: what ``index.json`` also records (model md5,
     lineage). Returns ``index.json``'s content."""
-    from tqdm.auto import tqdm
-
-    from pipeline.core import images
     from pipeline.core.metadata import FIELDS
 
     cols = [c for c in ("image_id", "lesion_id", "dx", "dx_type", *FIELDS) if c in frame.columns]
     rows = frame[cols].reset_index(drop=True)
-    embeddings, thumbs = [], []
-    with tqdm(total=len(rows), desc="retrieval index", unit="img", disable=not progress) as bar:
-        for s in range(0, len(rows), p.batch_size):
-            rgbs = [images.decode_rgb(f, str(f)) for f in files[s : s + p.batch_size]]
-            meta_rows = rows.iloc[s : s + p.batch_size][[c for c in FIELDS if c in rows]].reset_index(drop=True)
-            out = predictor.predict(rgbs, metadata=meta_rows, tta=False, batch_size=p.batch_size)
-            embeddings.append(out["embeddings"])
-            thumbs += [thumbnail_jpeg(rgb, tuple(p.thumbnail_size), p.thumbnail_quality) for rgb in rgbs]
-            bar.update(len(rgbs))
+    thumbs: list[bytes] = []
+
+    def thumbnails(rgbs: list[np.ndarray], _: dict[str, Any]) -> None:
+        thumbs.extend(thumbnail_jpeg(rgb, tuple(p.thumbnail_size), p.thumbnail_quality) for rgb in rgbs)
+
+    vectors = embed(predictor, rows, files, p.batch_size, progress, "retrieval index", thumbnails)
     sizes = np.array([len(t) for t in thumbs], dtype=np.int64)
     rows["thumb_offset"] = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else sizes
     rows["thumb_size"] = sizes
-    vectors = normalise(np.concatenate(embeddings)).astype(np.float16)
+    vectors = vectors.astype(np.float16)
     info = {
         "format": FORMAT,
         "n": int(len(rows)),

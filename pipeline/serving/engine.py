@@ -73,7 +73,7 @@ def _settings() -> tuple[Any, Any]:
     """The ``serving`` and ``monitor`` sections of the params.yaml that applies (a Bento's own), or
     their defaults without one."""
     from pipeline.core import params, project
-    from pipeline.core.sections import MonitorParams, ServingParams
+    from pipeline.core.servicesections import MonitorParams, ServingParams
 
     found = project.params_file()
     if found is None:

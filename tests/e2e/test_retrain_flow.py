@@ -164,6 +164,31 @@ def test_first_run_runs_every_stage_and_packages_a_traceable_champion(ws):
     assert unknown.returncode == 2 and "unknown tag" in unknown.stdout
 
 
+def test_the_first_run_reviews_every_label_and_names_the_suspects_with_their_evidence(ws):
+    """The review stage ranks every labelled image; its CSV gives each suspect's suggested diagnosis
+    and confirmed look-alikes of other lesions; no label changes (the split files keep the data's)."""
+    from pipeline.evaluation.labelreview import CSV_COLUMNS
+
+    assert ws.step("first")["proc"].returncode == 0
+    meta = pd.read_csv(ws.root / "data/HAM10000_metadata.csv")
+    found = json.loads((ws.root / "reports/review/metrics.json").read_text())
+    assert found["images"] == len(meta) and 0 <= found["suspects"] <= len(meta)
+    assert set(found["by_diagnosis"]) == set(meta["dx"]) and set(found["by_confirmation"]) == set(meta["dx_type"])
+    issues = pd.read_csv(ws.root / "reports/review/label_issues.csv", keep_default_na=False)
+    assert tuple(issues.columns) == CSV_COLUMNS and len(issues) == found["suspects"]
+    assert list(issues["rank"]) == list(range(1, len(issues) + 1))
+    by_id = meta.set_index("image_id")
+    for row in issues.itertuples():
+        assert row.given == by_id.loc[row.image_id, "dx"] and row.split in ("train", "val", "test")
+        for case in filter(None, row.similar_confirmed.split("; ")):
+            other = by_id.loc[case.split(" ")[0]]
+            assert other["dx_type"] == "histo" and other["lesion_id"] != by_id.loc[row.image_id, "lesion_id"]
+    assert (ws.root / "reports/review/contact_sheet.png").stat().st_size > 0
+    assert "never relabelled" in (ws.root / "reports/review/summary.md").read_text()
+    split = pd.concat([pd.read_csv(ws.root / f"artifacts/splits/{s}.csv") for s in ("train", "val", "test")])
+    assert split.set_index("image_id")["dx"].sort_index().equals(by_id["dx"].sort_index())
+
+
 def test_second_run_with_nothing_changed_skips_every_stage(ws):
     first, r = ws.step("first"), ws.step("second")
     assert r["proc"].returncode == 0, r["out"][-4000:]
