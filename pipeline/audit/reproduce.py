@@ -124,10 +124,14 @@ def run_pipeline(clone: Path, echo: Callable[[str], None]) -> None:
 
 
 def compare(record: dict[str, Any], metrics: dict[str, Any], new_md5: str) -> dict[str, Any]:
-    """Each gated test metric: recorded value, interval, reproduced value, whether it lies inside."""
+    """Each gated test metric (once, though an absolute and a no-regression gate may both name it):
+    recorded value, interval, reproduced value, whether it lies inside."""
     conf = record.get("confidence") or {}
-    rows = []
+    rows, seen = [], set()
     for g in (record.get("gates") or {}).get("gates") or []:
+        if g["metric"] in seen:
+            continue
+        seen.add(g["metric"])
         level, _, name = str(g["metric"]).partition(".")
         got = (metrics.get(level) or {}).get(name)
         ci = (conf.get(level) or {}).get(name)

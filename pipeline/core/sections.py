@@ -381,13 +381,14 @@ class RetrievalParams:
 @dataclasses.dataclass(frozen=True)
 class ReviewParams:
     """Label review (stage ``review``): out-of-fold probabilities of every labelled image from a
-    lesion-grouped ``folds``-fold logistic regression (inverse regularisation ``c``) on the model's
-    embeddings, confident learning over them; beside each suspect its ``similar`` most similar
-    images of other lesions confirmed as ``confirmed`` says, and the contact sheet's first
-    ``sheet_rows`` suspects."""
+    lesion-grouped ``folds``-fold logistic regression (inverse regularisation ``c``) on the first
+    ``components`` whitened principal components of the model's embeddings, confident learning
+    over them; beside each suspect its ``similar`` most similar images of other lesions confirmed
+    as ``confirmed`` says, and the contact sheet's first ``sheet_rows`` suspects."""
 
     folds: int = 5
-    c: float = 1.0
+    components: int = 128
+    c: float = 0.01
     max_iter: int = 2000
     seed: int = 0
     batch_size: int = 64
@@ -400,7 +401,7 @@ class ReviewParams:
             fail("folds", f"must be in [2, 20], got {self.folds}")
         if not self.c > 0:
             fail("c", f"must be positive, got {self.c}")
-        for name in ("max_iter", "batch_size", "similar", "sheet_rows"):
+        for name in ("components", "max_iter", "batch_size", "similar", "sheet_rows"):
             if getattr(self, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(self, name)}")
         if not self.confirmed or not all(str(t).strip() for t in self.confirmed):

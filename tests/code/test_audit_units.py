@@ -48,7 +48,13 @@ def test_a_key_of_another_kind_or_no_key_at_all_is_named(tmp_path):
 
 RECORD = {
     "model_md5": "a" * 32,
-    "gates": {"gates": [{"metric": "binary.roc_auc", "value": 0.89}, {"metric": "dx.ece", "value": 0.04}]},
+    "gates": {
+        "gates": [
+            {"metric": "binary.roc_auc", "value": 0.89},
+            {"metric": "dx.ece", "value": 0.04},
+            {"metric": "binary.roc_auc", "value": 0.89, "gate": "no_regression"},
+        ]
+    },  # fmt: skip
     "confidence": {"binary": {"roc_auc": {"low": 0.86, "high": 0.92}}},
 }
 
@@ -62,6 +68,7 @@ def test_reproduction_is_identical_within_the_intervals_or_different(md5, auc, v
     assert got["verdict"] == verdict
     rows = {r["metric"]: r for r in got["metrics"]}
     assert rows["binary.roc_auc"]["inside"] is (auc >= 0.86) and rows["dx.ece"]["inside"] is None  # no interval
+    assert len(rows) == len(got["metrics"])  # a metric both gates name is one row
 
 
 def test_without_any_interval_different_weights_are_not_called_reproduced():
