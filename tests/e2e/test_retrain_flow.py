@@ -216,6 +216,7 @@ def test_impossible_gate_packages_nothing_and_keeps_the_champion(ws):
         "eda": False,
         "train": True,
         "retrieval": True,
+        "review": True,
         "reference": True,
         "evaluate": True,
     }
