@@ -76,8 +76,14 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 # The end-to-end modules that go on from the shared first run of tests/e2e/conftest.py (checked
 # at collection): under pytest-xdist they run on one worker, so that the run is made once.
-SHARED_FIRST_RUN = ("tests/e2e/test_audit.py", "tests/e2e/test_ingest.py", "tests/e2e/test_retrain_flow.py",
-                    "tests/e2e/test_scale_out.py", "tests/e2e/test_stop.py")  # fmt: skip
+SHARED_FIRST_RUN = (
+    "tests/e2e/test_audit.py",
+    "tests/e2e/test_ingest.py",
+    "tests/e2e/test_label_loop.py",
+    "tests/e2e/test_retrain_flow.py",
+    "tests/e2e/test_scale_out.py",
+    "tests/e2e/test_stop.py",
+)
 
 
 def _xdist_scope(nodeid: str) -> str:
@@ -200,7 +206,7 @@ def make_project(root: Path, data_dir: Path, params_overrides: dict | None = Non
     import yaml
 
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "flows"):
+    for name in ("pipeline", "flows", "labels"):
         shutil.copytree(PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", "bentofile.yaml", "prefect.yaml"):
         if (PROJECT_ROOT / name).exists():

@@ -66,6 +66,11 @@ class Layout:
         return self.artifacts("validation") / "images.csv"
 
     @property
+    def label_decisions(self) -> Path:
+        """Label-review decisions (git-tracked; read by the ``split`` and ``review`` stages)."""
+        return self.root / "labels" / "decisions.csv"
+
+    @property
     def splits_dir(self) -> Path:
         return self.artifacts("splits")
 

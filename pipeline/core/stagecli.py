@@ -27,6 +27,7 @@ FLAGS: dict[str, str] = {
     "metadata": "metadata table (CSV)",
     "images": "folder of the image files",
     "index": "the validate stage's image index (CSV)",
+    "decisions": "label-review decisions (CSV, lesionflow label decide)",
     "splits": "folder of the split files train/val/test.csv",
     "eda": "the eda stage's artifacts (feature table, baseline)",
     "model": "model folder (model.pt + config.json)",

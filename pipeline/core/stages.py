@@ -38,6 +38,7 @@ def inputs(layout: Layout) -> dict[str, Path]:
         "metadata": layout.metadata_csv,
         "images": layout.images_dir,
         "index": layout.validation_index,
+        "decisions": layout.label_decisions,
         "splits": layout.splits_dir,
         "eda": layout.eda_dir,
         "model": layout.model_dir,

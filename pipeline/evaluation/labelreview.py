@@ -194,14 +194,17 @@ def review(frame: pd.DataFrame, embeddings: np.ndarray, classes: Sequence[str], 
 
 
 def metrics(ranked: pd.DataFrame) -> dict[str, Any]:
-    """The DVC metrics of a review: suspects, their share, those in the test split, and the
-    suspect rate per diagnosis (given) and per confirmation type."""
+    """The DVC metrics of a review: suspects, their share, those in the test split, those a person
+    already decided on (column ``reviewed``, when present), and the suspect rate per diagnosis
+    (given) and per confirmation type."""
     n, issues = len(ranked), int(ranked["is_issue"].sum())
+    reviewed = ranked["reviewed"] != "" if "reviewed" in ranked else pd.Series(False, index=ranked.index)
     return {
         "images": n,
         "suspects": issues,
         "suspect_share": round(issues / n, 4) if n else 0.0,
         "test_split_suspects": int(ranked.loc[ranked["split"] == "test", "is_issue"].sum()),
+        "reviewed_suspects": int((ranked["is_issue"] & reviewed).sum()),
         "by_diagnosis": {k: v["rate"] for k, v in issue_rates(ranked, "dx").items()},
         "by_confirmation": {k: v["rate"] for k, v in issue_rates(ranked, "dx_type").items()},
     }
@@ -209,7 +212,7 @@ def metrics(ranked: pd.DataFrame) -> dict[str, Any]:
 
 #: The columns of ``label_issues.csv``, in order.
 CSV_COLUMNS = ("rank", "image_id", "lesion_id", "split", "dx_type", "given", "suggested", "p_given", "p_suggested",
-               "label_quality", "similar_confirmed")  # fmt: skip
+               "label_quality", "similar_confirmed", "reviewed")  # fmt: skip
 
 
 def write_reports(ranked: pd.DataFrame, reports: Path, image_path: Callable[[str], Path], p: Any) -> dict[str, Any]:
@@ -220,7 +223,9 @@ def write_reports(ranked: pd.DataFrame, reports: Path, image_path: Callable[[str
     from pipeline.core.sheets import contact_grid
 
     suspects = ranked[ranked["is_issue"]]
-    fsutil.atomic_write_text(reports / "label_issues.csv", suspects[list(CSV_COLUMNS)].to_csv(index=False))
+    fsutil.atomic_write_text(
+        reports / "label_issues.csv", suspects[[c for c in CSV_COLUMNS if c in suspects]].to_csv(index=False)
+    )
     rows = []
     for r in suspects.head(p.sheet_rows).itertuples():
         tiles = [(image_path(r.image_id), f"#{r.rank} {r.image_id} {r.given}->{r.suggested} {r.p_suggested:.2f}")]

@@ -9,7 +9,9 @@ regression on those embeddings and ranks the labels they contradict (confident l
 ``cleanlab``). Writes ``reports/review/``: ``label_issues.csv`` (the suspects, worst first, with
 the suggested diagnosis and the most similar confirmed cases of other lesions),
 ``contact_sheet.png``, ``metrics.json`` (DVC metrics: suspects per diagnosis and per confirmation
-type), ``summary.md`` and ``lineage.json``. No label changes here: suspects in the test split are
+type), ``summary.md`` and ``lineage.json``. An image with a label-review decision
+(``labels/decisions.csv``: kept or corrected, applied by the split) is marked in column
+``reviewed``. No label changes here: suspects in the test split are
 reported like the others (column ``split``). Reads the ``review`` and ``labels`` sections.
 """
 
@@ -23,7 +25,7 @@ import pandas as pd
 from pipeline.core import fsutil, lineage, params, stagecli
 from pipeline.core.errors import EXIT_OK
 from pipeline.core.layout import LAYOUT
-from pipeline.data import splits
+from pipeline.data import decisions, splits
 from pipeline.evaluation import labelreview
 from pipeline.model import bundle, retrieval
 from pipeline.model.inference import load_model
@@ -41,13 +43,16 @@ def body(args: Namespace) -> int:
     ]
     embeddings = retrieval.embed(load_model(args.model), frame, files, p.batch_size, not args.no_progress, "review")
     ranked = labelreview.review(frame, embeddings, classes, p)
+    done = decisions.latest(decisions.read(args.decisions, list(classes)))
+    ranked["reviewed"] = ranked["image_id"].map(dict(zip(done["image_id"], done["decision"]))).fillna("")
     path_of = dict(zip(frame["image_id"], files, strict=True))
     found = labelreview.write_reports(ranked, args.reports, path_of.__getitem__, p)
     fsutil.write_json(
         args.reports / "lineage.json",
         lineage.lineage(
             params={"review": params.to_dict(p)},
-            files=[args.model / bundle.MODEL_FILE] + [LAYOUT.split_file(n, args.splits) for n in frames],
+            files=[args.model / bundle.MODEL_FILE, args.decisions]
+            + [LAYOUT.split_file(n, args.splits) for n in frames],
         ),
     )
     print(

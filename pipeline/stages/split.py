@@ -1,6 +1,10 @@
 """Stage ``split``: a leakage-free, stratified train/val/test split (:mod:`pipeline.data.splitting`).
 
-    python -m pipeline.stages.split [--metadata CSV] [--index CSV] [--out DIR] [--reports DIR]
+    python -m pipeline.stages.split [--metadata CSV] [--index CSV] [--decisions CSV] [--out DIR] [--reports DIR]
+
+The label-review decisions (``labels/decisions.csv``, :mod:`pipeline.data.decisions`) are applied
+first: a corrected diagnosis replaces the data's for every image of its lesion, in the split files
+and so in every later stage; the data table itself is not changed.
 
 Writes ``artifacts/splits/{train,val,test}.csv`` (the metadata columns plus ``split``, sorted by
 ``image_id``; replaced together only when all three are written) and ``reports/split/``:
@@ -19,16 +23,18 @@ from pipeline.core import fsutil, lineage, params, stagecli
 from pipeline.core.errors import EXIT_OK, LesionflowError
 from pipeline.core.layout import SPLITS
 from pipeline.core.metadata import read_csv
-from pipeline.data import splitting
+from pipeline.data import decisions, splitting
 
 
-def read_inputs(args: Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The metadata table and the validation index (text ids)."""
+def read_inputs(args: Namespace, diagnoses: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The metadata table with the label decisions applied, the validation index (text ids) and
+    the decisions' summary."""
     if not args.index.exists():
         raise LesionflowError(f"{args.index}: validation index not found: run the validate stage first")
     meta = read_csv(args.metadata, "metadata table", dtype={"lesion_id": str, "image_id": str})
     index = read_csv(args.index, "image index", dtype={"image_id": str, "md5": str})
-    return meta, index
+    meta, applied = decisions.apply(meta, decisions.read(args.decisions, diagnoses), str(args.decisions))
+    return meta, index, applied
 
 
 def write_outputs(df: pd.DataFrame, p: params.SplitParams, args: Namespace) -> dict:
@@ -49,7 +55,8 @@ def write_outputs(df: pd.DataFrame, p: params.SplitParams, args: Namespace) -> d
     fsutil.write_json(
         reports / "lineage.json",
         lineage.lineage(
-            params={"split": params.to_dict(p)}, files=[args.metadata] + [args.out / f"{s}.csv" for s in SPLITS]
+            params={"split": params.to_dict(p)},
+            files=[args.metadata, args.decisions] + [args.out / f"{s}.csv" for s in SPLITS],
         ),
     )
     return summary
@@ -57,8 +64,14 @@ def write_outputs(df: pd.DataFrame, p: params.SplitParams, args: Namespace) -> d
 
 def body(args: Namespace) -> int:
     p = params.load_section("split", args.params)
-    meta, index = read_inputs(args)
+    meta, index, applied = read_inputs(args, list(params.load_taxonomy(args.params).diagnoses))
     summary = write_outputs(splitting.make_split(meta, index, p), p, args)
+    if applied["decisions"]:
+        print(
+            f"Label decisions of {args.decisions}: {applied['corrected']} corrected "
+            f"({applied['images_relabelled']} image(s) relabelled), {applied['kept']} kept"
+            + (f", {len(applied['not_in_data'])} about images not in the data" if applied["not_in_data"] else "")
+        )
     print(
         f"Split written to {args.out}: "
         + ", ".join(f"{s} {summary['sizes'][s]:,}" for s in SPLITS)
