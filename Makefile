@@ -11,7 +11,7 @@ PYTHON ?= python3
 # the project root, its BentoML/Prefect homes under .lesionflow/ and the offline settings itself
 # (pipeline/core/project.py). `dvc pull` below is offline-quiet through .dvc/config (analytics false).
 
-.PHONY: run test lint format install data browser
+.PHONY: run test lint format install data browser labelstudio
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ browser:
 		echo "Installing Debian's chromium for the browser tests"; \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
+
+# Label Studio, as its own server in its own environment (it does not install beside
+# constraints.txt): the pinned lock, and a migrated SQLite template with a local admin and an API
+# token (template/token), which the end-to-end test copies and starts on 127.0.0.1 (docs/labels.md).
+LS_VENV ?= .venv-labelstudio
+$(LS_VENV)/.installed: requirements-labelstudio.txt
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q -r requirements-labelstudio.txt
+	rm -rf $(LS_VENV)/template && mkdir -p $(LS_VENV)/template && chmod 700 $(LS_VENV)/template
+	$(LS_VENV)/bin/python -c 'import secrets; print(secrets.token_hex(20))' > $(LS_VENV)/template/token
+	cd $(LS_VENV)/template && ../bin/label-studio init --no-browser --data-dir data \
+		--username admin@lesionflow.invalid --password "$$(head -c 24 /dev/urandom | base64)" \
+		--user-token "$$(cat token)" --enable-legacy-api-token >init.log 2>&1 || { tail -20 init.log; exit 1; }
+	@touch $@
+
+labelstudio: $(LS_VENV)/.installed
 
 # Pull the DVC-tracked data when it is not in the workspace yet.
 data: install
@@ -48,6 +65,6 @@ format: install
 
 # Two pytest workers (tests/conftest.py keeps what shares a fixture on one), then the timing
 # comparisons alone; `pytest` by itself runs everything in one process.
-test: lint data browser
+test: lint data browser labelstudio
 	$(PY) -m pytest -n 2 -m "not serial"
 	$(PY) -m pytest -m serial

@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "pipeline.registry": 4,
     "pipeline.serving": 5,
     "pipeline.audit": 5,
+    "pipeline.labelling": 5,
     "pipeline.stages": 6,
     "flows": 7,
     "pipeline.cli": 8,

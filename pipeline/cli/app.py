@@ -15,6 +15,7 @@ lesionflow validate-external IMAGES LABELS.csv [--model TAG] [--record]   # exte
 lesionflow site add NAME IMAGES LABELS.csv | site list   # an operating point per site
 lesionflow similar IMAGE [--k 6] [--sheet cases.png]   # the most similar confirmed training cases
 lesionflow ingest DIR --metadata CSV [--commit] [--push]   # new labelled images -> a new data version
+lesionflow label queue --from log|DIR --budget N | import EXPORT --images DIR | decide ID --dx|--keep
 lesionflow data diff [REV_A] [REV_B]  # what a data version adds (default: champion's vs workspace)
 lesionflow history                  # champions over time; lesionflow rollback [TAG] --reason TEXT
 """
@@ -26,6 +27,7 @@ from pipeline.cli import (  # noqa: F401  (registers the commands)
     champions,
     data,
     external,
+    label,
     logs,
     predict,
     registry_views,

@@ -38,7 +38,7 @@ from pipeline.core.sections import (
     section,
     sections,
 )
-from pipeline.core.servicesections import MonitorParams, ServingParams
+from pipeline.core.servicesections import MonitorParams, QueueParams, ServingParams
 from pipeline.core.statsconfig import ABCD_COLOURS, ColourRules, FeatureConfig
 from pipeline.core.strict import ParamsError, apply_overrides, fail, from_dict, to_dict
 
@@ -51,6 +51,7 @@ __all__ = [
     "LabelsParams",
     "MetadataParams",
     "MonitorParams",
+    "QueueParams",
     "RetrievalParams",
     "ReviewParams",
     "ServingParams",

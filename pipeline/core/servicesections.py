@@ -105,3 +105,32 @@ class MonitorParams:
         for i, name in enumerate(self.key_features):
             if not name.strip():
                 fail(f"key_features[{i}]", "empty column name")
+
+
+@section("label_queue")
+@dataclasses.dataclass(frozen=True)
+class QueueParams:
+    """The labelling queue (``lesionflow label queue``, :mod:`pipeline.evaluation.labelqueue`): after
+    every disputed and every refused image, the rest chosen by ``uncertainty`` (``entropy``,
+    ``margin`` or ``risk`` of the calibrated probabilities) plus ``novelty_weight`` times the scaled
+    distance to the nearest known or already chosen image (a weighted k-centre), interleaved with a
+    ``random_share`` drawn at random (with ``seed``); each task shows the ``similar`` most similar
+    training cases as context."""
+
+    uncertainty: Literal["entropy", "margin", "risk"] = "entropy"
+    novelty_weight: float = 0.0
+    random_share: float = 0.5
+    seed: int = 0
+    similar: int = 3
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.uncertainty not in ("entropy", "margin", "risk"):
+            fail("uncertainty", f"must be entropy, margin or risk, got {self.uncertainty!r}")
+        if not self.novelty_weight >= 0:
+            fail("novelty_weight", f"must be >= 0, got {self.novelty_weight}")
+        if not 0.0 <= self.random_share <= 1.0:
+            fail("random_share", f"must be in [0, 1], got {self.random_share}")
+        for name in ("similar", "batch_size"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(self, name)}")

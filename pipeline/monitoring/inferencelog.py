@@ -42,6 +42,7 @@ from pipeline.model.bundle import REFERENCE_DIR
 from pipeline.monitoring import logstore
 from pipeline.monitoring.logrecord import (
     ANSWER,
+    DISPUTE,
     FEATURES,
     STATISTICS_EXPECTED,
     TALLY,
@@ -226,7 +227,8 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
     """The answers with ``start <= timestamp < end`` (either bound optional; naive = UTC) at a local
     folder or object-store URL, from every writer, as a flat DataFrame (see :func:`flatten`), sorted
     by time, ``timestamp`` as UTC datetimes: each answer record joined with the features record of
-    its request id (``has_statistics`` False where there is none), or a combined record. Lines that
+    its request id (``has_statistics`` False where there is none), or a combined record, and the
+    last dispute of it (``disputed_dx``, ``dispute_note``). Lines that
     are not valid JSON records (a line torn by a crash) are skipped with a warning naming file and
     line; the skipped places are in ``df.attrs["skipped"]``, and what the window should hold
     against what it holds in ``df.attrs["coverage"]`` (:func:`coverage`)."""
@@ -235,6 +237,7 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
     answers: dict[str, dict[str, Any]] = {}
     features: dict[str, Mapping[str, Any]] = {}
     tallies: list[Mapping[str, Any]] = []
+    disputes: dict[str, Mapping[str, Any]] = {}
     skipped = []
     for name, lineno, line in logstore.iter_lines(log_dir, start_dt, end_dt):
         if not line.strip():
@@ -254,15 +257,12 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
         rid = str(rec.get("request_id"))
         if kind == FEATURES:
             features.setdefault(rid, rec)
+        elif kind == DISPUTE:
+            disputes[rid] = rec
         elif kind in (None, ANSWER) and rid not in answers:  # None: a combined record (schema 1)
             answers[rid] = rec
-    rows = [_joined(rec, features.get(rid)) for rid, rec in answers.items()]
-    if skipped:
-        warnings.warn(
-            f"inference log: skipped {len(skipped)} unreadable line(s): {', '.join(skipped[:5])}"
-            + (" ..." if len(skipped) > 5 else ""),
-            stacklevel=2,
-        )
+    rows = [_joined(rec, features.get(rid), disputes.get(rid)) for rid, rec in answers.items()]
+    _warn_skipped(skipped)
     df = pd.DataFrame(rows)
     if len(df):
         df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True, format="ISO8601")
@@ -272,16 +272,29 @@ def read(log_dir: Path | str, start: datetime | str | None = None, end: datetime
     return df
 
 
-def _joined(answer: Mapping[str, Any], features: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The flat row of an answer record with its features record (or a combined record)."""
+def _warn_skipped(skipped: list[str]) -> None:
+    if skipped:
+        warnings.warn(
+            f"inference log: skipped {len(skipped)} unreadable line(s): {', '.join(skipped[:5])}"
+            + (" ..." if len(skipped) > 5 else ""),
+            stacklevel=3,
+        )
+
+
+def _joined(
+    answer: Mapping[str, Any], features: Mapping[str, Any] | None, dispute: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The flat row of an answer record with its features record (or a combined record) and its
+    dispute."""
+    disputed = {"disputed_dx": dispute["dx"], "dispute_note": dispute.get("note", "")} if dispute else {}
     if answer.get("kind") is None:
-        return {**flatten(answer), HAS_STATISTICS: bool(answer.get("stats"))}
+        return {**flatten(answer), HAS_STATISTICS: bool(answer.get("stats")), **disputed}
     merged = dict(answer)
     if features is not None:
         merged["stats"] = features.get("stats") or {}
         if "image_b64" in features:
             merged["image_b64"] = features["image_b64"]
-    return {**flatten(merged), HAS_STATISTICS: features is not None}
+    return {**flatten(merged), HAS_STATISTICS: features is not None, **disputed}
 
 
 #: The column saying whether an answer's image statistics were computed.

@@ -56,7 +56,7 @@ from pipeline.core.predictions import (
 SCHEMA = 1
 #: Schema of the split records (answer, features, tally).
 SPLIT_SCHEMA = 2
-ANSWER, FEATURES, TALLY = "answer", "features", "tally"
+ANSWER, FEATURES, TALLY, DISPUTE = "answer", "features", "tally", "dispute"
 #: The column saying whether an answer has image statistics to wait for (not an explanation or a tensor).
 STATISTICS_EXPECTED = "statistics_expected"
 LEVELS = ("dx", "risk", "binary")
@@ -357,6 +357,19 @@ def tally_record(writer: str, run: str, started: datetime, counts: Mapping[str, 
         "run": run,
         "started": iso(started),
         "counts": {str(k): int(v) for k, v in counts.items()},
+    }
+
+
+def dispute_record(request_id: str, dx: str, note: str = "", timestamp: datetime | None = None) -> dict[str, Any]:
+    """A clinician's disagreement with an answer: the diagnosis they give instead, keyed by the
+    answer's request id (the page's "disagree" control). It reaches the labelling queue."""
+    return {
+        "schema": SPLIT_SCHEMA,
+        "kind": DISPUTE,
+        "timestamp": iso(timestamp or utcnow()),
+        "request_id": str(request_id),
+        "dx": str(dx),
+        "note": str(note)[:500],
     }
 
 

@@ -31,7 +31,7 @@ from pipeline.model import bundle, quality, sites
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
-from pipeline.monitoring.logrecord import Answer, uploaded_file_identity
+from pipeline.monitoring.logrecord import Answer, dispute_record, to_line, uploaded_file_identity
 from pipeline.serving.batching import Batcher
 from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
 from pipeline.serving.logqueue import BackgroundLog
@@ -381,6 +381,19 @@ class Classifier:
             pred = self._explainer.predict([rgb], metadata=columns)
             target = int(np.argmax(pred["native_probs"][0]))
             return explain.gradcam(self._explainer, rgb, target_class=target, metadata=columns), target
+
+    def dispute(self, request_id: str, dx: str, note: str) -> dict[str, Any]:
+        """``/dispute``: a clinician's diagnosis for an answer they disagree with, appended to the
+        inference log (it puts the image first in the labelling queue); ApiError 503 without a log."""
+        target = self.inference_log.log
+        if not target.enabled:
+            raise ApiError(503, "request_id", "the inference log is off: a disagreement cannot be recorded")
+        try:
+            logstore.append_line(str(target.location), *to_line(dispute_record(request_id, dx, note)))
+        except OSError as exc:
+            logger.warning("inference log: could not record the dispute of %s: %s", request_id, exc)
+            raise ApiError(503, "request_id", "the disagreement could not be recorded; try again", 5) from None
+        return {"recorded": True, "request_id": request_id, "dx": dx}
 
     def info(self) -> dict[str, Any]:
         """``/model``: what is served, its threshold, vocabularies and limits."""

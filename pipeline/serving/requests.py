@@ -7,6 +7,7 @@ server."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -306,3 +307,29 @@ async def parse_request(request: Request, vocab: Vocabulary, batch: bool) -> lis
         accepted = "multipart/form-data" + ("" if batch else ", " + ", ".join(RAW_TYPES[:3]))
         raise ApiError(415, "image", f"unsupported Content-Type {ctype or '(none)'!r} (accepted: {accepted})")
     return await _parse_multipart(request, vocab, batch)
+
+
+#: What a request id looks like (the service's own: 32 hex digits, ``-<k>`` within a batch), as
+#: ``lesionflow logs forget`` takes it.
+REQUEST_ID = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+MAX_NOTE = 500
+
+
+def parse_dispute(body: bytes, diagnoses: list[str]) -> tuple[str, str, str]:
+    """``(request_id, dx, note)`` of a ``/dispute`` body (JSON: ``request_id``, ``dx``, optional
+    ``note``), or ApiError naming the field: 400 for a body that is not a JSON object, 422 for a bad value."""
+    try:
+        doc = json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(400, "body", 'expected JSON: {"request_id": ..., "dx": ..., "note": ...}') from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "body", "expected a JSON object with request_id and dx")
+    check_fields(list(doc), ("request_id", "dx", "note"))
+    rid, dx, note = doc.get("request_id"), doc.get("dx"), doc.get("note", "")
+    if not isinstance(rid, str) or not REQUEST_ID.match(rid):
+        raise ApiError(422, "request_id", "expected the request_id of an answer (letters, digits, -)")
+    if dx not in diagnoses:
+        raise ApiError(422, "dx", f"expected one of {', '.join(diagnoses)}")
+    if not isinstance(note, str) or len(note) > MAX_NOTE:
+        raise ApiError(422, "note", f"expected text of at most {MAX_NOTE} characters")
+    return rid, dx, note

@@ -31,8 +31,24 @@ from pipeline.serving import openapi
 from pipeline.serving.batching import QueueFull
 from pipeline.serving.engine import Classifier
 from pipeline.serving.limits import busy
-from pipeline.serving.requests import SITE, ApiError, check_request_pixels, parse_request, similar_count
-from pipeline.serving.schemas import ApiErrorBody, BatchClassification, Classification, Health, ModelInfo, SimilarCases
+from pipeline.serving.requests import (
+    SITE,
+    ApiError,
+    check_request_pixels,
+    parse_dispute,
+    parse_request,
+    similar_count,
+)
+from pipeline.serving.schemas import (
+    ApiErrorBody,
+    BatchClassification,
+    Classification,
+    Dispute,
+    DisputeRecorded,
+    Health,
+    ModelInfo,
+    SimilarCases,
+)
 
 logger = logging.getLogger("lesionflow.service")
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -234,6 +250,27 @@ async def gradcam_overlay(request: Request) -> Response:
         logger.exception("Grad-CAM failed")
         return _internal_error("computing Grad-CAM")
     return Response(png, media_type="image/png", headers={"X-Gradcam-Class": target, "Cache-Control": "no-store"})
+
+
+@app.post(
+    "/dispute",
+    summary="Disagree with an answer",
+    response_model=DisputeRecorded,
+    responses=openapi.ERRORS,
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": Dispute.model_json_schema()}}}
+    },
+)
+async def dispute(request: Request) -> JSONResponse:
+    """A clinician's diagnosis for an answer they disagree with (JSON: ``request_id`` of the answer,
+    ``dx``, optional ``note``), recorded in the inference log: the image comes first in the next
+    labelling queue (``lesionflow label queue --from log``)."""
+    try:
+        c = classifier()
+        rid, dx, note = parse_dispute(await request.body(), c.classes["dx"])
+        return JSONResponse(await anyio.to_thread.run_sync(c.dispute, rid, dx, note))
+    except ApiError as exc:
+        return exc.response()
 
 
 @app.get("/model", summary="What is served: model, threshold, vocabularies, limits", response_model=ModelInfo)

@@ -177,3 +177,19 @@ class InferResult(BaseModel):
     p_malignant: float | None = None
     in_distribution: bool | None = None
     ood_score: float | None = None
+
+
+class Dispute(BaseModel):
+    """A clinician's disagreement with an answer (``POST /dispute``)."""
+
+    request_id: str = Field(description="The answer's request_id (X-Request-ID).", max_length=128)
+    dx: str = Field(description="The diagnosis the clinician gives instead (a dx class).")
+    note: str = Field("", description="Why, optional.", max_length=500)
+
+
+class DisputeRecorded(BaseModel):
+    """The disagreement was appended to the inference log."""
+
+    recorded: bool
+    request_id: str
+    dx: str

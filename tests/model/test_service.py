@@ -352,3 +352,29 @@ def test_every_route_that_answers_leaves_its_record(server, client):
     assert classified in set(by_route["/classify"]["request_id"])
     current = batch.current_from_log(log_dir)
     assert "/gradcam" not in set(current["route"]) and len(current) == len(df) - len(by_route["/gradcam"])
+
+
+def test_a_disagreement_is_recorded_with_its_answer_and_a_bad_one_named(server, client):
+    """``POST /dispute``: a clinician's diagnosis joins the answer's record in the inference log (the
+    labelling queue reads it); a bad value gets a 422 naming the field, a body that is not JSON a
+    400, and nothing is recorded."""
+    from pipeline.monitoring import inferencelog
+
+    path = _real_images(1)[0]
+    r = client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+    rid = r.json()["request_id"]
+    for body, field in (
+        ({"request_id": rid, "dx": "melanoma"}, "dx"),
+        ({"request_id": "../etc", "dx": "mel"}, "request_id"),
+        ({"request_id": rid, "dx": "mel", "note": "x" * 501}, "note"),
+        ({"request_id": rid, "dx": "mel", "patient": "A. Smith"}, "patient"),
+    ):
+        bad = client.post("/dispute", json=body)
+        assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
+    not_json = client.post("/dispute", content=b"not json")
+    assert not_json.status_code == 400 and not_json.json()["field"] == "body"
+    ok = client.post("/dispute", json={"request_id": rid, "dx": "mel", "note": "irregular network"})
+    assert ok.status_code == 200 and ok.json() == {"recorded": True, "request_id": rid, "dx": "mel"}
+    df = inferencelog.read(server[2].parent / "inference-log").set_index("request_id")
+    assert df.loc[rid, "disputed_dx"] == "mel" and df.loc[rid, "dispute_note"] == "irregular network"
+    assert df["disputed_dx"].notna().sum() == 1

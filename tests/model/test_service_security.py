@@ -74,7 +74,7 @@ def test_every_route_but_probes_and_the_page_shell_needs_a_token(secured):
             assert c.get(path).status_code == 200, path
         for method, path in (("GET", "/model"), ("GET", "/docs.json"), ("GET", "/cases/ISIC_0024306.jpg"),
                              ("POST", "/classify"), ("POST", "/classify_batch"), ("POST", "/similar"),
-                             ("POST", "/gradcam"), ("POST", "/infer")):  # fmt: skip
+                             ("POST", "/gradcam"), ("POST", "/infer"), ("POST", "/dispute")):  # fmt: skip
             r = c.request(method, path, files={"image": _jpeg()} if method == "POST" else None)
             assert r.status_code == 401, (path, r.text)
             assert r.json()["field"] == "authorization" and "Authorization: Bearer" in r.json()["error"]

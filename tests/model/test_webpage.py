@@ -189,6 +189,17 @@ def test_page_shows_a_real_image_result(server, client, browser, pages, tmp_path
     assert not page.locator("#overlay-status").is_visible()
     assert page.locator("#data-version").inner_text() == api["data_version"]
     assert not page.locator("#error").is_visible()
+
+    # a clinician who disagrees records a diagnosis with the answer's id in the inference log
+    answer_id = page.evaluate("answerId")
+    page.select_option("#disagree-dx", "mel")
+    page.fill("#disagree-note", "atypical network")
+    page.click("#disagree-submit")
+    wait_until(page, "document.getElementById('disagree-status').textContent.startsWith('Recorded')")
+    from pipeline.monitoring import inferencelog
+
+    logged = inferencelog.read(server[2].parent / "inference-log").set_index("request_id")
+    assert logged.loc[answer_id, "disputed_dx"] == "mel" and logged.loc[answer_id, "dispute_note"] == "atypical network"
     assert js_errors == []
 
     # phone width: one column, nothing wider than the screen

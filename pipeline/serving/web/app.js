@@ -149,6 +149,12 @@ async function loadModelInfo() {
     fillSelect($("localization"), fields.localization);
     similarK = info.similar_cases ? info.similar_cases.k : 0;
     fillSites(info.sites || []);
+    for (const dx of (info.classes && info.classes.dx) || []) {
+      const opt = document.createElement("option");
+      opt.value = dx;
+      opt.textContent = DX_NAMES[dx] || dx;
+      $("disagree-dx").appendChild(opt);
+    }
   } catch (e) {
     $("model-tag").textContent = "unavailable (" + e.message + ")";
     $("data-version").textContent = "unavailable";
@@ -261,7 +267,43 @@ function renderWithheld(res) {
   $("data-version").textContent = res.data_version;
 }
 
+let answerId = null;  // the request_id of the answer shown, for a disagreement
+
+function resetDisagree(res) {
+  answerId = res.request_id || null;
+  $("disagree").hidden = !answerId;
+  $("disagree-dx").value = "";
+  $("disagree-note").value = "";
+  $("disagree-status").textContent = "";
+  $("disagree-submit").disabled = false;
+}
+
+async function disagree(ev) {
+  ev.preventDefault();
+  const dx = $("disagree-dx").value;
+  if (!answerId || !dx) {
+    $("disagree-status").textContent = "Choose your diagnosis first.";
+    return;
+  }
+  $("disagree-submit").disabled = true;
+  try {
+    const r = await api("/dispute", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ request_id: answerId, dx: dx, note: $("disagree-note").value }),
+    });
+    $("disagree-status").textContent = r.ok
+      ? "Recorded: " + (DX_NAMES[dx] || dx) + "."
+      : "Not recorded: " + (await errorText(r));
+  } catch (e) {
+    $("disagree-status").textContent = "Not recorded: the service could not be reached (" + e.message + ").";
+  } finally {
+    $("disagree-submit").disabled = false;
+  }
+}
+
 function renderResult(res) {
+  resetDisagree(res);
   $("ood-warning").hidden = true;
   $("summary").hidden = false;
   renderSimilar(res.similar);  // none for an image the model cannot judge
@@ -398,5 +440,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("result-title").tabIndex = -1;
   setupDropZone();
   $("form").addEventListener("submit", analyse);
+  $("disagree").addEventListener("submit", disagree);
   loadModelInfo();
 });
