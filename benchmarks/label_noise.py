@@ -63,6 +63,14 @@ def features(model_dir: Path, cache: Path) -> tuple[pd.DataFrame, np.ndarray, np
     return frame, emb, np.concatenate(probs)
 
 
+def dataset() -> tuple[list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """The diagnoses, every labelled image (:func:`features` of the champion in artifacts/model),
+    its embedding, the model's probabilities and the diagnosis as a class index."""
+    classes = list(params.load_taxonomy(ROOT / "params.yaml").diagnoses)
+    frame, emb, probs = features(ROOT / "artifacts/model", ROOT / "artifacts/benchmarks/label_noise")
+    return classes, frame, emb, probs, frame["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+
+
 def halves(lesions: pd.Series) -> np.ndarray:
     """``choose`` or ``report`` per row, by its lesion (a lesion's images in one half)."""
     return np.array(["choose" if int(hashlib.md5(str(i).encode()).hexdigest(), 16) % 2 else "report" for i in lesions])
@@ -94,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    classes = params.load_taxonomy(ROOT / "params.yaml").diagnoses
-    frame, emb, model_probs = features(ROOT / "artifacts/model", ROOT / "artifacts/benchmarks/label_noise")
-    labels = frame["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    classes, frame, emb, model_probs, labels = dataset()
     half = halves(frame["lesion_id"])
     from tqdm.auto import tqdm
 
