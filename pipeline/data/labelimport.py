@@ -4,7 +4,9 @@ and their image files become a batch that ``lesionflow ingest`` takes (:mod:`pip
 :func:`make_batch` writes ``images/<image_id>.jpg`` (a JPEG copied byte for byte, any other
 format re-encoded as a JPEG of quality 95, the data's format) and ``metadata.csv`` with the data
 table's columns in its order. A row without a lesion id starts a new lesion (``LF_<image_id>``);
-an empty sex or body site is ``unknown``, an empty age missing. Image ids that do not match the
+an empty sex or body site is ``unknown``, an empty age missing. An image file whose sha256 differs
+from the one its task carried (the queue's tasks do) is refused: the label belongs to another
+image. Image ids that do not match the
 data's ``validate.image_id_pattern`` (a request id of the inference log, a file name of a folder)
 are numbered from ``number_from`` when given (the mapping is returned, and written beside the
 batch by the command), and refused otherwise, naming them. Nothing in the data changes here: the
@@ -52,6 +54,19 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+def _check_digests(rows: pd.DataFrame, sources: dict[str, Path]) -> None:
+    """Each image file is the one its task showed (the task's ``sha256``, when it carried one)."""
+    import hashlib
+
+    expected = dict(zip(rows["image_id"], rows["sha256"])) if "sha256" in rows else {}
+    for image_id, digest in expected.items():
+        if isinstance(digest, str) and digest and hashlib.sha256(sources[image_id].read_bytes()).hexdigest() != digest:
+            raise LabelImportError(
+                f"{image_id}: {sources[image_id]} is not the image that was labelled "
+                "(its sha256 differs from the task's)"
+            )
+
+
 def _new_ids(ids: pd.Series, pattern: str, number_from: int | None) -> dict[str, str]:
     bad = [i for i in ids if not re.fullmatch(pattern, i)]
     if bad and number_from is None:
@@ -86,6 +101,7 @@ def make_batch(
     if missing_how:
         raise LabelImportError(f"no dx_type (how the diagnosis was confirmed) for {', '.join(missing_how[:5])}")
     sources = {i: find_image(image_dir, i) for i in rows["image_id"]}
+    _check_digests(rows, sources)
     renamed = _new_ids(rows["image_id"], pattern, number_from)
     table = rows.copy()
     table["image_id"] = table["image_id"].map(lambda i: renamed.get(i, i))

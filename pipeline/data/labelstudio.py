@@ -107,7 +107,8 @@ def _from_json(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         rows.append({"image_id": image_id, "lesion_id": answer.get(LESION, ""), "dx": answer[DX],
                      "dx_type": answer.get(DX_TYPE, ""), "age": data.get("age"), "sex": data.get("sex"),
-                     "localization": data.get("localization"), "note": answer.get(NOTE, "")})  # fmt: skip
+                     "localization": data.get("localization"), "note": answer.get(NOTE, ""),
+                     "sha256": data.get("sha256", "")})  # fmt: skip
     return rows, unlabelled
 
 
@@ -123,18 +124,19 @@ def _from_csv(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if not str(r["dx"]).strip():
             unlabelled.append(str(r["image_id"]))
             continue
-        rows.append({c: r.get(c) for c in COLUMNS} | {"note": r.get("note", "")})
+        rows.append({c: r.get(c) for c in COLUMNS} | {"note": r.get("note", ""), "sha256": r.get("sha256", "")})
     return rows, unlabelled
 
 
 def read_export(path: Path | str) -> tuple[pd.DataFrame, list[str]]:
-    """The labelled rows of a JSON export or CSV (``COLUMNS`` plus ``note``; an empty lesion id
-    means a new lesion) and the image ids left unlabelled."""
+    """The labelled rows of a JSON export or CSV (``COLUMNS`` plus ``note`` and ``sha256``, the
+    queued image's digest when the task carried it; an empty lesion id means a new lesion) and
+    the image ids left unlabelled."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: export not found")
     rows, unlabelled = _from_csv(path) if path.suffix.lower() == ".csv" else _from_json(path)
-    frame = pd.DataFrame(rows, columns=[*COLUMNS, "note"])
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, "note", "sha256"])
     dupes = frame["image_id"][frame["image_id"].duplicated()].tolist()
     if dupes:
         raise ExportError(f"{path}: image(s) labelled twice: {', '.join(dupes[:5])}")

@@ -16,6 +16,7 @@ lineage: model, params, sources).
 from __future__ import annotations
 
 import base64
+import hashlib
 import mimetypes
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ def tasks(q: pd.DataFrame, chosen: Iterable[Candidate], model_label: str, templa
         context = f"#{r.rank} {r.reason}" + (f" ({r.refused_because})" if r.refused_because else "")
         context += f"; clinician said {r.disputed_dx}" if r.disputed_dx else ""
         context += f"; similar training cases: {r.similar_cases}" if r.similar_cases else ""
-        extra = {"rank": int(r.rank), **{k: v for k, v in c.metadata.items() if v is not None}}
+        extra = {"rank": int(r.rank), "sha256": hashlib.sha256(c.data).hexdigest(),
+                 **{k: v for k, v in c.metadata.items() if v is not None}}  # fmt: skip
         out.append(labelstudio.task(image_url(c, template), r.image_id, r.reason, r.predicted_dx,
                                     float(r.p_predicted), model_label, context, extra))  # fmt: skip
     return out

@@ -184,6 +184,10 @@ def test_a_batch_numbers_foreign_ids_converts_png_and_starts_new_lesions(tmp_pat
     assert (batch.images / "ISIC_0000007.jpg").read_bytes() == (src / "ISIC_0000007.jpg").read_bytes()
     with pytest.raises(labelimport.LabelImportError, match="already exists"):
         labelimport.make_batch(rows, src, tmp_path / "b1", columns, r"^ISIC_\d{7}$", number_from=1)
+    wrong = rows.assign(sha256=["", "0" * 64])
+    with pytest.raises(labelimport.LabelImportError, match=r"ISIC_0000007: .* is not the image that was labelled"):
+        labelimport.make_batch(wrong, src, tmp_path / "b3", columns, r"^ISIC_\d{7}$", number_from=1)
+    assert not (tmp_path / "b3").exists()
     with pytest.raises(labelimport.LabelImportError, match=r"no image file gone\.\* in"):
         labelimport.make_batch(rows.assign(image_id=["gone", "ISIC_0000007"]), src, tmp_path / "b2", columns, ".*")
 

@@ -8,6 +8,7 @@ diff), and ``lesionflow label decide`` (a correction reaches the split of its wh
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -59,6 +60,8 @@ def test_queue_from_a_folder_puts_refusals_first_and_writes_label_studio_tasks(w
     assert tasks[k]["data"]["image"].startswith("data:image/jpeg;base64,")
     assert tasks[k]["predictions"][0]["result"][0]["value"]["choices"] == [q.loc[k, "predicted_dx"]]
     assert "similar training cases" in tasks[k]["data"]["context"]
+    image = dest / "images" / f"{q.loc[k, 'image_id']}.jpg"
+    assert tasks[k]["data"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()  # import checks it
     assert '<Choices name="dx"' in (dest / "label_config.xml").read_text()
     assert sorted(p.name for p in (dest / "images").iterdir()) == sorted(
         f"{i}.png" if i == "blank_grey" else f"{i}.jpg" for i in q["image_id"]
