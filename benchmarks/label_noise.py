@@ -11,6 +11,12 @@ the lesion id) and reported on the other. Both rankings use the champion's embed
 predictions; the champion learnt the *clean* labels of the training split, which helps both
 (it disagrees with a flipped training label), so the figures are an upper bound for errors that
 were in the data the model was trained on.
+
+``--embeddings imagenet`` (-> label_noise_imagenet.json) gives the review the embeddings of the
+ImageNet EfficientNet-Lite0 backbone instead, which never saw a HAM10000 label: the figure for
+errors the model learnt along. Beside it, ranking by the loss of the same out-of-fold
+probabilities (``out_of_fold_loss``) separates what confident learning adds from what the
+out-of-fold regression gives; the champion's loss (``model_loss``) stays the upper-bound baseline.
 """
 
 from __future__ import annotations
@@ -71,6 +77,43 @@ def dataset() -> tuple[list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarr
     return classes, frame, emb, probs, frame["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
 
 
+def imagenet_features(frame: pd.DataFrame, files: list[Path], cache: Path, batch: int = 64) -> np.ndarray:
+    """L2-normalised ImageNet EfficientNet-Lite0 embeddings (average-pooled last feature map at
+    its 224x224 input) of ``files``, which never saw a HAM10000 label; cached."""
+    path = cache / f"imagenet-lite0-{len(files)}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline.core import images
+    from pipeline.model import backbones
+
+    spec = backbones.backbone_spec("efficientnet_lite0")
+    body = spec.build(True, spec.input_size).body.eval()
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    out = []
+    with torch.inference_mode():
+        for s in tqdm(range(0, len(files), batch), desc="ImageNet embeddings", unit="batch"):
+            u8 = np.stack([images.resize_rgb(images.decode_rgb(f), *spec.input_size) for f in files[s : s + batch]])
+            x = (torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            out.append(body(x).mean(dim=(2, 3)).numpy())
+    emb = retrieval.normalise(np.concatenate(out))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, emb)
+    return emb
+
+
+def image_paths(frame: pd.DataFrame) -> list[Path]:
+    """The image file of every row of :func:`features`' frame (splits in order)."""
+    frames = splits.read_splits(ROOT / "artifacts/splits")
+    files = []
+    for n, f in frames.items():
+        files += splits.image_files(f, ROOT / "data/images", LAYOUT.split_file(n, ROOT / "artifacts/splits"))
+    assert len(files) == len(frame)
+    return files
+
+
 def halves(lesions: pd.Series) -> np.ndarray:
     """``choose`` or ``report`` per row, by its lesion (a lesion's images in one half)."""
     return np.array(["choose" if int(hashlib.md5(str(i).encode()).hexdigest(), 16) % 2 else "report" for i in lesions])
@@ -81,17 +124,19 @@ def one_seed(emb, model_probs, labels, groups, half, n_classes, share, seed, c_v
     first 10 % of each half's ranking."""
     confusion = confusion_matrix(labels, model_probs.argmax(axis=1), labels=list(range(n_classes)))
     noisy, flipped = lr.flip_labels(labels, share, n_classes, confusion, seed=seed)
-    out = {"flipped": int(flipped.sum()), "review": {}, "model_loss": {}}
+    out = {"flipped": int(flipped.sum()), "review": {}, "model_loss": {}, "out_of_fold_loss": {}}
     for h in ("choose", "report"):
         m = half == h
         out["model_loss"][h] = lr.share_found_in_top(lr.rank_by_loss(noisy[m], model_probs[m]), flipped[m], 0.10)
     for c in c_values:
         probs = lr.out_of_fold_probs(emb, noisy, groups, n_classes, folds=5, seed=seed, c=c, components=128)
-        out["review"][str(c)] = {}
+        out["review"][str(c)], out["out_of_fold_loss"][str(c)] = {}, {}
         for h in ("choose", "report"):
             m = half == h
             ranked = lr.rank_label_issues(noisy[m], probs[m])
             out["review"][str(c)][h] = lr.share_found_in_top(ranked.index.to_numpy(), flipped[m], 0.10)
+            by_loss = lr.rank_by_loss(noisy[m], probs[m])
+            out["out_of_fold_loss"][str(c)][h] = lr.share_found_in_top(by_loss, flipped[m], 0.10)
     return out
 
 
@@ -99,10 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--share", type=float, default=0.05, help="share of each class's labels flipped")
     ap.add_argument("--seeds", type=int, default=3, help="flips drawn")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help="default: results/label_noise[_imagenet].json")
+    ap.add_argument("--embeddings", choices=("champion", "imagenet"), default="champion",
+                    help="the review's features: the champion's (it learnt the clean training labels: an upper "
+                    "bound) or ImageNet EfficientNet-Lite0's (never saw a label)")  # fmt: skip
     args = ap.parse_args(argv)
+    args.out = args.out or (OUT if args.embeddings == "champion" else OUT.with_name("label_noise_imagenet.json"))
     t0 = time.perf_counter()
     classes, frame, emb, model_probs, labels = dataset()
+    if args.embeddings == "imagenet":
+        emb = imagenet_features(frame, image_paths(frame), ROOT / "artifacts/benchmarks/label_noise")
     half = halves(frame["lesion_id"])
     from tqdm.auto import tqdm
 
@@ -112,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = max(mean, key=mean.get)
     report = {
         "review": [r["review"][chosen]["report"] for r in runs],
+        "out_of_fold_loss": [r["out_of_fold_loss"][chosen]["report"] for r in runs],
         "model_loss": [r["model_loss"]["report"] for r in runs],
     }
     result = {
@@ -119,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "model_md5": lineage.file_md5(ROOT / "artifacts/model/model.pt"),
         "images": len(frame),
+        "embeddings": args.embeddings,
         "share_flipped": args.share,
         "top_share": 0.10,
         "c_grid": list(C_GRID),

@@ -3,7 +3,7 @@ never a patient's record.
 
 The schema is derived from the log's own record builders (:mod:`pipeline.monitoring.logrecord`)
 run on a synthetic answer, so it cannot drift from what the service writes: each field with its
-JSON type, per record kind (answer, features, tally).
+JSON type, per record kind (answer, features, tally, dispute).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ POLICY = (
     "Every answer of /classify, /classify_batch, /similar, /gradcam and /infer (and lesionflow predict --log) "
     "gets an answer record; the image statistics follow in a features record. The uploaded image is kept "
     "only when the operator turns it on; the metadata follows serving.log_metadata (binned by default). "
+    "A clinician's disagreement (POST /dispute) adds a dispute record: the answer's request id, a diagnosis, a note. "
     "See docs/monitoring.md and docs/security.md."
 )
 
@@ -72,6 +73,7 @@ def schema() -> dict[str, Any]:
         "answer": _type(logrecord.answer_record(answer) | {"embedding": [0.0]}),
         "features": _type(logrecord.features_record(answer)),
         "tally": _type(logrecord.tally_record("writer", "run", answer.timestamp, {"answered": 1})),
+        "dispute": _type(logrecord.dispute_record("request-id", "mel", "note", answer.timestamp)),
         "policy": POLICY,
     }
 

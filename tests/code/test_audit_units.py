@@ -3,6 +3,7 @@ index and the sites addendum (the whole export, verify and reproduce: tests/e2e/
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,15 @@ def test_one_byte_changed_in_any_file_of_a_bundle_fails_verification_naming_that
         except seal.BundleError as exc:  # a manifest that is no longer JSON
             first = str(exc)
         assert rel in first, (rel, first)
+
+
+def test_the_log_schema_names_every_record_kind_the_log_holds_and_no_patient_data():
+    """The bundle's inference-log schema comes from the record builders: answer, features, tally and
+    a clinician's dispute, field by field with their types, and no values."""
+    from pipeline.audit import logschema
+
+    s = logschema.schema()
+    assert {"answer", "features", "tally", "dispute"} <= set(s)
+    assert s["dispute"] == {"schema": "integer", "kind": "string", "timestamp": "string", "request_id": "string",
+                            "dx": "string", "note": "string"}  # fmt: skip
+    assert "image_b64" not in json.dumps(s) and "female" not in json.dumps(s)
