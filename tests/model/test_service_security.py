@@ -278,7 +278,8 @@ def test_gradcam_bursts_do_not_stall_classification(secured):
         return out
 
     latencies(10)  # warm
-    unloaded = float(np.percentile(latencies(60), 99))
+    # 200 requests each: the p99 of 60 is their maximum, one scheduler hiccup on 2 cores
+    unloaded = float(np.percentile(latencies(200), 99))
     stop, statuses = threading.Event(), []
 
     def gradcam_caller() -> None:  # a client as the page is one: after a 503 it waits Retry-After
@@ -294,7 +295,7 @@ def test_gradcam_bursts_do_not_stall_classification(secured):
         t.start()
     try:
         time.sleep(1.0)
-        loaded = float(np.percentile(latencies(60), 99))
+        loaded = float(np.percentile(latencies(200), 99))
     finally:
         stop.set()
         for t in callers:
