@@ -84,7 +84,7 @@ def choose(arm: str, probs_pool, emb, labelled, available, step, weight, rng, le
         return np.asarray(rows[:step], dtype=int)
     if arm == "novelty":
         unc = np.zeros(len(cand))
-        picked, _ = labelqueue.select(unc, emb[cand], emb[labelled], step, 1.0)
+        picked, _ = labelqueue.select(unc, emb[cand], labelqueue.novelty(emb[cand], emb[labelled]), step, 1.0)
         return cand[picked]
     kind = "risk" if arm == "risk" else "entropy"
     share = RANDOM_SHARE if arm == "mixed" else 0.0

@@ -38,7 +38,6 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 from benchmarks._machine import machine  # noqa: E402
 from pipeline.core import lineage, params  # noqa: E402
 from pipeline.core.fsutil import write_json  # noqa: E402
-from pipeline.core.layout import LAYOUT  # noqa: E402
 from pipeline.data import splits  # noqa: E402
 from pipeline.evaluation import labelreview as lr  # noqa: E402
 from pipeline.model import retrieval  # noqa: E402
@@ -58,15 +57,19 @@ def features(model_dir: Path, cache: Path) -> tuple[pd.DataFrame, np.ndarray, np
     if path.exists():
         z = np.load(path, allow_pickle=False)
         return frame, z["embeddings"], z["probs"]
-    files = []
-    for n, f in frames.items():
-        files += splits.image_files(f, ROOT / "data/images", LAYOUT.split_file(n, ROOT / "artifacts/splits"))
-    probs: list[np.ndarray] = []
-    emb = retrieval.embed(load_model(model_dir), frame, files, 64, True, "embeddings",
-                          lambda _rgbs, out: probs.append(out["dx_probs"]))  # fmt: skip
+    emb, probs = embed_with_probs(model_dir, frame, image_paths(frame), "embeddings")
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, embeddings=emb, probs=np.concatenate(probs))
-    return frame, emb, np.concatenate(probs)
+    np.savez(path, embeddings=emb, probs=probs)
+    return frame, emb, probs
+
+
+def embed_with_probs(model_dir: Path, frame: pd.DataFrame, files: list[Path], desc: str) -> tuple[np.ndarray, ...]:
+    """The embeddings (:func:`pipeline.model.retrieval.embed`) and diagnosis probabilities of every
+    row of ``frame`` by the model in ``model_dir``, in one pass."""
+    probs: list[np.ndarray] = []
+    emb = retrieval.embed(load_model(model_dir), frame, files, 64, True, desc,
+                          lambda _rgbs, out: probs.append(out["dx_probs"]))  # fmt: skip
+    return emb, np.concatenate(probs)
 
 
 def dataset() -> tuple[list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
@@ -77,7 +80,7 @@ def dataset() -> tuple[list[str], pd.DataFrame, np.ndarray, np.ndarray, np.ndarr
     return classes, frame, emb, probs, frame["dx"].map({c: i for i, c in enumerate(classes)}).to_numpy()
 
 
-def imagenet_features(frame: pd.DataFrame, files: list[Path], cache: Path, batch: int = 64) -> np.ndarray:
+def imagenet_features(files: list[Path], cache: Path, batch: int = 64) -> np.ndarray:
     """L2-normalised ImageNet EfficientNet-Lite0 embeddings (average-pooled last feature map at
     its 224x224 input) of ``files``, which never saw a HAM10000 label; cached."""
     path = cache / f"imagenet-lite0-{len(files)}.npy"
@@ -105,13 +108,8 @@ def imagenet_features(frame: pd.DataFrame, files: list[Path], cache: Path, batch
 
 
 def image_paths(frame: pd.DataFrame) -> list[Path]:
-    """The image file of every row of :func:`features`' frame (splits in order)."""
-    frames = splits.read_splits(ROOT / "artifacts/splits")
-    files = []
-    for n, f in frames.items():
-        files += splits.image_files(f, ROOT / "data/images", LAYOUT.split_file(n, ROOT / "artifacts/splits"))
-    assert len(files) == len(frame)
-    return files
+    """The image file of every row of :func:`features`' frame (the three splits, in order)."""
+    return splits.image_files(frame, ROOT / "data/images", ROOT / "artifacts/splits")
 
 
 def halves(lesions: pd.Series) -> np.ndarray:
@@ -124,7 +122,15 @@ def one_seed(emb, model_probs, labels, groups, half, n_classes, share, seed, c_v
     first 10 % of each half's ranking."""
     confusion = confusion_matrix(labels, model_probs.argmax(axis=1), labels=list(range(n_classes)))
     noisy, flipped = lr.flip_labels(labels, share, n_classes, confusion, seed=seed)
-    out = {"flipped": int(flipped.sum()), "review": {}, "model_loss": {}, "out_of_fold_loss": {}}
+    return {"flipped": int(flipped.sum()), **rankings(emb, model_probs, noisy, flipped, groups, half, n_classes,
+                                                      seed, c_values)}  # fmt: skip
+
+
+def rankings(emb, model_probs, noisy, flipped, groups, half, n_classes, seed, c_values) -> dict:
+    """The share of ``flipped`` in the first 10 % of each half's ranking: by the model's loss
+    (``model_probs``), and for each ``c`` by the review and by the loss of the same out-of-fold
+    probabilities."""
+    out: dict = {"review": {}, "model_loss": {}, "out_of_fold_loss": {}}
     for h in ("choose", "report"):
         m = half == h
         out["model_loss"][h] = lr.share_found_in_top(lr.rank_by_loss(noisy[m], model_probs[m]), flipped[m], 0.10)
@@ -153,19 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     classes, frame, emb, model_probs, labels = dataset()
     if args.embeddings == "imagenet":
-        emb = imagenet_features(frame, image_paths(frame), ROOT / "artifacts/benchmarks/label_noise")
+        emb = imagenet_features(image_paths(frame), ROOT / "artifacts/benchmarks/label_noise")
     half = halves(frame["lesion_id"])
     from tqdm.auto import tqdm
 
     runs = [one_seed(emb, model_probs, labels, frame["lesion_id"].tolist(), half, len(classes), args.share, s, C_GRID)
             for s in tqdm(range(args.seeds), desc="flips (each: every c, 5 folds)", unit="seed")]  # fmt: skip
-    mean = {str(c): float(np.mean([r["review"][str(c)]["choose"] for r in runs])) for c in C_GRID}
-    chosen = max(mean, key=mean.get)
-    report = {
-        "review": [r["review"][chosen]["report"] for r in runs],
-        "out_of_fold_loss": [r["out_of_fold_loss"][chosen]["report"] for r in runs],
-        "model_loss": [r["model_loss"]["report"] for r in runs],
-    }
     result = {
         "benchmark": "label_noise",
         "machine": machine(),
@@ -174,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         "embeddings": args.embeddings,
         "share_flipped": args.share,
         "top_share": 0.10,
+        **chosen_and_reported(runs),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_json(args.out, result)
+    print(json.dumps(result["report_half"], indent=2), f"c={result['chosen_c']} -> {args.out}")
+    return 0
+
+
+def chosen_and_reported(runs: list[dict]) -> dict:
+    """``c`` chosen by the review's mean share on the choose half, and each ranking's share on the
+    report half at that ``c`` (mean, min, max over the draws), with the draws themselves."""
+    mean = {str(c): float(np.mean([r["review"][str(c)]["choose"] for r in runs])) for c in C_GRID}
+    chosen = max(mean, key=mean.get)
+    report = {
+        "review": [r["review"][chosen]["report"] for r in runs],
+        "out_of_fold_loss": [r["out_of_fold_loss"][chosen]["report"] for r in runs],
+        "model_loss": [r["model_loss"]["report"] for r in runs],
+    }
+    return {
         "c_grid": list(C_GRID),
         "choose_half_mean_found": mean,
         "chosen_c": float(chosen),
@@ -183,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "target": "at least 60 % of the flips in the first 10 % of the ranking",
         "runs": runs,
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_json(args.out, result)
-    print(json.dumps(result["report_half"], indent=2), f"c={chosen} -> {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,13 +31,19 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from benchmarks._machine import machine  # noqa: E402
-from benchmarks.label_noise import C_GRID, dataset, halves, image_paths  # noqa: E402
+from benchmarks.label_noise import (  # noqa: E402
+    C_GRID,
+    chosen_and_reported,
+    dataset,
+    embed_with_probs,
+    halves,
+    image_paths,
+    rankings,
+)
 from pipeline.core import lineage  # noqa: E402
 from pipeline.core.fsutil import write_json  # noqa: E402
 from pipeline.core.layout import SPLITS  # noqa: E402
 from pipeline.evaluation import labelreview as lr  # noqa: E402
-from pipeline.model import retrieval  # noqa: E402
-from pipeline.model.inference import load_model  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/label_noise_trained.json"
 WORK = ROOT / "artifacts/benchmarks/label_noise_trained"
@@ -60,14 +66,6 @@ def train(split_dir: Path, model_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def embed(model_dir: Path, frame, files) -> tuple[np.ndarray, np.ndarray]:
-    """The noisy model's embeddings and diagnosis probabilities of every image."""
-    probs: list[np.ndarray] = []
-    emb = retrieval.embed(load_model(model_dir), frame, files, 64, True, "embeddings (noisy model)",
-                          lambda _rgbs, out: probs.append(out["dx_probs"]))  # fmt: skip
-    return emb, np.concatenate(probs)
-
-
 def one_seed(seed: int, classes, frame, labels, champion_probs, half) -> dict:
     """Flip, train on the flips, review and rank by loss; the share of flips in each half's first 10 %."""
     confusion = confusion_matrix(labels, champion_probs.argmax(1), labels=list(range(len(classes))))
@@ -75,21 +73,9 @@ def one_seed(seed: int, classes, frame, labels, champion_probs, half) -> dict:
     work = WORK / f"seed{seed}"
     noisy_splits(frame, noisy, classes, work / "splits")
     seconds = train(work / "splits", work / "model")
-    emb, probs = embed(work / "model", frame, image_paths(frame))
-    out = {"seed": seed, "flipped": int(flipped.sum()), "train_seconds": round(seconds, 1), "review": {},
-           "model_loss": {}}  # fmt: skip
-    groups = frame["lesion_id"].tolist()
-    for h in ("choose", "report"):
-        m = half == h
-        out["model_loss"][h] = lr.share_found_in_top(lr.rank_by_loss(noisy[m], probs[m]), flipped[m], 0.10)
-    for c in C_GRID:
-        oof = lr.out_of_fold_probs(emb, noisy, groups, len(classes), folds=5, seed=seed, c=c, components=128)
-        out["review"][str(c)] = {}
-        for h in ("choose", "report"):
-            m = half == h
-            ranked = lr.rank_label_issues(noisy[m], oof[m])
-            out["review"][str(c)][h] = lr.share_found_in_top(ranked.index.to_numpy(), flipped[m], 0.10)
-    return out
+    emb, probs = embed_with_probs(work / "model", frame, image_paths(frame), "embeddings (noisy model)")
+    found = rankings(emb, probs, noisy, flipped, frame["lesion_id"].tolist(), half, len(classes), seed, C_GRID)
+    return {"seed": seed, "flipped": int(flipped.sum()), "train_seconds": round(seconds, 1), **found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,10 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     classes, frame, _, champion_probs, labels = dataset()
     half = halves(frame["lesion_id"])
     runs = [one_seed(s, classes, frame, labels, champion_probs, half) for s in range(args.seeds)]
-    mean = {str(c): float(np.mean([r["review"][str(c)]["choose"] for r in runs])) for c in C_GRID}
-    chosen = max(mean, key=mean.get)
-    report = {"review": [r["review"][chosen]["report"] for r in runs],
-              "model_loss": [r["model_loss"]["report"] for r in runs]}  # fmt: skip
     result = {
         "benchmark": "label_noise_trained",
         "machine": machine(),
@@ -113,19 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         "images": len(frame),
         "share_flipped": 0.05,
         "top_share": 0.10,
-        "c_grid": list(C_GRID),
-        "choose_half_mean_found": mean,
-        "chosen_c": float(chosen),
-        "report_half": {
-            k: {"mean": round(float(np.mean(v)), 4), "min": round(min(v), 4), "max": round(max(v), 4), "runs": v}
-            for k, v in report.items()
-        },  # fmt: skip
-        "target": "at least 60 % of the flips in the first 10 % of the ranking",
-        "runs": runs,
+        **chosen_and_reported(runs),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(args.out, result)
-    print(json.dumps(result["report_half"], indent=2), f"c={chosen} -> {args.out}")
+    print(json.dumps(result["report_half"], indent=2), f"c={result['chosen_c']} -> {args.out}")
     return 0
 
 

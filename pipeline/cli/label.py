@@ -104,9 +104,10 @@ def queue_cmd(
 def _model_parts(m: Any, p: Any) -> tuple[Any, Any, float]:
     """The model's predictor, its retrieval index and its operating threshold, or exit naming what
     is missing."""
+    from pipeline.cli.predict import load_predictor
     from pipeline.model import retrieval
 
-    predictor = _load(m.path)
+    predictor = load_predictor(m.path)
     try:
         index = retrieval.RetrievalIndex.for_model(m.path)
     except retrieval.RetrievalError as exc:
@@ -134,15 +135,6 @@ def _show_queue(q: Any, shown: int = 15) -> None:
         t.add_row(str(r.rank), r.image_id, why, f"{r.uncertainty:.2f}", f"{r.novelty:.2f}",
                   f"{r.predicted_dx} {r.p_predicted:.2f}", r.disputed_dx)  # fmt: skip
     out.print(t)
-
-
-def _load(model_dir: Path) -> Any:
-    from pipeline.model import inference
-
-    try:
-        return inference.load_model(model_dir)
-    except inference.ModelLoadError as exc:
-        raise fail(str(exc)) from None
 
 
 @label_app.command("import")

@@ -105,7 +105,7 @@ def predict(
     thr, chosen = _site(m, site, threshold) if site else (_threshold(m, threshold), None)
     _claim(out_csv)
     files, problems = _images(paths)
-    predictor = _load(m.path)
+    predictor = load_predictor(m.path)
     dask = {"dask_address": dask_address, "workers": dask_workers} if dask_address or dask_workers else None
     rows, unread = predict_rows(predictor, m.path, files, float(thr), batch_size, tta, dask)
     for path, reason in problems + unread:
@@ -158,7 +158,7 @@ def _site(m: Any, name: str, threshold: float | None) -> tuple[float, Any]:
     return found.threshold, found
 
 
-def _load(model_dir: Path) -> Any:
+def load_predictor(model_dir: Path) -> Any:
     """The model's predictor (THE prediction path), or exit naming what is wrong with its folder."""
     from pipeline.model import inference
 

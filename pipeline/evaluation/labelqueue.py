@@ -20,7 +20,8 @@ The order, for a budget of ``n`` labels:
    measured melanoma sensitivity falling behind random choice that way); a random part keeps it
    representative.
 
-NumPy and pandas only; the prediction and the index come from the caller.
+NumPy and pandas only (and :func:`pipeline.model.retrieval.normalise`, the embeddings' one unit
+scaling); the prediction and the index come from the caller.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipeline.model.retrieval import normalise
 
 #: The queue's reasons, in the order they are served.
 DISPUTED, REFUSED, INFORMATIVE, RANDOM = "disputed", "refused", "informative", "random"
@@ -67,18 +70,13 @@ def uncertainty(
     raise ValueError(f"uncertainty: expected one of {', '.join(UNCERTAINTY)}, got {kind!r}")
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def novelty(embeddings: np.ndarray, known: np.ndarray | None, chunk: int = 1024) -> np.ndarray:
     """The cosine distance (1 - cosine similarity, in [0, 2]) of each embedding to its nearest
     ``known`` one (all 1 when nothing is known)."""
-    q = _unit(embeddings)
+    q = normalise(embeddings)
     if known is None or len(known) == 0:
         return np.ones(len(q))
-    k = _unit(known)
+    k = normalise(known)
     out = np.empty(len(q))
     for s in range(0, len(q), chunk):
         out[s : s + chunk] = 1.0 - (q[s : s + chunk] @ k.T).max(1)
@@ -88,19 +86,20 @@ def novelty(embeddings: np.ndarray, known: np.ndarray | None, chunk: int = 1024)
 def select(
     unc: np.ndarray,
     embeddings: np.ndarray,
-    known: np.ndarray | None,
+    dist: np.ndarray,
     budget: int,
     novelty_weight: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The greedy weighted k-centre picks of the module docstring: ``(order, distance)``, the
     indices of up to ``budget`` rows in the order chosen and each pick's scaled distance when it
-    was chosen. ``novelty_weight`` 0 ranks by uncertainty alone."""
+    was chosen. ``dist``: each row's :func:`novelty` against the known embeddings. ``novelty_weight``
+    0 ranks by uncertainty alone."""
     n = len(unc)
     budget = min(int(budget), n)
     if budget <= 0:
         return np.zeros(0, dtype=int), np.zeros(0)
-    q = _unit(embeddings)
-    dist = novelty(q, known)
+    q = normalise(embeddings)
+    dist = np.asarray(dist, dtype=np.float64)
     scale = float(dist.max()) or 1.0
     available = np.ones(n, dtype=bool)
     order, chosen_dist = [], []
@@ -149,7 +148,7 @@ def rank(
     rest = np.flatnonzero(~(flags[DISPUTED] | flags[REFUSED]))
     left = min(max(0, budget - len(rows)), len(rest))
     n_random = int(round(random_share * left))
-    picked, dist = select(unc[rest], np.asarray(embeddings)[rest], known, left - n_random, novelty_weight)
+    picked, dist = select(unc[rest], np.asarray(embeddings)[rest], nov[rest], left - n_random, novelty_weight)
     chosen = [{"row": int(rest[i]), "reason": INFORMATIVE, "distance": float(d)} for i, d in zip(picked, dist)]
     others = np.setdiff1d(np.arange(len(rest)), picked)
     drawn = np.random.default_rng(seed).choice(others, size=min(n_random, len(others)), replace=False)
