@@ -5,10 +5,12 @@ Side by side in one run (one server at a time, same packaged model, same images,
 * ``onnx``: lesionflow's Bento service as shipped: the worker answers with ONNX Runtime on the
   packaged ``model.onnx`` and never imports torch (:func:`pipeline.model.runtime.load_packaged`);
 * ``torch``: the same service with ``LESIONFLOW_ENGINE=torch``: the worker loads the torch model
-  (what every worker did before the model was packaged with its ONNX graph), Grad-CAM by autograd.
+  (what every worker did before the model was packaged with its ONNX graph), Grad-CAM by autograd
+  (in the Grad-CAM process, which loads the torch model too).
 
 For each, the resident set size (RSS) of every process of the replica, by role (BentoML's
-``server`` process, the model ``worker``, the inference log's ``writer``), sampled every 50 ms:
+``server`` process, the model ``worker``, the inference log's ``writer``, the ``gradcam`` process
+once ``/gradcam`` was called), sampled every 50 ms:
 * ``idle``: after start-up, a warm-up request and 5 s of quiet;
 * ``hostile`` (next): peak while 8 clients send, three times over, few-KB PNGs declaring 48 MP to
   ``/classify``, ``/gradcam`` and ``/classify_batch`` (a batch over the pixel budget, one within),
@@ -93,7 +95,7 @@ class Sampler:
         self._thread.join()
 
     def summary(self) -> dict[str, dict[str, float]]:
-        keys = ("server", "worker", "writer", "replica")
+        keys = ("server", "worker", "writer", "gradcam", "replica")
         return {
             "peak_mb": {k: round(max(s[k] for s in self.samples) / MB, 1) for k in keys},
             "mean_mb": {k: round(float(np.mean([s[k] for s in self.samples])) / MB, 1) for k in keys},

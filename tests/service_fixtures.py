@@ -136,16 +136,25 @@ def server_processes(base: str) -> dict[str, list[int]]:
 
 def process_roles(pid: int) -> dict[str, list[int]]:
     """The live processes of the server started as ``pid`` by role: the model ``worker``
-    (``_bentoml_impl.worker.service``), the inference log's ``writer`` and BentoML's ``server``
-    (its arbiter): the server process and all its descendants."""
+    (``_bentoml_impl.worker.service``), the inference log's ``writer``, the ``gradcam`` process
+    (:mod:`pipeline.serving.explainer`, with the resource tracker ``multiprocessing`` starts beside
+    it) and BentoML's ``server`` (its arbiter): the server process and all its descendants."""
     import psutil
 
-    roles: dict[str, list[int]] = {"worker": [], "writer": [], "server": []}
+    roles: dict[str, list[int]] = {"worker": [], "writer": [], "gradcam": [], "server": []}
     root = psutil.Process(pid)
     for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             cmd = " ".join(p.cmdline())
-            role = "writer" if "logworker" in cmd else "worker" if "_bentoml_impl.worker" in cmd else "server"
+            role = (
+                "writer"
+                if "logworker" in cmd
+                else "worker"
+                if "_bentoml_impl.worker" in cmd
+                else "gradcam"
+                if "from multiprocessing" in cmd
+                else "server"
+            )
             roles[role].append(p.pid)
     return roles
 

@@ -14,10 +14,8 @@ record), :meth:`Classifier.gradcam_png` and :meth:`Classifier.info`. The BentoML
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import os
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,13 @@ import numpy as np
 from pipeline.core import images
 from pipeline.core.metadata import FIELDS
 from pipeline.core.taxonomy import DIAGNOSIS_NAMES
-from pipeline.model import bundle, quality, sites
+from pipeline.model import bundle, engines, quality, sites
 from pipeline.model.ood import MESSAGE as OOD_MESSAGE
 from pipeline.model.retrieval import RetrievalError, RetrievalIndex
 from pipeline.monitoring import logstore
 from pipeline.monitoring.logrecord import Answer, dispute_record, to_line, uploaded_file_identity
 from pipeline.serving.batching import Batcher
+from pipeline.serving.explainer import Explainer
 from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
 from pipeline.serving.logqueue import BackgroundLog
 from pipeline.serving.requests import (
@@ -81,23 +80,6 @@ def _settings() -> tuple[Any, Any]:
     return params.load_section("serving", found), params.load_section("monitor", found)
 
 
-def load_predictor(path: Path, engine: str = "auto", device: str = "cpu", threads: int | None = None) -> Any:
-    """The packaged model's predictor: ONNX Runtime on its ``model.onnx`` without torch
-    (:func:`pipeline.model.runtime.load_packaged`) on the CPU with engine ``auto`` or ``onnx``;
-    otherwise torch (:func:`pipeline.model.inference.load_model`: a GPU, engine ``torch``, or a
-    model packaged before its graph was)."""
-    from pipeline.model import runtime
-
-    if engine in ("auto", "onnx") and device == "cpu" and runtime.runnable(path):
-        return runtime.load_packaged(path, threads)
-    import torch
-
-    from pipeline.model.inference import load_model
-
-    torch.set_num_threads(threads or runtime.default_threads())
-    return load_model(path, device=device, engine=engine)
-
-
 class Classifier:
     """The packaged model at ``path`` (tag ``tag``) and what the service answers with."""
 
@@ -108,7 +90,7 @@ class Classifier:
         self.settings, monitor = _settings()
         self.operating_point = bundle.require_operating_point(self.path)
         self.sites = sites.load(self.path)  # the operating points per site (lesionflow site add)
-        self.predictor = load_predictor(self.path, ENGINE, device, threads)
+        self.predictor = engines.load_predictor(self.path, ENGINE, device, threads)
         self.inference_log = BackgroundLog(
             self.path, logstore.location(), int(LOG_QUEUE_MB * (1 << 20)), metadata=monitor.log_metadata
         )
@@ -119,9 +101,8 @@ class Classifier:
         self.input_shape = (3, h, w)
         self.batcher = Batcher(self.predict_items, MAX_BATCH_SIZE, MAX_QUEUED)
         self.gate = PixelGate()  # pixels decoded at once: bounded memory whatever the uploads
-        self.gradcam_lane = Lane("Grad-CAM")  # off the threads that decode /classify's images
-        self._explain_lock = threading.Lock()
-        self._explainer: Any = None
+        self.gradcam_lane = Lane("Grad-CAM", route="/gradcam")  # off the threads that decode /classify's images
+        self.explainer = Explainer(self.path, ENGINE)  # its process starts on the first /gradcam
         # warm-up: the first forward pass allocates
         self.predictor.predict(np.zeros((1, 3, h, w), dtype=np.uint8))
 
@@ -350,37 +331,14 @@ class Classifier:
     ) -> tuple[bytes, str]:
         """PNG bytes of the Grad-CAM overlay for the predicted native-level class, at the image's
         working size (the page scales it), and that class's name; raises ApiError for a bad image.
-        With the packaged ONNX graph's class activation maps it is CAM, equal to Grad-CAM
-        (:mod:`pipeline.model.cam`), in one forward pass; otherwise :mod:`pipeline.model.explain`
-        on a private torch copy of the model (its hooks must not see the batcher's forward passes)."""
-        from PIL import Image
-
-        from pipeline.model.cam import overlay
-
+        The image is decoded here (the pixel gate bounds it); the overlay is computed by the
+        Grad-CAM process (:mod:`pipeline.serving.explainer`), off this worker's interpreter lock."""
         rgb = self.decode(field, data, pixels)
-        columns = {k: [meta.get(k)] for k in FIELDS}
-        if getattr(self.predictor, "explains", False):
-            heat, target = self.predictor.explain(rgb, metadata=columns)
-        else:
-            heat, target = self._torch_gradcam(rgb, columns)
-        buf = io.BytesIO()
-        Image.fromarray(overlay(rgb, heat)).save(buf, format="PNG")
+        png, target = self.explainer.overlay(rgb, {k: [meta.get(k)] for k in FIELDS})
         shown = self.predictor.classes[target]
         info = {**meta, "field": field, "rgb": rgb, "data": data, "route": "/gradcam"}
         self.log_answer(info, {"explained_class": shown}, None, request_id or uuid.uuid4().hex, statistics=False)
-        return buf.getvalue(), shown
-
-    def _torch_gradcam(self, rgb: np.ndarray, columns: dict[str, list[Any]]) -> tuple[np.ndarray, int]:
-        """Grad-CAM in torch (a model packaged without class activation maps), one image at a time."""
-        from pipeline.model import explain
-        from pipeline.model.inference import load_model
-
-        with self._explain_lock:
-            if self._explainer is None:
-                self._explainer = load_model(self.path, device="cpu", engine="torch")
-            pred = self._explainer.predict([rgb], metadata=columns)
-            target = int(np.argmax(pred["native_probs"][0]))
-            return explain.gradcam(self._explainer, rgb, target_class=target, metadata=columns), target
+        return png, shown
 
     def dispute(self, request_id: str, dx: str, note: str) -> dict[str, Any]:
         """``/dispute``: a clinician's diagnosis for an answer they disagree with, appended to the
@@ -427,6 +385,7 @@ class Classifier:
                 "decode_pixels": self.gate.capacity,
                 "decode_refused": self.gate.refused,
                 "gradcam_refused": self.gradcam_lane.refused,
+                "gradcam_restarts": self.explainer.restarts,
             },  # fmt: skip
             "inference_log": {"enabled": self.inference_log.enabled, **self.inference_log.counters()},
             "limits": {

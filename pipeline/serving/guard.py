@@ -14,6 +14,11 @@ BentoML's ``/infer``), before a byte of it is parsed:
   BentoML parses it: a few MB of tiny items would otherwise become hundreds of MB of objects; and
   at most ``$LESIONFLOW_MAX_INFER_CONCURRENT`` (2) ``/infer`` bodies are held at once, a 503 with
   ``Retry-After`` beyond (each is held twice, here and by BentoML, while it is parsed);
+* **no place**: a request to a route whose lane is full (``/gradcam``,
+  :func:`pipeline.serving.limits.lane_for`) gets its 503 with ``Retry-After`` here, before its body
+  is read;
+* **counted**: every request answered here (401, 413, 503) is counted on ``/metrics`` as
+  ``lesionflow_requests_refused_total{route, status}`` (BentoML's request series never see it);
 * **a request id** on every answer: the ``X-Request-ID`` header (and ``request_id`` in the JSON of
   an answer about an image, :class:`pipeline.serving.engine.Classifier`), the key that
   ``lesionflow logs forget`` erases a record by;
@@ -29,14 +34,17 @@ route, not one per path a client invents (:func:`pipeline.serving.service.label_
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from pipeline.serving.auth import Gatekeeper
-from pipeline.serving.limits import RETRY_AFTER_S
+from pipeline.serving.limits import RETRY_AFTER_S, lane_for
 from pipeline.serving.requests import MAX_BATCH_IMAGES, MAX_IMAGE_BYTES, MAX_REQUEST_BYTES, MULTIPART_SLACK
+
+logger = logging.getLogger("lesionflow.service")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -109,13 +117,14 @@ class Guard:
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         extra = [*SECURITY_HEADERS, (b"x-request-id", request_id.encode())]
-        refused = self._refusal(scope)
+        refused = self._refusal(scope) or _no_place(scope)
         if refused is None and scope.get("method") == "POST" and scope["path"] == "/infer":
             await self._infer(scope, receive, send, extra)
             return
         if refused is None and not _declared_length(scope) and scope.get("method") in ("POST", "PUT", "PATCH"):
             receive, refused = await _buffered(receive, body_limit(scope["path"]))
         if refused is not None:
+            _count_refusal(scope["path"], refused[0])
             await self._answer(send, *refused, extra)
             return
         await self.app(scope, receive, _stamped(send, extra))
@@ -125,6 +134,7 @@ class Guard:
         items counted (:func:`_too_many_items`), then the app."""
         if self.infer_active >= MAX_INFER_CONCURRENT:
             busy = f"{self.infer_active} /infer requests in progress; try again shortly"
+            _count_refusal("/infer", 503)
             await self._answer(
                 send, *_error(503, "request", busy, [(b"retry-after", str(RETRY_AFTER_S).encode())]), extra
             )
@@ -133,6 +143,7 @@ class Guard:
         try:
             receive, refused = await _buffered(receive, MAX_INFER_BYTES, _too_many_items)
             if refused is not None:
+                _count_refusal("/infer", refused[0])
                 await self._answer(send, *refused, extra)
                 return
             await self.app(scope, receive, _stamped(send, extra))
@@ -158,6 +169,40 @@ class Guard:
     async def _answer(send: Send, status: int, headers: list, body: bytes, extra: list) -> None:
         await send({"type": "http.response.start", "status": status, "headers": [*headers, *extra]})
         await send({"type": "http.response.body", "body": body})
+
+
+def _no_place(scope: Scope) -> tuple | None:
+    """The 503 of a request to a route whose lane is full (:func:`pipeline.serving.limits.lane_for`),
+    answered here: past this middleware a request costs BentoML's tracing, metrics and access log."""
+    lane = lane_for(scope["path"]) if scope.get("method") == "POST" else None
+    if lane is None or not lane.full:
+        return None
+    exc = lane.refusal()
+    return _error(exc.status, exc.field, exc.message, [(b"retry-after", str(exc.retry_after).encode())])
+
+
+_REFUSED: list[Any] = []  # the counter, once made (in the worker: BentoML's multiprocess registry)
+
+
+def _count_refusal(path: str, status: int) -> None:
+    """Count a request this middleware answered itself (401, 413, 503: BentoML never sees it) on
+    ``/metrics``: ``lesionflow_requests_refused_total{route, status}``."""
+    if not _REFUSED:
+        try:
+            from prometheus_client import Counter
+
+            _REFUSED.append(
+                Counter(
+                    "lesionflow_requests_refused",
+                    "Requests refused before the service read them (authentication, body limits, no place)",
+                    ["route", "status"],
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop a request
+            _REFUSED.append(None)
+            logger.warning("no Prometheus series for refused requests: %s", exc)
+    if _REFUSED[0] is not None:
+        _REFUSED[0].labels(route_label(path), str(status)).inc()
 
 
 def _stamped(send: Send, extra: list) -> Send:

@@ -8,9 +8,13 @@ and bounded waiting, and a 503 with ``Retry-After`` rather than a growing queue.
   requests; small images pass side by side.
 * the model's queue: at most ``$LESIONFLOW_MAX_QUEUED`` images wait for the model
   (:class:`pipeline.serving.batching.Batcher`); beyond, a request is refused at once.
-* :class:`Lane`: Grad-CAM (a forward pass and a PNG, one image at a time) runs in a thread of its
-  own at a low CPU priority with a short queue, off the threads that decode ``/classify``'s images,
-  so a burst of ``/gradcam`` calls cannot stall classification.
+* :class:`Lane`: Grad-CAM (a forward pass and a PNG, one image at a time) has a thread of its own
+  at a low CPU priority with a short queue, off the threads that decode ``/classify``'s images; the
+  thread decodes the upload and hands the rest to the Grad-CAM process
+  (:mod:`pipeline.serving.explainer`), so a burst of ``/gradcam`` calls cannot stall
+  classification. A request for which the lane has no place is refused by
+  :class:`pipeline.serving.guard.Guard` before BentoML's middleware sees it (:func:`lane_for`):
+  a refusal costs the event loop a few lines, not a request's worth of tracing and logging.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ DECODE_WAIT_S = float(os.environ.get("LESIONFLOW_DECODE_WAIT_S", "10"))
 MAX_QUEUED = int(os.environ.get("LESIONFLOW_MAX_QUEUED", "128"))
 #: Grad-CAM requests waiting for their lane, at most (one runs).
 GRADCAM_QUEUE = int(os.environ.get("LESIONFLOW_GRADCAM_QUEUE", "4"))
+#: Seconds a Grad-CAM waits for its process (which only gets idle CPU) before the request gets a 503.
+GRADCAM_TIMEOUT_S = float(os.environ.get("LESIONFLOW_GRADCAM_TIMEOUT_S", "30"))
 #: What a client is told to wait before trying again.
 RETRY_AFTER_S = 2
 
@@ -86,23 +92,43 @@ def _lower_priority() -> None:
         pass
 
 
+#: This worker's lanes by the route they serve (:func:`lane_for`).
+_LANES: dict[str, Lane] = {}
+
+
+def lane_for(path: str) -> Lane | None:
+    """The lane of the route at ``path`` in this worker, if it has one."""
+    return _LANES.get(path)
+
+
 class Lane:
     """One call at a time, in a thread of its own at a lower CPU priority; at most ``queue`` more
     requests holding a place; a request for which there is no place is refused at once with a 503,
-    before its body is read."""
+    before its body is read. With a ``route``, the worker's lane of that route (:func:`lane_for`)."""
 
-    def __init__(self, what: str, queue: int = GRADCAM_QUEUE):
+    def __init__(self, what: str, queue: int = GRADCAM_QUEUE, route: str | None = None):
         self.what, self.queue = what, int(queue)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"lane-{what}", initializer=_lower_priority)
         self._held = 0
         self.refused = 0
+        if route is not None:
+            _LANES[route] = self
+
+    @property
+    def full(self) -> bool:
+        """Whether a new request would be refused now."""
+        return self._held >= self.queue + 1
+
+    def refusal(self) -> ApiError:
+        """The 503 of a request for which there is no place (counted)."""
+        self.refused += 1
+        return busy(f"{self._held} {self.what} requests in progress")
 
     @contextlib.contextmanager
     def place(self) -> Iterator[None]:
         """A place in the lane for one request (from before its body is read until it is answered)."""
-        if self._held >= self.queue + 1:
-            self.refused += 1
-            raise busy(f"{self._held} {self.what} requests in progress")
+        if self.full:
+            raise self.refusal()
         self._held += 1
         try:
             yield

@@ -5,10 +5,10 @@ pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and wr
 (:class:`pipeline.monitoring.logrecord.Answer`, with the image's small statistics copy) to its
 standard input; this process computes each answer's features record
 (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
-4 ms of Python per image) at the lowest CPU priority (:func:`lowest_priority`) and appends it, in
-order (the service wrote the answer record itself). Being a process of its own, it never holds
-the service's interpreter lock: in a thread, the statistics slowed every answer in flight
-(``benchmarks/serve_load.py``).
+4 ms of Python per image) at the lowest CPU priority
+(:func:`pipeline.core.workers.lowest_priority`) and appends it, in order (the service wrote the
+answer record itself). Being a process of its own, it never holds the service's interpreter lock:
+in a thread, the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
 
 A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
 (the statistics copy, the float32 embedding if any, the uploaded file when images are logged). No pickle:
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.workers import one_thread_per_worker
+from pipeline.core.workers import lowest_priority, one_thread_per_worker
 from pipeline.monitoring.logrecord import Answer, as_utc
 
 if TYPE_CHECKING:  # imported by the writer process only (pandas, SciPy): the service imports this module
@@ -188,29 +188,6 @@ def stop_signals_blocked() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _threads() -> list[int]:
-    """This process's thread ids (Linux's /proc; the class is set per thread there)."""
-    try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return [0]
-
-
-def lowest_priority() -> str:
-    """Run this process only on CPU nothing else wants: Linux's ``SCHED_IDLE`` class for every
-    thread it has (a thread a library started at import keeps its class otherwise), else nice 19
-    (which still takes a share of a busy core). Returns which it got."""
-    with contextlib.suppress(AttributeError, OSError):
-        for tid in _threads():
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: best effort
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-        return "nice 19"
-    return "normal"
 
 
 def main(argv: list[str] | None = None) -> int:

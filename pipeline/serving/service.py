@@ -174,9 +174,12 @@ class LesionflowService:
     @bentoml.on_shutdown
     def flush_inference_log(self) -> None:
         """On shutdown (SIGTERM of a rolling update or scale-down): write every queued record, put
-        the buffered object-store segment and end the log's writer process."""
-        log = self.classifier.inference_log if self.classifier is not None else None
-        if log is not None and not log.close(timeout=20):
+        the buffered object-store segment and end the log's writer process and the Grad-CAM process."""
+        if self.classifier is None:
+            return
+        self.classifier.explainer.close()
+        log = self.classifier.inference_log
+        if not log.close(timeout=20):
             logger.warning("inference log: records still queued at shutdown: %s", log.counters())
 
     def __is_ready__(self) -> bool:

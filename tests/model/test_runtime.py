@@ -4,6 +4,7 @@ what the torch model does, and a process that serves it never imports torch or p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -103,7 +104,7 @@ def test_a_graph_that_disagrees_is_not_packaged(tmp_path, monkeypatch):
 
 
 def test_the_service_falls_back_to_torch_only_without_a_graph_or_when_told(tmp_path):
-    from pipeline.serving.engine import load_predictor
+    from pipeline.model.engines import load_predictor
 
     packaged, _ = _packaged(tmp_path / "p")
     assert isinstance(load_predictor(packaged), runtime.OnnxPredictor)
@@ -155,3 +156,33 @@ print(json.dumps({{"engine": p.engine, "shape": list(heat.shape), "loaded": [m f
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"engine": "onnx", "shape": [90, 120], "loaded": []}
+
+
+def test_the_grad_cam_process_explains_with_either_engine_alike(tmp_path):
+    """The service's Grad-CAM process (pipeline.serving.explainer): an overlay PNG of the image's own
+    size and the class it explains, the same class and nearly the same overlay from the ONNX
+    graph's CAM as from torch's Grad-CAM, computed in a child process that ends when closed."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.serving.explainer import Explainer
+
+    model_dir, _ = _packaged(tmp_path, metadata_fusion=True)
+    rgb = _images(1, seed=7)[0]
+    one = {k: [v[0]] for k, v in META.items()}
+    answers, children = {}, []
+    for engine in ("auto", "torch"):
+        explainer = Explainer(model_dir, engine)
+        try:
+            png, target = explainer.overlay(rgb, one)
+            children += explainer.pids
+        finally:
+            explainer.close()
+        overlay = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert overlay.shape == rgb.shape and explainer.pids == []
+        answers[engine] = (overlay.astype(int), target)
+    assert answers["auto"][1] == answers["torch"][1]
+    # heatmaps within 2e-3 (the test above), blended and rounded to uint8: at most a step or two
+    assert np.abs(answers["auto"][0] - answers["torch"][0]).max() <= 2
+    assert len(set(children)) == 2 and os.getpid() not in children

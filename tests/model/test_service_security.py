@@ -6,7 +6,13 @@ A real `bentoml serve` (tests/service_fixtures.py) of a small model, with a toke
 
 from __future__ import annotations
 
+import collections
 import io
+import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +25,7 @@ from PIL import Image
 
 from pipeline.serving import auth
 from pipeline.serving.guard import MAX_INFER_BYTES, MAX_INFER_ITEMS
-from tests.registry_fixtures import write_model_dir
+from tests.registry_fixtures import PROJECT_ROOT, write_model_dir
 from tests.service_fixtures import real_images, server_processes, serving
 
 #: The worker may grow by at most this much over idle under the hostile corpus (issue's target).
@@ -260,10 +266,42 @@ def test_infer_takes_a_bounded_number_of_items_and_names_the_limit(secured):
             assert f"limit of {MAX_INFER_ITEMS}" in r.json()["error"]
 
 
+def _gradcam_process(base: str) -> psutil.Process:
+    """The worker's Grad-CAM process (pipeline.serving.explainer), once started."""
+    worker = psutil.Process(server_processes(base)["worker"][0])
+    found = [p for p in worker.children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(found) == 1, [p.cmdline() for p in worker.children()]
+    return found[0]
+
+
+def test_gradcam_has_a_process_at_the_lowest_priority_and_a_new_one_when_it_dies(secured):
+    """Grad-CAM is computed in a child of the worker in Linux's SCHED_IDLE class (only CPU nothing
+    else wants); killed (as the OOM killer would), it costs at most one 503 with Retry-After and
+    the next request is answered by a new one."""
+    base, token, _ = secured
+    headers, image = _bearer(token), _jpeg()
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+        assert c.post("/gradcam", files={"image": image}).status_code == 200
+        child = _gradcam_process(base)
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+        child.kill()
+        child.wait(10)
+        answers = [c.post("/gradcam", files={"image": image}) for _ in range(2)]
+        codes = [r.status_code for r in answers]
+        assert codes in ([200, 200], [503, 200]), [r.text for r in answers]
+        if codes[0] == 503:
+            assert answers[0].headers["retry-after"] and "Grad-CAM process ended" in answers[0].json()["error"]
+        assert _gradcam_process(base).pid != child.pid
+        assert c.get("/model").json()["admission"]["gradcam_restarts"] >= codes.count(503)
+
+
 @pytest.mark.serial  # compares two latencies: another test on the cores in between would decide it
 def test_gradcam_bursts_do_not_stall_classification(secured):
-    """40 concurrent /gradcam calls (Grad-CAM has a lane of its own, a short queue, then 503): the
-    p99 of /classify under that load stays within twice its unloaded value."""
+    """40 concurrent /gradcam callers (Grad-CAM has a lane of its own, a short queue, then a 503
+    answered before BentoML's middleware; the overlay is computed in a process of its own at the
+    lowest priority): the p99 of /classify under that load stays within twice its unloaded value.
+    The callers run in a process of their own (tests/gradcam_callers.py), as clients on other
+    machines would; refusals are counted on /metrics."""
     base, token, _ = secured
     headers = _bearer(token)
     image = _jpeg()
@@ -278,31 +316,27 @@ def test_gradcam_bursts_do_not_stall_classification(secured):
         return out
 
     latencies(10)  # warm
-    # 200 requests each: the p99 of 60 is their maximum, one scheduler hiccup on 2 cores
-    unloaded = float(np.percentile(latencies(200), 99))
-    stop, statuses = threading.Event(), []
-
-    def gradcam_caller() -> None:  # a client as the page is one: after a 503 it waits Retry-After
-        with httpx.Client(base_url=base, timeout=120) as c:
-            while not stop.is_set():
-                r = c.post("/gradcam", files={"image": image}, headers=headers)
-                statuses.append(r.status_code)
-                if r.status_code == 503:
-                    stop.wait(float(r.headers["retry-after"]))
-
-    callers = [threading.Thread(target=gradcam_caller) for _ in range(40)]
-    for t in callers:
-        t.start()
-    try:
-        time.sleep(1.0)
-        loaded = float(np.percentile(latencies(200), 99))
-    finally:
-        stop.set()
-        for t in callers:
-            t.join()
-    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, sorted(set(statuses))
+    # unloaded and loaded in turns, 300 requests each in all: a p99 of fewer is one or two
+    # scheduler hiccups on 2 cores, and turns keep a slow minute of the machine out of one side only
+    command = [sys.executable, "-m", "tests.gradcam_callers", base, token, str(real_images(1)[0]), "40"]
+    unloaded, loaded, statuses = [], [], collections.Counter()
+    for _ in range(3):
+        unloaded += latencies(100)
+        callers = subprocess.Popen(command, cwd=PROJECT_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert callers.stdout.readline().strip() == "started"
+            time.sleep(1.0)
+            loaded += latencies(100)
+        finally:
+            out, _ = callers.communicate("", timeout=120)
+        statuses.update(json.loads(out))
+    unloaded, loaded = float(np.percentile(unloaded, 99)), float(np.percentile(loaded, 99))
+    assert set(statuses) <= {"200", "503"} and statuses["200"] and statuses["503"], statuses
     assert loaded <= 2 * unloaded, (
         f"/classify p99 {loaded * 1000:.0f} ms under Grad-CAM load vs {unloaded * 1000:.0f} ms"
     )
     info = httpx.get(f"{base}/model", headers=headers).json()
-    assert info["admission"]["gradcam_refused"] > 0
+    assert info["admission"]["gradcam_refused"] >= statuses["503"]
+    metrics = httpx.get(f"{base}/metrics").text
+    refused = re.search(r'lesionflow_requests_refused_total\{route="/gradcam",status="503"\} (\S+)', metrics)
+    assert refused and float(refused.group(1)) >= statuses["503"], metrics[-2000:]
