@@ -42,8 +42,9 @@ def prune(
 
 @logs_app.command("forget")
 def forget(request_id: str = typer.Argument(..., help="The answer's request_id (its X-Request-ID header).")) -> None:
-    """Erase the record of one answer (and the image stored with it, if any) wherever it is stored."""
-    from pipeline.monitoring import logcare
+    """Erase the record of one answer (and the image stored with it, if any) wherever it is stored;
+    on object storage also the record still waiting in a replica's spool, before it is put."""
+    from pipeline.monitoring import logcare, logstore
 
     location = _location()
     try:
@@ -52,6 +53,9 @@ def forget(request_id: str = typer.Argument(..., help="The answer's request_id (
         raise fail(str(exc)) from None
     for f in found:
         out.print(f"removed {f['records']} record(s) from {f['where']}")
-    if not found:
+    remote = logstore.is_url(location)
+    if not found and not remote:
         raise fail(f"no record of request {request_id} in {location}", code=1)
     out.print(f"request {request_id}: {sum(f['records'] for f in found)} record(s) erased from {location}")
+    if remote:  # forget left an erasure request there
+        out.print("a record of it still waiting in a replica's spool is dropped before it is put")

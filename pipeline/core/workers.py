@@ -3,7 +3,6 @@ file checks, the EDA statistics, drift monitoring's batches), with a progress ba
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,29 +27,6 @@ def one_thread_per_worker() -> None:
         threadpool_limits(1)
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         pass
-
-
-def _threads() -> list[int]:
-    """This process's thread ids (Linux's /proc; the class is set per thread there)."""
-    try:
-        return [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return [0]
-
-
-def lowest_priority() -> str:
-    """Run this process only on CPU nothing else wants: Linux's ``SCHED_IDLE`` class for every
-    thread it has (a thread a library started at import keeps its class otherwise), else nice 19
-    (which still takes a share of a busy core). Returns which it got."""
-    with contextlib.suppress(AttributeError, OSError):
-        for tid in _threads():
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: best effort
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-        return "nice 19"
-    return "normal"
 
 
 #: glibc ``mallopt`` parameters (malloc.h).

@@ -5,7 +5,9 @@
   ``lesionflow logs prune`` does on demand;
 * :func:`forget`: erase the record of one answer (its ``request_id``, returned to the client in the
   answer and its ``X-Request-ID`` header) wherever it is stored, the uploaded image it may carry
-  included, and say what was removed (``lesionflow logs forget REQUEST_ID``).
+  included, and say what was removed (``lesionflow logs forget REQUEST_ID``); on object storage it
+  first leaves an erasure request, which every replica's uploader honours for the records still in
+  its spool (:mod:`pipeline.monitoring.erasures`).
 
 A local day file is rewritten in place under the same exclusive lock the service appends with, so an
 answer logged meanwhile is neither lost nor torn; an object is rewritten whole (objects are never
@@ -14,13 +16,12 @@ appended to) or deleted when nothing is left in it.
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline.monitoring import logstore
+from pipeline.monitoring import erasures, logstore
 
 
 def _cutoff(days: float, now: datetime | None) -> date:
@@ -29,7 +30,8 @@ def _cutoff(days: float, now: datetime | None) -> date:
 
 
 def prune(location: str | Path, days: float, now: datetime | None = None) -> list[str]:
-    """Delete the log's days before ``now - days`` (whole UTC days); returns what was deleted."""
+    """Delete the log's days before ``now - days`` (whole UTC days), and on object storage the
+    erasure requests of those days; returns what was deleted."""
     last = _cutoff(days, now) - timedelta(days=1)
     removed: list[str] = []
     if not logstore.is_url(location):
@@ -43,24 +45,7 @@ def prune(location: str | Path, days: float, now: datetime | None = None) -> lis
     for name in names:
         fs.rm_file(name)
         removed.append(name)
-    return removed
-
-
-def _without(text: str, request_id: str) -> tuple[str, int]:
-    """The lines of ``text`` but the records of ``request_id`` (and the ``<id>-<k>`` of a batch), and
-    how many were dropped; a line that is not a record is kept as it is."""
-    kept, dropped = [], 0
-    for line in text.splitlines(keepends=True):
-        if request_id in line:
-            try:
-                rid = str(json.loads(line).get("request_id", ""))
-            except (ValueError, AttributeError):
-                rid = ""
-            if rid == request_id or rid.startswith(f"{request_id}-"):
-                dropped += 1
-                continue
-        kept.append(line)
-    return "".join(kept), dropped
+    return removed + erasures.prune(fs, logstore.filesystem(str(location))[1], last)
 
 
 def _forget_local(path: Path, request_id: str) -> int:
@@ -70,7 +55,7 @@ def _forget_local(path: Path, request_id: str) -> int:
         if logstore.fcntl is not None:
             logstore.fcntl.flock(fd, logstore.fcntl.LOCK_EX)
         with os.fdopen(os.dup(fd), "r+", encoding="utf-8") as fh:
-            text, dropped = _without(fh.read(), request_id)
+            text, dropped = erasures.without(fh.read(), (request_id,))
             if dropped:
                 fh.seek(0)
                 fh.write(text)
@@ -95,9 +80,11 @@ def forget(location: str | Path, request_id: str) -> list[dict[str, Any]]:
             if (n := _forget_local(path, request_id)) > 0:
                 found.append({"where": str(path), "records": n})
         return found
+    fs, root = logstore.filesystem(str(location))
+    erasures.request(fs, root, request_id)  # first: for the records still in a replica's spool
     fs, names = logstore.remote_objects(str(location), None, None)
     for name in names:
-        text, dropped = _without(fs.cat_file(name).decode("utf-8"), request_id)
+        text, dropped = erasures.without(fs.cat_file(name).decode("utf-8"), (request_id,))
         if not dropped:
             continue
         if text.strip():

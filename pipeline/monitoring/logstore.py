@@ -31,6 +31,7 @@ library.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -41,6 +42,8 @@ from collections.abc import Iterator
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
+
+from pipeline.monitoring import erasures
 
 try:  # POSIX; on other systems appends rely on O_APPEND alone
     import fcntl
@@ -157,7 +160,7 @@ def append_local(folder: Path | str, day: date, line: bytes) -> Path:
     return path
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def filesystem(url: str) -> tuple[Any, str]:
     """The file system of ``url``: a new instance (fsspec caches them, and a cached one keeps the
     endpoint and credentials of the environment it was made in)."""
     import fsspec
@@ -184,8 +187,6 @@ def spool_base(environ: dict[str, str] | None = None) -> Path:
 
 def spool_folder(url: str, environ: dict[str, str] | None = None) -> Path:
     """The local spool of the object-store log at ``url`` (in :func:`spool_base`)."""
-    import hashlib
-
     return spool_base(environ) / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
@@ -383,8 +384,9 @@ def adopt_orphans(folder: Path) -> int:
 
 class Uploader:
     """Puts the rolled segments of a spool folder to the object store at ``url``, oldest first, each
-    under its own name (never overwriting another writer's), deleting a segment only after its PUT
-    succeeded. A failed PUT is retried with exponential backoff (1 s doubling to ``max_backoff``);
+    under its own name (never overwriting another writer's), without the records whose erasure was
+    requested (:func:`pipeline.monitoring.erasures.put_without`), deleting a segment only after its
+    PUT succeeded. A failed PUT is retried with exponential backoff (1 s doubling to ``max_backoff``);
     nothing is lost while the store is down: the segments wait in the spool."""
 
     def __init__(self, url: str, folder: Path | str, max_backoff: float = 30.0):
@@ -430,8 +432,8 @@ class Uploader:
                     data = fh.read()
                 try:
                     if self._fs is None:
-                        self._fs, self._root = _filesystem(self.url)
-                    self._fs.pipe_file(self.object_name(segment), data)
+                        self._fs, self._root = filesystem(self.url)
+                    erasures.put_without(self._fs, self._root, self.object_name(segment), data)
                 except Exception as exc:  # noqa: BLE001 - any store or network error: back off, retry
                     self._failures += 1
                     self._next_try = now + min(self.max_backoff, 2.0 ** (self._failures - 1))
@@ -463,7 +465,7 @@ def local_files(folder: Path, first: date | None, last: date | None) -> list[Pat
 
 def remote_objects(url: str, first: date | None, last: date | None) -> tuple[Any, list[str]]:
     """The file system and the objects of the days ``first`` to ``last`` (either optional), of every writer."""
-    fs, root = _filesystem(url)
+    fs, root = filesystem(url)
     if not fs.exists(root):
         return fs, []
     out = []

@@ -2,7 +2,7 @@
 
 A Grad-CAM overlay (a forward pass, the heatmap, the blend and its PNG) is computed in one child
 process of the worker, one image at a time, at the lowest CPU priority
-(:func:`pipeline.core.workers.lowest_priority`): it uses the CPU classification leaves idle. In a
+(:func:`pipeline.core.priority.lowest_priority`): it uses the CPU classification leaves idle. In a
 thread of the worker, even a low-priority one, it held the worker's interpreter lock between its
 native calls, and whenever the scheduler parked it holding the lock, the threads answering
 ``/classify`` waited for it (a priority inversion): a burst of ``/gradcam`` calls stretched the
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.priority import lowest_priority
 from pipeline.serving.limits import GRADCAM_TIMEOUT_S, busy
 from pipeline.serving.requests import ApiError
 
@@ -103,7 +104,7 @@ _MODEL: dict[str, Any] = {}
 
 def _start(model_path: str, engine: str) -> None:
     """Child initializer: the lowest CPU priority, then the model on one thread."""
-    from pipeline.core.workers import lowest_priority, one_thread_per_worker
+    from pipeline.core.workers import one_thread_per_worker
     from pipeline.model.engines import load_predictor
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker's Ctrl-C ends it through the worker

@@ -25,8 +25,10 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
+from pipeline.core.priority import lower_this_thread
 from pipeline.serving.requests import MAX_IMAGE_PIXELS, ApiError
 
 #: Pixels being decoded at once in a worker (declared sizes).
@@ -82,16 +84,6 @@ class PixelGate:
 LANE_NICENESS = 10
 
 
-def _lower_priority() -> None:
-    """Thread initializer: this thread's nice value raised by :data:`LANE_NICENESS` (Linux: nice
-    applies per thread), so that the scheduler serves the other threads first."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LANE_NICENESS))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        pass
-
-
 #: This worker's lanes by the route they serve (:func:`lane_for`).
 _LANES: dict[str, Lane] = {}
 
@@ -108,7 +100,9 @@ class Lane:
 
     def __init__(self, what: str, queue: int = GRADCAM_QUEUE, route: str | None = None):
         self.what, self.queue = what, int(queue)
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"lane-{what}", initializer=_lower_priority)
+        self._thread = ThreadPoolExecutor(
+            1, thread_name_prefix=f"lane-{what}", initializer=partial(lower_this_thread, LANE_NICENESS)
+        )
         self._held = 0
         self.refused = 0
         if route is not None:

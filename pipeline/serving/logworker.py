@@ -6,7 +6,7 @@ pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and wr
 standard input; this process computes each answer's features record
 (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
 4 ms of Python per image) at the lowest CPU priority
-(:func:`pipeline.core.workers.lowest_priority`) and appends it, in order (the service wrote the
+(:func:`pipeline.core.priority.lowest_priority`) and appends it, in order (the service wrote the
 answer record itself). Being a process of its own, it never holds the service's interpreter lock:
 in a thread, the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
 
@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.workers import lowest_priority, one_thread_per_worker
+from pipeline.core.priority import lowest_priority
+from pipeline.core.workers import one_thread_per_worker
 from pipeline.monitoring.logrecord import Answer, as_utc
 
 if TYPE_CHECKING:  # imported by the writer process only (pandas, SciPy): the service imports this module

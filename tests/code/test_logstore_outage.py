@@ -97,3 +97,27 @@ def test_a_segment_left_open_by_a_killed_writer_is_put_by_the_next(tmp_path, ima
         assert logstore.flush(url)
         df = inferencelog.read(url)
         assert df["request_id"].tolist() == [f"k{k}" for k in range(7)]
+
+
+def test_forget_on_s3_reaches_a_record_still_in_the_spool_of_a_running_writer(tmp_path, images, monkeypatch):
+    """On S3: a running writer whose uploader has already listed the store (s3fs caches listings)
+    still honours an erasure request left by `forget` after that: the record, spooled when forget
+    ran, is never put; the writer's counters still account for every answer."""
+    from pipeline.monitoring import logcare
+
+    url = f"s3://{BUCKET}/erased"
+    monkeypatch.setenv(logstore.SPOOL_ENV, str(tmp_path / "spool"))
+    with s3_server(tmp_path / "moto.log") as s3:
+        for key, value in s3.items():
+            monkeypatch.setenv(key, value)
+        bg = BackgroundLog(tmp_path / "model", url, writer="pod-e-w0")
+        assert bg.submit(_answer(images[0], 0)) and bg.flush(timeout=60), bg.counters()
+        for k in range(1, 4):
+            assert bg.submit(_answer(images[k % 3], k))
+        assert logcare.forget(url, "q002") == []  # still in the spool: nothing put yet
+        assert bg.flush(timeout=60), bg.counters()
+        assert inferencelog.read(url)["request_id"].tolist() == ["q000", "q001", "q003"]
+        assert not [line for _, _, line in logstore.iter_lines(url) if "q002" in line]  # its statistics too
+        counts = bg.counters()
+        assert counts["written"] == 4 and counts["spool"] == 0, counts
+        assert bg.close()

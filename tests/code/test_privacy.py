@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.core import images
-from pipeline.monitoring import inferencelog, logcare, logrecord
+from pipeline.monitoring import erasures, inferencelog, logcare, logrecord
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import auth
 
@@ -120,12 +120,75 @@ def test_forget_and_prune_on_object_storage(tmp_path):
     for k in range(3):
         log.log(_answer(k, T0 - timedelta(days=200 * (k == 0))))
     log.flush()
+    fs = fsspec.filesystem("memory")
     try:
         assert [f["records"] for f in logcare.forget(url, "r1")] == [1]
         assert sorted(inferencelog.read(url)["request_id"]) == ["r0", "r2"]
+        assert erasures.requested(fs, f"/forget-{os.getpid()}/log") == {"r1"}
+        # a day of records (the oldest), and the erasure requests once as old as the retention
         assert len(logcare.prune(url, 90, now=T0)) == 1 and list(inferencelog.read(url)["request_id"]) == ["r2"]
+        later = datetime.now(UTC) + timedelta(days=91)
+        removed = logcare.prune(url, 90, now=later)
+        assert len(removed) == 2 and removed[-1].endswith(f"erasures/{datetime.now(UTC).date().isoformat()}")
+        assert erasures.requested(fs, f"/forget-{os.getpid()}/log") == frozenset()
     finally:
-        fsspec.filesystem("memory").rm(f"/forget-{os.getpid()}", recursive=True)
+        if fs.exists(f"/forget-{os.getpid()}"):
+            fs.rm(f"/forget-{os.getpid()}", recursive=True)
+
+
+def test_forget_reaches_the_records_still_waiting_in_a_replicas_spool(tmp_path, monkeypatch):
+    """On object storage a record waits in its replica's local spool before it is put, where
+    `forget` cannot see it: the erasure request forget leaves in the store makes the uploader drop
+    it (a batch's images included) before the PUT; the other records are put as they were."""
+    import fsspec
+
+    monkeypatch.setenv("LESIONFLOW_LOG_SPOOL", str(tmp_path / "spool"))
+    url = f"memory://spooled-{os.getpid()}/log"
+    log = inferencelog.InferenceLog(url)
+    for k in range(3):
+        log.log(_answer(k))
+    log.log(Answer(np.zeros((8, 8, 3), np.uint8), RESPONSE, "m", timestamp=T0, request_id="r1-0"))
+    try:
+        assert logcare.forget(url, "r1") == []  # nothing put yet
+        log.flush()
+        assert sorted(inferencelog.read(url)["request_id"]) == ["r0", "r2"]
+    finally:
+        fsspec.filesystem("memory").rm(f"/spooled-{os.getpid()}", recursive=True)
+
+
+def test_an_erasure_requested_while_a_segment_is_put_is_honoured():
+    """The race: forget lists the objects just before a replica puts the segment holding the
+    record (so it finds nothing) and leaves its request while the PUT is under way; the uploader
+    looks again once the PUT succeeded and rewrites the object without the record, or deletes it
+    when nothing is left."""
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/race-{os.getpid()}/log"
+    name = f"{root}/inference-2026-03-10/w-000001.jsonl"
+
+    class ForgetDuringPut:  # the store, with a forget of `rid` landing during the first PUT
+        def __init__(self, rid: str):
+            self.rid, self.puts = rid, 0
+
+        def __getattr__(self, attr):
+            return getattr(fs, attr)
+
+        def pipe_file(self, path, data):
+            fs.pipe_file(path, data)
+            self.puts += 1
+            if self.puts == 1:
+                erasures.request(fs, root, self.rid)
+
+    lines = b"".join(json.dumps({"kind": "answer", "request_id": rid}).encode() + b"\n" for rid in ("r0", "r1", "r1-0"))
+    try:
+        kept = erasures.put_without(ForgetDuringPut("r1"), root, name, lines)
+        assert [json.loads(x)["request_id"] for x in fs.cat_file(name).splitlines()] == ["r0"]
+        assert kept == fs.cat_file(name)
+        erasures.put_without(ForgetDuringPut("r0"), root, name, kept)
+        assert not fs.exists(name)  # nothing left: no object
+        assert erasures.put_without(fs, root, name, kept) == b"" and not fs.exists(name)
+    finally:
+        fs.rm(f"/race-{os.getpid()}", recursive=True)
 
 
 def test_tokens_are_stored_hashed_shown_once_and_revocable(tmp_path):
