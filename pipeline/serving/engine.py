@@ -33,6 +33,7 @@ from pipeline.monitoring.logrecord import Answer, dispute_record, to_line, uploa
 from pipeline.serving.batching import Batcher
 from pipeline.serving.explainer import Explainer
 from pipeline.serving.limits import MAX_QUEUED, Lane, PixelGate
+from pipeline.serving.logmetrics import LogMetrics
 from pipeline.serving.logqueue import BackgroundLog
 from pipeline.serving.requests import (
     MAX_BATCH_IMAGES,
@@ -342,15 +343,21 @@ class Classifier:
 
     def dispute(self, request_id: str, dx: str, note: str) -> dict[str, Any]:
         """``/dispute``: a clinician's diagnosis for an answer they disagree with, appended to the
-        inference log (it puts the image first in the labelling queue); ApiError 503 without a log."""
+        inference log (it puts the image first in the labelling queue) and counted on ``/metrics``
+        (``lesionflow_disputes_total{state="written|failed"}``); ApiError 503 without a log."""
         target = self.inference_log.log
         if not target.enabled:
             raise ApiError(503, "request_id", "the inference log is off: a disagreement cannot be recorded")
+        metrics = LogMetrics.get()
         try:
             logstore.append_line(str(target.location), *to_line(dispute_record(request_id, dx, note)))
         except OSError as exc:
             logger.warning("inference log: could not record the dispute of %s: %s", request_id, exc)
+            if metrics is not None:
+                metrics.disputes.labels("failed").inc()
             raise ApiError(503, "request_id", "the disagreement could not be recorded; try again", 5) from None
+        if metrics is not None:
+            metrics.disputes.labels("written").inc()
         return {"recorded": True, "request_id": request_id, "dx": dx}
 
     def info(self) -> dict[str, Any]:

@@ -79,6 +79,9 @@ class LogMetrics:
             "Answers whose image statistics wait for the log's writer",
             multiprocess_mode="livesum",
         )
+        self.disputes = Counter(
+            "lesionflow_disputes", "Clinicians' disagreements (POST /dispute) for the log, by state", ["state"]
+        )
         self.backlog = Gauge(
             "lesionflow_inference_log_backlog_bytes",
             "Bytes of statistics copies waiting on local disk for the log's writer",

@@ -378,3 +378,6 @@ def test_a_disagreement_is_recorded_with_its_answer_and_a_bad_one_named(server, 
     df = inferencelog.read(server[2].parent / "inference-log").set_index("request_id")
     assert df.loc[rid, "disputed_dx"] == "mel" and df.loc[rid, "dispute_note"] == "irregular network"
     assert df["disputed_dx"].notna().sum() == 1
+    metrics = client.get("/metrics").text  # counted where operators look; the refused ones are not
+    assert 'lesionflow_disputes_total{state="written"} 1.0' in metrics, metrics[-1500:]
+    assert 'lesionflow_disputes_total{state="failed"}' not in metrics
