@@ -134,6 +134,10 @@ def server_processes(base: str) -> dict[str, list[int]]:
     return process_roles(GROUPS[base])
 
 
+#: What a process's command line holds, and its role (the first that matches; else ``server``).
+ROLE_MARKS = (("logworker", "writer"), ("_bentoml_impl.worker", "worker"), ("from multiprocessing", "gradcam"))
+
+
 def process_roles(pid: int) -> dict[str, list[int]]:
     """The live processes of the server started as ``pid`` by role: the model ``worker``
     (``_bentoml_impl.worker.service``), the inference log's ``writer``, the ``gradcam`` process
@@ -146,16 +150,7 @@ def process_roles(pid: int) -> dict[str, list[int]]:
     for p in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             cmd = " ".join(p.cmdline())
-            role = (
-                "writer"
-                if "logworker" in cmd
-                else "worker"
-                if "_bentoml_impl.worker" in cmd
-                else "gradcam"
-                if "from multiprocessing" in cmd
-                else "server"
-            )
-            roles[role].append(p.pid)
+            roles[next((role for mark, role in ROLE_MARKS if mark in cmd), "server")].append(p.pid)
     return roles
 
 

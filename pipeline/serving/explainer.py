@@ -111,13 +111,11 @@ def _start(model_path: str, engine: str) -> None:
     lowest_priority()
     one_thread_per_worker()
     predictor = load_predictor(Path(model_path), engine, "cpu", threads=1)
-    _MODEL["predictor"] = predictor
-    if getattr(predictor, "engine", "") == "torch":
-        _MODEL["torch"] = predictor
-    elif not getattr(predictor, "explains", False):  # a graph without class activation maps: torch's Grad-CAM
+    if predictor.engine != "torch" and not getattr(predictor, "explains", False):  # no class activation maps
         from pipeline.model.inference import load_model
 
-        _MODEL["torch"] = load_model(Path(model_path), device="cpu", engine="torch")
+        predictor = load_model(Path(model_path), device="cpu", engine="torch")  # torch's Grad-CAM instead
+    _MODEL["predictor"] = predictor
     lowest_priority()  # threads the libraries started while loading
 
 
@@ -128,12 +126,11 @@ def _overlay(rgb: np.ndarray, columns: dict[str, list[Any]]) -> tuple[bytes, int
     from pipeline.model.cam import overlay
 
     predictor = _MODEL["predictor"]
-    if "torch" in _MODEL:
+    if predictor.engine == "torch":
         from pipeline.model import explain
 
-        model = _MODEL["torch"]
-        target = int(np.argmax(model.predict([rgb], metadata=columns)["native_probs"][0]))
-        heat = explain.gradcam(model, rgb, target_class=target, metadata=columns)
+        target = int(np.argmax(predictor.predict([rgb], metadata=columns)["native_probs"][0]))
+        heat = explain.gradcam(predictor, rgb, target_class=target, metadata=columns)
     else:
         heat, target = predictor.explain(rgb, metadata=columns)
     buf = io.BytesIO()

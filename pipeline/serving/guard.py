@@ -33,6 +33,7 @@ route, not one per path a client invents (:func:`pipeline.serving.service.label_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -124,8 +125,7 @@ class Guard:
         if refused is None and not _declared_length(scope) and scope.get("method") in ("POST", "PUT", "PATCH"):
             receive, refused = await _buffered(receive, body_limit(scope["path"]))
         if refused is not None:
-            _count_refusal(scope["path"], refused[0])
-            await self._answer(send, *refused, extra)
+            await self._answer(send, scope["path"], *refused, extra)
             return
         await self.app(scope, receive, _stamped(send, extra))
 
@@ -134,17 +134,15 @@ class Guard:
         items counted (:func:`_too_many_items`), then the app."""
         if self.infer_active >= MAX_INFER_CONCURRENT:
             busy = f"{self.infer_active} /infer requests in progress; try again shortly"
-            _count_refusal("/infer", 503)
             await self._answer(
-                send, *_error(503, "request", busy, [(b"retry-after", str(RETRY_AFTER_S).encode())]), extra
+                send, "/infer", *_error(503, "request", busy, [(b"retry-after", str(RETRY_AFTER_S).encode())]), extra
             )
             return
         self.infer_active += 1
         try:
             receive, refused = await _buffered(receive, MAX_INFER_BYTES, _too_many_items)
             if refused is not None:
-                _count_refusal("/infer", refused[0])
-                await self._answer(send, *refused, extra)
+                await self._answer(send, "/infer", *refused, extra)
                 return
             await self.app(scope, receive, _stamped(send, extra))
         finally:
@@ -166,7 +164,11 @@ class Guard:
         return None
 
     @staticmethod
-    async def _answer(send: Send, status: int, headers: list, body: bytes, extra: list) -> None:
+    async def _answer(send: Send, path: str, status: int, headers: list, body: bytes, extra: list) -> None:
+        """Answer a request refused here (counted: :func:`_refused_counter`)."""
+        counter = _refused_counter()
+        if counter is not None:
+            counter.labels(route_label(path), str(status)).inc()
         await send({"type": "http.response.start", "status": status, "headers": [*headers, *extra]})
         await send({"type": "http.response.body", "body": body})
 
@@ -181,28 +183,22 @@ def _no_place(scope: Scope) -> tuple | None:
     return _error(exc.status, exc.field, exc.message, [(b"retry-after", str(exc.retry_after).encode())])
 
 
-_REFUSED: list[Any] = []  # the counter, once made (in the worker: BentoML's multiprocess registry)
+@functools.cache
+def _refused_counter() -> Any:
+    """The series of the requests this middleware answers itself (401, 413, 503: BentoML never sees
+    them) on ``/metrics``, ``lesionflow_requests_refused_total{route, status}``; made once, in the
+    worker (BentoML's multiprocess registry). None when it cannot be made: metrics never stop a request."""
+    try:
+        from prometheus_client import Counter
 
-
-def _count_refusal(path: str, status: int) -> None:
-    """Count a request this middleware answered itself (401, 413, 503: BentoML never sees it) on
-    ``/metrics``: ``lesionflow_requests_refused_total{route, status}``."""
-    if not _REFUSED:
-        try:
-            from prometheus_client import Counter
-
-            _REFUSED.append(
-                Counter(
-                    "lesionflow_requests_refused",
-                    "Requests refused before the service read them (authentication, body limits, no place)",
-                    ["route", "status"],
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - metrics must never stop a request
-            _REFUSED.append(None)
-            logger.warning("no Prometheus series for refused requests: %s", exc)
-    if _REFUSED[0] is not None:
-        _REFUSED[0].labels(route_label(path), str(status)).inc()
+        return Counter(
+            "lesionflow_requests_refused",
+            "Requests refused before the service read them (authentication, body limits, no place)",
+            ["route", "status"],
+        )
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("no Prometheus series for refused requests: %s", exc)
+        return None
 
 
 def _stamped(send: Send, extra: list) -> Send:
