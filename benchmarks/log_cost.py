@@ -4,7 +4,8 @@ Side by side in one run, one server at a time (the same packaged model, images a
 order, each repeated ``--rounds`` times so that the machine's own drift shows:
 
 * ``log-off``: the service with its inference log off (``LESIONFLOW_INFERENCE_LOG=off``);
-* ``log-on``: the log on a local folder, as shipped;
+* ``log-on``: the log on a local folder, as shipped (its writer waits while the service is busy:
+  :class:`pipeline.serving.logworker.Pacing`);
 * ``log-on-writer-stopped``: the log on, with the log's writer process stopped (SIGSTOP) for the
   whole load: every answer record is still written and the statistics copies still wait (memory,
   then disk), but no statistics are computed. Its throughput against ``log-off`` is the cost of

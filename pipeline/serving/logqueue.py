@@ -4,22 +4,26 @@ statistics off the request path and out of the service's process.
 For every answer :meth:`BackgroundLog.submit` writes the **answer record**
 (:func:`pipeline.monitoring.logrecord.answer_record`: request id, time, model, prediction, OOD
 verdict and score, metadata as the privacy policy says, the image's sha256 and size) before the
-request goes on: one line appended to the local day file under ``flock``, or to the replica's
-local spool of an object-store log, from which an uploader thread puts the segments (retrying
-with backoff while the store is down). Nothing is held in memory after the request returns, so a
-SIGKILL or an OOM kill loses at most the answers in flight. A record counts as
-``written`` once it is in the local file or its segment's PUT succeeded, ``spooled`` while it
-waits in the spool, ``dropped`` when the spool is full, ``failed`` when the disk refused it.
+request goes on: one line handed to the worker's appender thread
+(:class:`pipeline.serving.appender.Appender`, a group commit), which appends every line waiting in
+one write to the local day file under ``flock``, or to the replica's local spool of an
+object-store log, from which an uploader thread puts the segments (retrying with backoff while
+the store is down); the request waits until its line is written. So a SIGKILL or an OOM kill
+loses at most the answers in flight. A record counts as ``written`` once it is in the local file
+or its segment's PUT succeeded, ``spooled`` while it waits in the spool, ``dropped`` when the
+spool is full, ``failed`` when the disk refused it.
 
 The **image statistics** (about 3 ms of Python per image) are computed by a writer process
 (:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so they never hold the service's
-interpreter lock: the request queues the image's small statistics copy (longer side 200 px, not
-the decoded image) and returns; the writer appends a **features record** with the same request id.
-When the service is saturated the writer gets no CPU and the copies wait: in memory up to
-``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded), and the writer
-catches up when the load falls. Only when both are full, or the service stops before the writer
-caught up, are the statistics of an answer skipped and counted (``statistics dropped``); its answer
-record is kept, and the reader marks it ``has_statistics: false``.
+interpreter lock: once its record is written, the answer's small statistics copy (longer side
+200 px, not the decoded image) is queued for the writer, which appends a **features record** with
+the same request id. While the service is busy the writer computes nothing
+(:class:`pipeline.serving.logworker.Pacing`) and the copies wait: in memory up to
+``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded); the writer
+catches up when the load falls, or computes whatever the load once the disk backlog is half full.
+Only when both are full, or the service stops before the writer caught up, are the statistics of
+an answer skipped and counted (``statistics dropped``); its answer record is kept, and the reader
+marks it ``has_statistics: false``.
 
 Every ten seconds (and at flush) a **tally** record says how many answers this worker gave and what
 became of their records, so the monitor knows what its window should hold; the same totals are
@@ -52,6 +56,7 @@ from pipeline.model import bundle
 from pipeline.monitoring import logrecord, logstore
 from pipeline.monitoring.logrecord import Answer, utcnow
 from pipeline.serving import logmetrics, logworker
+from pipeline.serving.appender import Appender
 from pipeline.serving.backlog import BACKLOG_MB, DiskBacklog, OnDisk, backlog_folder
 
 logger = logging.getLogger(__name__)
@@ -131,6 +136,7 @@ class BackgroundLog:
                 logger.warning("inference log: deleted %d statistics backlog file(s) a killed run left", left)
             if self.log.remote:
                 self._spool, self._uploader = logstore.spool(str(self.log.location))
+            self._appender = Appender(str(self.log.location))
             with self._lock:
                 self._start()
             threading.Thread(target=self._housekeeping, name="inference-log-tally", daemon=True).start()
@@ -162,6 +168,8 @@ class BackgroundLog:
                     str(self.model_path),
                     str(self.log.location),
                     self.log.metadata,
+                    str(self._backlog.folder),
+                    str(self._backlog.max_bytes),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -278,24 +286,20 @@ class BackgroundLog:
                 self._count("answered")
                 self._count("failed")
             return False
-        try:
-            logstore.append_line(str(self.log.location), day, line)
-            state = "spooled" if self.log.remote else "written"
-        except logstore.SpoolFull:
-            state = "dropped"
-        except Exception as exc:  # noqa: BLE001 - a full disk must not fail the answer
-            logger.warning("inference log: could not write the answer record of %s: %s", answer.request_id, exc)
-            state = "failed"
+        after = (lambda: self._queue_copy(answer)) if statistics else None
+        state = self._appender.append(day, line, after)
         with self._lock:
             self._count("answered")
             self._count(state)
-        if state in ("written", "spooled") and statistics:
-            with self._queueing:  # one copy at a time: whether it fits in memory, then its place
-                self._queue_statistics(self._statistics_copy(answer))
         dropped = self._counts["dropped"]
         if state == "dropped" and (dropped in (1, 10, 100) or dropped % 1000 == 0):
             logger.warning("inference log: spool full; %d answer record(s) dropped so far", dropped)
         return state in ("written", "spooled")
+
+    def _queue_copy(self, answer: Answer) -> None:
+        """Queue the statistics copy of an answer whose record was kept (on the appender)."""
+        with self._queueing:  # one copy at a time: whether it fits in memory, then its place
+            self._queue_statistics(self._statistics_copy(answer))
 
     def _statistics_copy(self, answer: Answer) -> Answer:
         """The answer with the small copy of its image the statistics need, without its embedding."""
@@ -392,11 +396,18 @@ class BackgroundLog:
             except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever happens
                 logger.warning("inference log: %s", exc)
 
+    def handed_over(self, timeout: float = 30.0) -> bool:
+        """Wait until every answer submitted so far has its statistics copy queued (or counted
+        dropped); False after ``timeout`` seconds. Its answer record was written when submit returned."""
+        return not self.log.enabled or self._appender.idle(timeout)
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued statistics record is written (or ``timeout`` seconds), have the
         writer roll its spool segment, write a tally and put what waits in the spool; True when
         all of it happened in time."""
         deadline = time.monotonic() + timeout
+        if self.log.enabled and not self.handed_over(timeout):
+            return False
         with self._changed:
             if not self.log.enabled:
                 return True

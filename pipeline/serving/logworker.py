@@ -5,10 +5,21 @@ pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and wr
 (:class:`pipeline.monitoring.logrecord.Answer`, with the image's small statistics copy) to its
 standard input; this process computes each answer's features record
 (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
-4 ms of Python per image) at the lowest CPU priority
+3 ms of Python per image) at the lowest CPU priority
 (:func:`pipeline.core.priority.lowest_priority`) and appends it, in order (the service wrote the
 answer record itself). Being a process of its own, it never holds the service's interpreter lock:
 in a thread, the statistics slowed every answer in flight (``benchmarks/serve_load.py``).
+
+**It waits while the service is busy** (:class:`Pacing`). The lowest priority alone did not keep
+it out of the way: at the service's peak on 2 cores the worker used about 1.45 cores, the writer
+took the rest (about 0.4 core) and the service answered 15-20% fewer requests; a process spinning
+at the same priority cost as much, so it is the CPU time itself, not what it computes. So the
+writer reads no frame while its service worker (the process that started it) used at least
+``$LESIONFLOW_LOG_YIELD_CORES`` cores over the last tenth of a second (default: half the cores a
+worker gets, that is the CPUs this process may run on divided by ``$LESIONFLOW_WORKERS``); the
+copies wait in the service's memory queue and disk backlog (:mod:`pipeline.serving.backlog`), and
+it catches up when the load falls. Once the backlog holds half its bound it computes whatever the
+load, so that a long peak costs throughput rather than statistics.
 
 A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
 (the statistics copy, the float32 embedding if any, the uploaded file when images are logged). No pickle:
@@ -33,6 +44,7 @@ import select
 import signal
 import struct
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +64,8 @@ WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 #: Seconds without a frame after which a due object-store segment is put.
 IDLE_TICK_S = 1.0
+#: Seconds over which the service worker's CPU use is measured, and waited while it is busy.
+PACING_WINDOW_S = 0.1
 
 logger = logging.getLogger("lesionflow.inference_log")
 
@@ -148,14 +162,86 @@ class FrameReader:
         return header, payload
 
 
-def serve(log: InferenceLog, fd_in: int, out: Any) -> int:
-    """Write the records of the frames read from ``fd_in`` to ``log``, answering on ``out``; returns
-    at the end of the input (after putting any buffered segment)."""
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, every thread) process ``pid`` used so far; None when it cannot be
+    read (not Linux, or the process ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def default_yield_cores(environ: Mapping[str, str] | None = None) -> float:
+    """``$LESIONFLOW_LOG_YIELD_CORES``, else half the cores one service worker gets (the CPUs this
+    process may run on divided by ``$LESIONFLOW_WORKERS``)."""
+    env = os.environ if environ is None else environ
+    if env.get("LESIONFLOW_LOG_YIELD_CORES"):
+        return float(env["LESIONFLOW_LOG_YIELD_CORES"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpus / max(1, int(env.get("LESIONFLOW_WORKERS") or 1)) / 2
+
+
+class Pacing:
+    """Whether the writer should wait (see the module docstring): while process ``pid`` (the
+    service worker) used at least ``cores`` cores over the last ``window`` seconds, unless the
+    statistics backlog in ``backlog`` holds half of its ``backlog_bytes`` or more (no backlog, or
+    ``cores`` <= 0: never waits). Where the CPU time cannot be read it never waits either."""
+
+    def __init__(
+        self, pid: int, cores: float, backlog: Path | None, backlog_bytes: int, window: float = PACING_WINDOW_S
+    ):
+        self.pid, self.cores, self.window = pid, float(cores), float(window)
+        self.backlog, self.backlog_bytes = backlog, int(backlog_bytes)
+        self._last: tuple[float, float | None] = (float("-inf"), None)  # nothing measured yet
+        self._busy = False
+
+    def busy(self) -> bool:
+        """Whether the service used at least ``cores`` cores over the last window. A verdict stands
+        for a window; after a longer pause (the writer waited for frames) a whole window is
+        measured first."""
+        now, used = time.monotonic(), cpu_seconds(self.pid)
+        then, before = self._last
+        if now - then < self.window:
+            return self._busy
+        if now - then > 2 * self.window:  # stale: measure the window from now
+            time.sleep(self.window)
+            then, before = now, used
+            now, used = time.monotonic(), cpu_seconds(self.pid)
+        self._last = (now, used)
+        self._busy = used is not None and before is not None and used - before >= self.cores * (now - then)
+        return self._busy
+
+    def backlog_half_full(self) -> bool:
+        """Whether the statistics copies waiting on disk take half the backlog's bound or more."""
+        try:
+            held = sum(p.stat().st_size for p in self.backlog.glob("*.frames")) if self.backlog else 0
+        except OSError:  # a chunk deleted while listing: look again next time
+            return False
+        return held * 2 >= self.backlog_bytes
+
+    def wait(self) -> bool:
+        """True after waiting one window because the service is busy; False: go on now."""
+        if self.cores <= 0 or self.backlog is None or self.backlog_bytes <= 0:
+            return False
+        if not self.busy() or self.backlog_half_full():
+            return False
+        time.sleep(self.window)
+        return True
+
+
+def serve(log: InferenceLog, fd_in: int, out: Any, pacing: Pacing | None = None) -> int:
+    """Write the records of the frames read from ``fd_in`` to ``log``, answering on ``out``, waiting
+    while ``pacing`` says the service is busy; returns at the end of the input (after putting any
+    buffered segment)."""
     frames = FrameReader(fd_in)
     while True:
         if not frames.ready(IDLE_TICK_S):
             log.tick()  # idle: an object-store segment may be due
             continue
+        while pacing is not None and pacing.wait():
+            log.tick()  # the service is busy; an object-store segment may be due meanwhile
         frame = frames.next()
         if frame is None:
             log.roll()
@@ -192,10 +278,15 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` (started by the service)."""
+    """``python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA [BACKLOG_DIR BACKLOG_BYTES]``
+    (started by the service; with the backlog's folder and bound it waits while the service is busy)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3:
-        print("usage: python -m pipeline.serving.logworker MODEL_PATH LOCATION METADATA", file=sys.stderr)
+    if len(args) not in (3, 5):
+        print(
+            f"usage: python -m {__spec__.name if __spec__ else 'pipeline.serving.logworker'} "
+            "MODEL_PATH LOCATION METADATA [BACKLOG_DIR BACKLOG_BYTES]",
+            file=sys.stderr,
+        )
         return 2
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -206,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from pipeline.monitoring.inferencelog import InferenceLog
 
-    return serve(InferenceLog.for_model(Path(args[0]), args[1], args[2]), sys.stdin.fileno(), sys.stdout.buffer)
+    pacing = None
+    if len(args) == 5:
+        pacing = Pacing(os.getppid(), default_yield_cores(), Path(args[3]), int(args[4]))
+    log = InferenceLog.for_model(Path(args[0]), args[1], args[2])
+    return serve(log, sys.stdin.fileno(), sys.stdout.buffer, pacing)
 
 
 if __name__ == "__main__":

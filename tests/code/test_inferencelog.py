@@ -18,7 +18,7 @@ import pytest
 from pipeline.core.images import decode_rgb
 from pipeline.core.params import to_dict
 from pipeline.features import imagestats
-from pipeline.monitoring import inferencelog, logrecord, profile
+from pipeline.monitoring import inferencelog, logrecord, logstore, profile
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import logqueue
 from pipeline.serving.logqueue import BackgroundLog
@@ -233,6 +233,44 @@ def test_background_log_writes_every_record_in_order_with_the_request_time(tmp_p
     assert bg.close()
 
 
+def test_concurrent_requests_share_appends_and_each_record_is_on_disk_when_its_submit_returns(
+    tmp_path, real_images, monkeypatch
+):
+    """The appender thread writes the records of every request waiting in one append (a group
+    commit): 16 request threads x 40 answers, each record in the day file by the time its own
+    submit() returned, every one exactly once, in fewer appends than records."""
+    appends = []
+    real_append = logstore.append_line
+
+    def counted(location, day, data):
+        appends.append(data.count(b'"kind":"answer"') + data.count(b'"kind": "answer"'))
+        return real_append(location, day, data)
+
+    monkeypatch.setattr(logstore, "append_line", counted)
+    bg = _background_log(tmp_path)
+    missing = []
+
+    def request(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        for k in range(40):
+            rid = f"w{worker:02d}-{k:02d}"
+            assert bg.submit(_answer(real_images[0], rng, request_id=rid), statistics=False)
+            if rid.encode() not in b"".join(f.read_bytes() for f in (tmp_path / "log").glob("*.jsonl")):
+                missing.append(rid)
+
+    threads = [threading.Thread(target=request, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert missing == [], "a record was not on disk when its submit() returned"
+    df = inferencelog.read(tmp_path / "log")
+    assert sorted(df["request_id"]) == sorted(f"w{w:02d}-{k:02d}" for w in range(16) for k in range(40))
+    assert sum(appends) == 640 and len([n for n in appends if n]) < 640, "concurrent requests share appends"
+    assert bg.counters()["written"] == 640
+    assert bg.close()
+
+
 def test_a_full_queue_skips_statistics_never_an_answer_record_and_the_stream_says_so(tmp_path, real_images):
     """A saturated service never waits for its log's statistics: beyond max_queue_bytes of waiting
     copies (and no room on the disk backlog) an answer's statistics are skipped and counted; every
@@ -246,6 +284,7 @@ def test_a_full_queue_skips_statistics_never_an_answer_record_and_the_stream_say
         ids = [f"r{k:03d}" for k in range(40)]
         accepted = [bg.submit(_answer(real_images[k % 4], rng, request_id=rid)) for k, rid in enumerate(ids)]
         assert all(accepted)
+        assert bg.handed_over(timeout=10)  # the copies are queued after the records, off the request
         counts = bg.counters()
         assert counts["written"] == 40 and counts["statistics_dropped"] == 38 and counts["queued"] == 2
         written = [

@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.features import imagestats
 from pipeline.monitoring import inferencelog
 from pipeline.monitoring.logrecord import Answer
+from pipeline.serving import logworker
 from pipeline.serving.backlog import DiskBacklog, backlog_folder
 from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
@@ -61,6 +63,7 @@ def test_copies_wait_on_disk_beyond_the_memory_queue_and_are_computed_when_the_w
     os.kill(bg.pid, signal.SIGSTOP)  # the writer gets no CPU, as under saturation
     try:
         assert all(bg.submit(_answer(images[k % 4], rng, rid)) for k, rid in enumerate(ids))
+        assert bg.handed_over(timeout=10)  # the copies are queued by the log's appender thread
         counts = bg.counters()
         assert counts["written"] == 40 and counts["queued"] == 12 and counts["statistics_dropped"] == 28
         chunks = _chunks(bg)
@@ -136,3 +139,67 @@ def test_a_partial_write_is_refused_and_the_frames_before_it_still_read_back(tmp
     assert third is not None and third.chunk == 1
     assert backlog.read(first) == b"a" * 50 and backlog.read(third) == b"c" * 50
     assert list((tmp_path / "b").iterdir()) == [] and backlog.bytes == 0
+
+
+class _Spinning:
+    """A thread of this process using a core until the block ends (the busy service)."""
+
+    def __enter__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+        return self
+
+    def _spin(self):
+        while not self.stop.is_set():
+            sum(range(10_000))
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_pacing_waits_while_the_service_is_busy_unless_the_backlog_is_half_full(tmp_path):
+    backlog = tmp_path / "backlog"
+    backlog.mkdir()
+    pacing = logworker.Pacing(os.getpid(), 0.2, backlog, 1000, window=0.1)
+    time.sleep(0.25)  # a verdict stands for a window: look after a while, as the writer does
+    assert not pacing.wait(), "an idle service: the writer goes on"
+    with _Spinning():
+        time.sleep(0.25)
+        assert pacing.wait(), "a busy service: the writer waits"
+        (backlog / "run-000000.frames").write_bytes(b"x" * 500)
+        assert not pacing.wait(), "half the backlog's bound: the writer computes whatever the load"
+    never = [
+        logworker.Pacing(os.getpid(), 0.0, backlog, 1000),  # yielding switched off
+        logworker.Pacing(os.getpid(), 0.2, None, 1000),  # no backlog to wait in
+        logworker.Pacing(os.getpid(), 0.2, backlog, 0),
+        logworker.Pacing(2**22 + 12345, 0.2, backlog, 1000),  # CPU time unreadable
+    ]
+    with _Spinning():
+        assert not any(p.wait() for p in never)
+    assert logworker.default_yield_cores({"LESIONFLOW_LOG_YIELD_CORES": "0.7"}) == 0.7
+    cpus = len(os.sched_getaffinity(0))
+    assert logworker.default_yield_cores({"LESIONFLOW_WORKERS": "2"}) == pytest.approx(cpus / 4)
+
+
+def test_the_writer_waits_while_its_service_is_busy_and_catches_up_once_it_is_not(tmp_path, spool, images, monkeypatch):
+    """At the service's peak the writer computes no statistics (its CPU time cost the service
+    15-20% of its answers, benchmarks/log_cost.py): the copies wait, and are computed after."""
+    monkeypatch.setenv("LESIONFLOW_LOG_YIELD_CORES", "0.2")
+    bg = BackgroundLog(tmp_path / "model", str(tmp_path / "log"), backlog_bytes=1 << 30)
+    rng = np.random.default_rng(5)
+    try:
+        with _Spinning():
+            time.sleep(0.3)
+            for k in range(5):
+                assert bg.submit(_answer(images[k % 4], rng, f"b{k}"))
+            assert bg.handed_over(timeout=10)
+            time.sleep(1.0)
+            counts = bg.counters()
+            assert counts["statistics_written"] == 0 and counts["queued"] == 5, counts
+        assert bg.flush(timeout=60)
+        assert bg.counters()["statistics_written"] == 5
+        assert inferencelog.read(tmp_path / "log")["has_statistics"].tolist() == [True] * 5
+    finally:
+        bg.close()

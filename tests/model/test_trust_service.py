@@ -274,11 +274,16 @@ def test_an_inference_log_that_keeps_images_holds_the_uploaded_file(trusted_serv
     data = (IMAGES_DIR / f"{trust_sample()['image_id'][3]}.jpg").read_bytes()
     r = trusted_client.post("/classify", files={"image": ("kept.jpg", data)})
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 30
-    while trusted_client.get("/model").json()["inference_log"]["queued"] and time.monotonic() < deadline:
+    rid = r.json()["request_id"]
+    deadline = time.monotonic() + 30  # its features record (holding the file) follows the answer
+    while True:
+        df = inferencelog.read(trusted_server[2].parent / "inference-log")
+        kept = df.loc[df["request_id"] == rid, "image_b64"].dropna() if "image_b64" in df else []
+        if len(kept) or time.monotonic() > deadline:
+            break
         time.sleep(0.1)
-    df = inferencelog.read(trusted_server[2].parent / "inference-log")
-    assert base64.b64decode(df["image_b64"].iloc[-1]) == data
+    assert len(kept) == 1, "the features record holding the file was not written in 30 s"
+    assert base64.b64decode(kept.iloc[0]) == data
 
 
 def test_a_model_without_an_index_says_so(client):
