@@ -12,7 +12,10 @@ writes every line waiting, one ``write`` per day file under one ``flock`` (or on
 line for an object-store log), then wakes the requests of that batch, so that an answer is still
 sent only once its record is kept. Work that may follow a record (queueing its statistics copy,
 which may write to the disk backlog) runs after the requests were woken, in the order of the
-records, on a second thread: the requests of the next batch do not wait for it.
+records, on a second thread: the requests of the next batch do not wait for it. At most
+:data:`MAX_FOLLOW_UPS` (plus the batch that reached it) wait for that thread, each holding its
+answer's statistics copy; beyond that the appender takes no new batch until some are done, so the
+requests wait instead of memory growing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: States of an appended answer record (see :mod:`pipeline.serving.logqueue`).
 KEPT = ("written", "spooled")
+#: Follow-ups (with the answers they hold) waiting for their thread, at most.
+MAX_FOLLOW_UPS = 64
 
 
 @dataclass
@@ -76,7 +81,7 @@ class Appender:
     def _run(self) -> None:
         while True:
             with self._lines_waiting:
-                self._lines_waiting.wait_for(lambda: bool(self._waiting))
+                self._lines_waiting.wait_for(lambda: bool(self._waiting) and self._following < MAX_FOLLOW_UPS)
                 batch, self._waiting, self._busy = self._waiting, [], True
             try:
                 self._write(batch)
@@ -105,6 +110,7 @@ class Appender:
                 with self._settled:
                     self._following -= 1
                     self._settled.notify_all()
+                    self._lines_waiting.notify()  # the appender may take a batch again
 
     def _write(self, batch: list[_Line]) -> None:
         """Write a batch: one append per day (local), or one spool append per line."""

@@ -56,7 +56,7 @@ from pipeline.model import bundle
 from pipeline.monitoring import logrecord, logstore
 from pipeline.monitoring.logrecord import Answer, utcnow
 from pipeline.serving import logmetrics, logworker
-from pipeline.serving.appender import Appender
+from pipeline.serving.appender import KEPT, Appender
 from pipeline.serving.backlog import BACKLOG_MB, DiskBacklog, OnDisk, backlog_folder
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class BackgroundLog:
         dropped = self._counts["dropped"]
         if state == "dropped" and (dropped in (1, 10, 100) or dropped % 1000 == 0):
             logger.warning("inference log: spool full; %d answer record(s) dropped so far", dropped)
-        return state in ("written", "spooled")
+        return state in KEPT
 
     def _queue_copy(self, answer: Answer) -> None:
         """Queue the statistics copy of an answer whose record was kept (on the appender)."""

@@ -52,8 +52,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.core.priority import lowest_priority
-from pipeline.core.workers import one_thread_per_worker
+from pipeline.core.workers import one_thread_per_worker, resolve_workers
 from pipeline.monitoring.logrecord import Answer, as_utc
+from pipeline.serving.backlog import SUFFIX
 
 if TYPE_CHECKING:  # imported by the writer process only (pandas, SciPy): the service imports this module
     from pipeline.monitoring.inferencelog import InferenceLog
@@ -179,8 +180,7 @@ def default_yield_cores(environ: Mapping[str, str] | None = None) -> float:
     env = os.environ if environ is None else environ
     if env.get("LESIONFLOW_LOG_YIELD_CORES"):
         return float(env["LESIONFLOW_LOG_YIELD_CORES"])
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cpus / max(1, int(env.get("LESIONFLOW_WORKERS") or 1)) / 2
+    return resolve_workers(0) / max(1, int(env.get("LESIONFLOW_WORKERS") or 1)) / 2
 
 
 class Pacing:
@@ -216,7 +216,7 @@ class Pacing:
     def backlog_half_full(self) -> bool:
         """Whether the statistics copies waiting on disk take half the backlog's bound or more."""
         try:
-            held = sum(p.stat().st_size for p in self.backlog.glob("*.frames")) if self.backlog else 0
+            held = sum(p.stat().st_size for p in self.backlog.glob(f"*{SUFFIX}")) if self.backlog else 0
         except OSError:  # a chunk deleted while listing: look again next time
             return False
         return held * 2 >= self.backlog_bytes

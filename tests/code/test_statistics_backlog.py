@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from pipeline.core.images import decode_rgb
 from pipeline.features import imagestats
 from pipeline.monitoring import inferencelog
 from pipeline.monitoring.logrecord import Answer
-from pipeline.serving import logworker
+from pipeline.serving import appender, logworker
 from pipeline.serving.backlog import DiskBacklog, backlog_folder
 from pipeline.serving.logqueue import BackgroundLog
 from tests.conftest import IMAGES_DIR
@@ -203,3 +204,24 @@ def test_the_writer_waits_while_its_service_is_busy_and_catches_up_once_it_is_no
         assert inferencelog.read(tmp_path / "log")["has_statistics"].tolist() == [True] * 5
     finally:
         bg.close()
+
+
+def test_the_appender_takes_no_new_records_while_too_many_copies_wait_to_be_queued(tmp_path, monkeypatch):
+    """Queueing the statistics copies runs after the requests were answered; when it falls behind,
+    the copies it holds are bounded: the next record waits instead of memory growing."""
+    monkeypatch.setattr(appender, "MAX_FOLLOW_UPS", 3)
+    app = appender.Appender(str(tmp_path / "log"))
+    release = threading.Event()
+    returned: list[str] = []
+
+    def one_request_after_another():
+        for k in range(8):
+            returned.append(app.append(date(2026, 3, 1), b'{"k":%d}\n' % k, release.wait))
+
+    thread = threading.Thread(target=one_request_after_another, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    assert len(returned) == 3, "three copies wait to be queued: the fourth record waits"
+    release.set()
+    thread.join(timeout=10)
+    assert returned == ["written"] * 8 and app.idle(timeout=10)
