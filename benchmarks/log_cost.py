@@ -1,7 +1,7 @@
 """Benchmark: where the inference log's throughput cost comes from.
 
-Side by side in one run, one server at a time (the same packaged model, images and load), in this
-order, each repeated ``--rounds`` times so that the machine's own drift shows:
+Side by side in one run, one server at a time (the same packaged model, images and load), each of
+these kinds once per round, ``--rounds`` rounds (default 5), the order rotated from round to round:
 
 * ``log-off``: the service with its inference log off (``LESIONFLOW_INFERENCE_LOG=off``);
 * ``log-on``: the log on a local folder, as shipped (its writer waits while the service is busy:
@@ -13,6 +13,9 @@ order, each repeated ``--rounds`` times so that the machine's own drift shows:
 
 Load: ``--clients`` concurrent clients (default 32) posting real JPEGs for ``--duration`` seconds
 (default 25) after a warm-up, with authentication on (:func:`benchmarks.serve_load.load`).
+
+From one server to the next the same kind varies by more than the cost measured here (see the runs in
+the JSON), so the JSON also gives each round's ratio to that round's ``log-off``, with their median and range.
 
 Run from the project root: ``python benchmarks/log_cost.py`` -> benchmarks/results/log_cost.json
 """
@@ -82,10 +85,29 @@ def run(kind: str, env: dict, tmp: Path, blobs: list[bytes], token: str, a, k: i
     return {"kind": kind, "round": k, "writers_stopped": len(stopped), **stats}
 
 
+def rotated(kinds: tuple[str, ...], k: int) -> tuple[str, ...]:
+    """The order of round ``k``: each kind starts a round in turn, so no kind always runs first."""
+    k %= len(kinds)
+    return kinds[k:] + kinds[:k]
+
+
+def paired(runs: list[dict]) -> dict:
+    """Each round's ratio of every kind to that round's ``log-off`` (the servers of one round ran
+    back to back, so the machine's slower drift cancels), and their median and range over rounds."""
+    rounds = sorted({r["round"] for r in runs})
+    rps = {(r["kind"], r["round"]): r["requests_per_s"] for r in runs}
+    ratios = {kind: [round(rps[kind, k] / rps["log-off", k], 3) for k in rounds] for kind in KINDS[1:]}
+    return {
+        "round_ratios_to_log_off": ratios,
+        "median_round_ratio_to_log_off": {kind: round(statistics.median(v), 3) for kind, v in ratios.items()},
+        "round_ratio_range": {kind: [min(v), max(v)] for kind, v in ratios.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = load_arguments(__doc__.split("\n\n")[0])
     ap.set_defaults(duration=25.0)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     blobs = real_blobs(a.images_dir, a.images)
@@ -94,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env, model_info, tag, _, token = packaged_service(tmp)
         env = {**env, "LESIONFLOW_WORKERS": "1"}
-        runs = [run(kind, env, tmp, blobs, token, a, k) for k in range(a.rounds) for kind in KINDS]
+        runs = [run(kind, env, tmp, blobs, token, a, k) for k in range(a.rounds) for kind in rotated(KINDS, k)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     mean = {kind: round(statistics.mean(r["requests_per_s"] for r in runs if r["kind"] == kind), 2) for kind in KINDS}
@@ -112,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             max(r["requests_per_s"] for r in runs if r["kind"] == "log-off"),
         ],
         "ratios_to_log_off": {kind: round(v / off, 3) for kind, v in mean.items()},
+        **paired(runs),
     }
     write_json(a.out, out)
     print(f"-> {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")

@@ -24,7 +24,7 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 
 from pipeline.monitoring import logstore
@@ -42,8 +42,8 @@ class _Line:
     day: date
     data: bytes
     after: Callable[[], None] | None
+    done: threading.Event  # the batch's: set once for all its lines
     state: str = "failed"
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Appender:
@@ -56,6 +56,7 @@ class Appender:
         lock = threading.Lock()  # one lock, three things to wait for
         self._lines_waiting, self._follow_ups_waiting, self._settled = (threading.Condition(lock) for _ in range(3))
         self._waiting: list[_Line] = []
+        self._batch_done = threading.Event()  # of the lines waiting now
         self._busy = False
         self._follow: collections.deque[Callable[[], None]] = collections.deque()
         self._following = 0  # follow-ups handed over and not finished
@@ -66,8 +67,8 @@ class Appender:
         """Append one line of ``day``; returns once it is kept, with its state: ``written`` (local
         file), ``spooled`` (object-store log), ``dropped`` (spool full) or ``failed`` (an error,
         logged). ``after`` runs on the appender once the line is kept (not when it was refused)."""
-        line = _Line(day, data, after)
         with self._lines_waiting:
+            line = _Line(day, data, after, self._batch_done)
             self._waiting.append(line)
             self._lines_waiting.notify()
         line.done.wait()
@@ -83,11 +84,11 @@ class Appender:
             with self._lines_waiting:
                 self._lines_waiting.wait_for(lambda: bool(self._waiting) and self._following < MAX_FOLLOW_UPS)
                 batch, self._waiting, self._busy = self._waiting, [], True
+                done, self._batch_done = self._batch_done, threading.Event()
             try:
                 self._write(batch)
             finally:
-                for line in batch:
-                    line.done.set()
+                done.set()
             with self._settled:
                 for line in batch:
                     if line.after is not None and line.state in KEPT:

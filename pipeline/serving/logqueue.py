@@ -4,26 +4,23 @@ statistics off the request path and out of the service's process.
 For every answer :meth:`BackgroundLog.submit` writes the **answer record**
 (:func:`pipeline.monitoring.logrecord.answer_record`: request id, time, model, prediction, OOD
 verdict and score, metadata as the privacy policy says, the image's sha256 and size) before the
-request goes on: one line handed to the worker's appender thread
-(:class:`pipeline.serving.appender.Appender`, a group commit), which appends every line waiting in
-one write to the local day file under ``flock``, or to the replica's local spool of an
-object-store log, from which an uploader thread puts the segments (retrying with backoff while
-the store is down); the request waits until its line is written. So a SIGKILL or an OOM kill
-loses at most the answers in flight. A record counts as ``written`` once it is in the local file
-or its segment's PUT succeeded, ``spooled`` while it waits in the spool, ``dropped`` when the
-spool is full, ``failed`` when the disk refused it.
+request goes on, through the worker's appender thread (:class:`pipeline.serving.appender.Appender`,
+a group commit) to the local day file, or to the replica's spool of an object-store log, whose
+uploader thread puts the segments (retrying with backoff while the store is down). So a SIGKILL or
+an OOM kill loses at most the answers in flight. A record counts as ``written`` once it is in the
+local file or its segment's PUT succeeded, ``spooled`` while it waits in the spool, ``dropped``
+when the spool is full, ``failed`` when the disk refused it.
 
 The **image statistics** (about 3 ms of Python per image) are computed by a writer process
-(:mod:`pipeline.serving.logworker`) at the lowest CPU priority, so they never hold the service's
-interpreter lock: once its record is written, the answer's small statistics copy (longer side
-200 px, not the decoded image) is queued for the writer, which appends a **features record** with
-the same request id. While the service is busy the writer computes nothing
+(:mod:`pipeline.serving.logworker`) at the lowest CPU priority, off the service's interpreter lock:
+once its record is written, the answer's small statistics copy (longer side 200 px, with its
+request id and time only) is queued for the writer, which appends a **features record** with the
+same request id. While the service is busy the writer computes nothing
 (:class:`pipeline.serving.logworker.Pacing`) and the copies wait: in memory up to
-``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded); the writer
-catches up when the load falls, or computes whatever the load once the disk backlog is half full.
-Only when both are full, or the service stops before the writer caught up, are the statistics of
-an answer skipped and counted (``statistics dropped``); its answer record is kept, and the reader
-marks it ``has_statistics: false``.
+``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded), until the load
+falls or the disk backlog is half full. Only when both are full, or the service stops before the
+writer caught up, are an answer's statistics skipped and counted (``statistics dropped``); the
+reader marks its record ``has_statistics: false``.
 
 Every ten seconds (and at flush) a **tally** record says how many answers this worker gave and what
 became of their records, so the monitor knows what its window should hold; the same totals are
@@ -45,12 +42,12 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.images import working_copy
 from pipeline.core.statsconfig import feature_config_from_dict
 from pipeline.model import bundle
 from pipeline.monitoring import logrecord, logstore
@@ -63,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two starts of the writer process when it keeps dying.
 RESTART_AFTER_S = 10.0
+#: The writer's answers as the integers iterating over the bytes read gives.
+WRITTEN, FLUSHED = logworker.WRITTEN[0], logworker.FLUSHED[0]
 #: Seconds between two tallies (and persisted counters) of a worker that answered meanwhile.
 TALLY_S = float(os.environ.get("LESIONFLOW_LOG_TALLY_S", "10"))
 #: States of an answer record, and of an answer's statistics.
@@ -205,14 +204,18 @@ class BackgroundLog:
             elif key in RECORD_STATES:
                 self._metrics.records.labels(key).inc(n)
 
-    def _settle(self, seq: int, ok: bool) -> None:
-        """The statistics of record ``seq`` are done (written or failed)."""
-        size = self._pending.pop(seq, None)
-        if size is not None:
-            self._queued_bytes -= size
-            self._count("statistics_written" if ok else "statistics_failed")
+    def _settle(self, seqs: Iterable[int], ok: bool) -> None:
+        """The statistics of records ``seqs`` are done (written or failed); counted at once."""
+        done = 0
+        for seq in seqs:
+            size = self._pending.pop(seq, None)
+            if size is not None:
+                self._queued_bytes -= size
+                done += 1
+        if done:
+            self._count("statistics_written" if ok else "statistics_failed", done)
             if self._metrics is not None:
-                self._metrics.queue.dec()
+                self._metrics.queue.dec(done)
             self._changed.notify_all()
 
     def _frame(self, item: Answer | OnDisk) -> bytes | None:
@@ -235,7 +238,7 @@ class BackgroundLog:
             except (TypeError, ValueError) as exc:
                 logger.warning("inference log: could not encode a record: %s", exc)
                 with self._lock:
-                    self._settle(seq, ok=False)
+                    self._settle([seq], ok=False)
                 continue
             with self._lock:
                 proc, sent = self._proc, self._sent
@@ -249,23 +252,26 @@ class BackgroundLog:
                 with self._lock:
                     if seq is not None and seq in sent:
                         sent.remove(seq)
-                        self._settle(seq, ok=False)
+                        self._settle([seq], ok=False)
 
     def _read_answers(self, proc: subprocess.Popen, sent: collections.deque[int]) -> None:
         """Count the answers of one writer process; when it ends, fail what it did not answer."""
         assert proc.stdout is not None
-        while answer := proc.stdout.read(1):
+        while answers := proc.stdout.read1(4096):  # every answer that arrived (a byte each), at once
             with self._lock:
-                if answer == logworker.FLUSHED:
-                    self._flushes += 1
-                    self._changed.notify_all()
-                elif sent:
-                    self._settle(sent.popleft(), ok=answer == logworker.WRITTEN)
+                done: dict[bool, list[int]] = {True: [], False: []}
+                for answer in answers:
+                    if answer == FLUSHED:
+                        self._flushes += 1
+                        self._changed.notify_all()
+                    elif sent:
+                        done[answer == WRITTEN].append(sent.popleft())
+                self._settle(done[True], ok=True)
+                self._settle(done[False], ok=False)
         proc.wait()
         with self._lock:
             lost = len(sent)
-            while sent:
-                self._settle(sent.popleft(), ok=False)
+            self._settle([sent.popleft() for _ in range(lost)], ok=False)
         if lost or proc.returncode:
             logger.warning("inference log: the writer ended (exit %s); %d statistics lost", proc.returncode, lost)
 
@@ -299,14 +305,7 @@ class BackgroundLog:
     def _queue_copy(self, answer: Answer) -> None:
         """Queue the statistics copy of an answer whose record was kept (on the appender)."""
         with self._queueing:  # one copy at a time: whether it fits in memory, then its place
-            self._queue_statistics(self._statistics_copy(answer))
-
-    def _statistics_copy(self, answer: Answer) -> Answer:
-        """The answer with the small copy of its image the statistics need, without its embedding."""
-        rgb = np.asarray(answer.rgb)
-        small = working_copy(rgb, self.statistics_side) if rgb.ndim == 3 else rgb
-        size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
-        return replace(answer, rgb=small, size=size, embedding=None)
+            self._queue_statistics(logworker.statistics_copy(answer, self.statistics_side))
 
     def _queue_statistics(self, item: Answer) -> None:
         """Queue one statistics copy (callers hold self._queueing): in memory, or as a

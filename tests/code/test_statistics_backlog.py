@@ -45,7 +45,8 @@ def spool(tmp_path, monkeypatch):
 
 def _answer(rgb, rng, rid: str) -> Answer:
     p = rng.dirichlet(np.ones(7))
-    return Answer(rgb, {"dx_probabilities": dict(zip(DX, p.tolist())), "p_malignant": float(p[4])}, "m", request_id=rid)
+    prediction = {"dx_probabilities": dict(zip(DX, p.tolist())), "p_malignant": float(p[4])}
+    return Answer(rgb, prediction, "m", metadata={"age": 55, "sex": "female"}, request_id=rid)
 
 
 def _chunks(bg: BackgroundLog) -> list:
@@ -71,6 +72,9 @@ def test_copies_wait_on_disk_beyond_the_memory_queue_and_are_computed_when_the_w
         assert chunks and counts["backlog_bytes"] == sum(p.stat().st_size for p in chunks) > 0
         assert stat.S_IMODE(chunks[0].stat().st_mode) == 0o600
         assert stat.S_IMODE(chunks[0].parent.stat().st_mode) == 0o700
+        on_disk = b"".join(p.read_bytes() for p in chunks)
+        assert b"r005" in on_disk  # a copy waits with its request id and time, not the answer itself:
+        assert b"dx_probabilities" not in on_disk and b"female" not in on_disk, "its answer record holds those"
     finally:
         os.kill(bg.pid, signal.SIGCONT)
     assert bg.flush(timeout=60)
