@@ -2,7 +2,7 @@
 
 The service (:class:`pipeline.serving.logqueue.BackgroundLog`) starts ``python -m
 pipeline.serving.logworker MODEL_PATH LOCATION METADATA`` once per worker and writes one frame per answer
-(:class:`pipeline.monitoring.logrecord.Answer`, with the image's small statistics copy) to its
+(:func:`statistics_copy` of its :class:`pipeline.monitoring.logrecord.Answer`) to its
 standard input; this process computes each answer's features record
 (:meth:`pipeline.monitoring.inferencelog.InferenceLog.log_features`: the image statistics, about
 3 ms of Python per image) at the lowest CPU priority
@@ -21,9 +21,10 @@ copies wait in the service's memory queue and disk backlog (:mod:`pipeline.servi
 it catches up when the load falls. Once the backlog holds half its bound it computes whatever the
 load, so that a long peak costs throughput rather than statistics.
 
-A frame: 4-byte big-endian length of a JSON header, the header, then the raw bytes it announces
-(the statistics copy, the float32 embedding if any, the uploaded file when images are logged). No pickle:
-the header is JSON, the arrays are rebuilt from their shape. A frame ``{"op": "flush"}`` asks for
+A frame: 4-byte big-endian length of a JSON header (request id, time, the copy's shape and the
+image's size), the header, then the raw bytes it announces (the statistics copy, the uploaded file
+when images are logged); never the answer's prediction or metadata. No pickle: the header is JSON,
+the array is rebuilt from its shape. A frame ``{"op": "flush"}`` asks for
 the open spool segment of an object-store log to be rolled (the service puts it). For each frame
 the process answers one byte on its standard output: ``W`` written, ``F`` failed (a warning on
 standard error says why), ``S`` flushed.
@@ -73,20 +74,12 @@ PACING_WINDOW_S = 0.1
 logger = logging.getLogger("lesionflow.inference_log")
 
 
-def _plain(value: Any) -> Any:
-    """JSON for NumPy scalars and arrays (the response dicts carry a few)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def statistics_copy(answer: Answer, side: int) -> Answer:
-    """What the writer needs of an answer for its features record: its request id, time, image copy
-    (longer side ``side``: :func:`pipeline.features.imagestats.statistics_copy`, without importing
-    SciPy into the service), the image's size (and the uploaded file when the log keeps files); not
-    the prediction, metadata or embedding, which its answer record holds already."""
+    """What the writer needs of an answer for its features record (what :func:`encode` keeps): its
+    request id, time, image copy (longer side ``side``:
+    :func:`pipeline.features.imagestats.statistics_copy`, without importing SciPy into the service),
+    the image's size (and the uploaded file when the log keeps files). Without the prediction,
+    metadata and embedding, so that a copy waiting in memory holds no more than its pixels count."""
     rgb = np.asarray(answer.rgb)
     small = working_copy(rgb, side) if rgb.ndim == 3 else rgb
     size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
@@ -94,24 +87,22 @@ def statistics_copy(answer: Answer, side: int) -> Answer:
 
 
 def encode(answer: Answer) -> bytes:
-    """One log frame of ``answer``, which :func:`decode` gives back."""
-    emb_raw = b"" if answer.embedding is None else np.ascontiguousarray(answer.embedding, dtype=np.float32).tobytes()
+    """One log frame of ``answer``: what its features record needs (request id, time, the image's
+    pixels and size, the uploaded file when the log keeps files), which :func:`decode` gives back.
+    The prediction, metadata and embedding are its answer record's: a frame never holds them, in
+    the pipe or in the disk backlog."""
     img = np.ascontiguousarray(answer.rgb)
     header = {
         "op": "log",
         "timestamp": answer.timestamp.isoformat(),
         "request_id": answer.request_id,
-        "metadata": None if answer.metadata is None else dict(answer.metadata),
-        "prediction": dict(answer.prediction),
-        "model_tag": str(answer.model_tag),
-        "source": answer.source,
         "shape": list(img.shape),
         "dtype": img.dtype.str,  # ("|u1"; str(dtype) costs more than the rest of the header)
-        "sizes": [img.nbytes, len(emb_raw), -1 if answer.image_bytes is None else len(answer.image_bytes)],
+        "sizes": [img.nbytes, -1 if answer.image_bytes is None else len(answer.image_bytes)],
         "size": None if answer.size is None else [int(v) for v in answer.size],
     }
-    head = json.dumps(header, separators=(",", ":"), default=_plain).encode("utf-8")
-    return b"".join((HEADER.pack(len(head)), head, img.tobytes(), emb_raw, answer.image_bytes or b""))
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return b"".join((HEADER.pack(len(head)), head, img.tobytes(), answer.image_bytes or b""))
 
 
 def encode_flush() -> bytes:
@@ -121,19 +112,16 @@ def encode_flush() -> bytes:
 
 
 def decode(header: Mapping[str, Any], payload: bytes) -> Answer:
-    """The :class:`Answer` of a frame's header and payload."""
-    n_rgb, n_emb, n_img = header["sizes"]
+    """The :class:`Answer` of a frame's header and payload (no prediction, metadata or embedding)."""
+    n_rgb, n_img = header["sizes"]
     rgb = np.frombuffer(payload[:n_rgb], dtype=np.dtype(header["dtype"])).reshape(header["shape"])
     return Answer(
         rgb=rgb,
-        prediction=header["prediction"],
-        model_tag=header["model_tag"],
-        metadata=header["metadata"],
-        embedding=np.frombuffer(payload[n_rgb : n_rgb + n_emb], dtype=np.float32) if n_emb else None,
+        prediction={},
+        model_tag="",
         timestamp=as_utc(header["timestamp"]),
         request_id=header["request_id"],
-        source=header["source"],
-        image_bytes=None if n_img < 0 else payload[n_rgb + n_emb : n_rgb + n_emb + n_img],
+        image_bytes=None if n_img < 0 else payload[n_rgb : n_rgb + n_img],
         size=None if header.get("size") is None else tuple(header["size"]),
     )
 
@@ -167,8 +155,7 @@ class FrameReader:
             return None
         header = json.loads(bytes(self.buf[HEADER.size : HEADER.size + n]))
         del self.buf[: HEADER.size + n]
-        sizes = header.get("sizes", [0, 0, -1])
-        total = sizes[0] + sizes[1] + max(sizes[2], 0)
+        total = sum(max(n, 0) for n in header.get("sizes", ()))  # -1: a part it does not carry
         if not self._fill(total):
             return None
         payload = bytes(self.buf[:total])
