@@ -205,14 +205,21 @@ def check_size(rgb: np.ndarray, limits: SizeLimits, source: str) -> None:
         raise ImageError(source, problem)
 
 
+def working_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """``(height, width)`` of the :func:`working_copy` of a ``height`` x ``width`` image."""
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def working_copy(rgb: np.ndarray, max_side: int) -> np.ndarray:
     """``rgb`` resized (area averaging, never upscaled) so that its longer side is <= max_side: the
     copy the image statistics are computed on (:mod:`pipeline.features.imagestats`)."""
     h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1.0:
+    nh, nw = working_shape(h, w, max_side)
+    if (nh, nw) == (h, w):
         return rgb
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     img = Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BOX)
     return np.asarray(img, dtype=np.uint8)
 

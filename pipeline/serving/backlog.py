@@ -5,7 +5,8 @@ At the service's peak the writer process (lowest CPU priority: it only takes CPU
 wants) falls behind, and the statistics copies of the answers wait. The first
 ``$LESIONFLOW_LOG_QUEUE_MB`` wait in memory; beyond that, :class:`DiskBacklog` keeps their frames
 (:func:`pipeline.serving.logworker.encode`) in chunk files of a private folder (0700, files 0600)
-up to ``$LESIONFLOW_LOG_BACKLOG_MB`` (default 1024, about 11,000 answers of a 200x150 copy), and the
+up to ``$LESIONFLOW_LOG_BACKLOG_MB`` (default 1024: about 11,000 answers of a 200x150 copy, and
+many more of the uploaded files that are sent instead when they are smaller), and the
 feeder reads them back in order once the writer catches up, when the load falls. A chunk is
 deleted as soon as every frame in it was read: a copy of a patient's image stays on disk only
 until its statistics are computed. What does not fit is counted as ``statistics dropped``.

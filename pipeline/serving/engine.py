@@ -318,7 +318,7 @@ class Classifier:
                 embedding=embedding,
                 request_id=request_id,
                 source=request_info.get("field"),
-                image_bytes=data if self.inference_log.log.store_images else None,
+                image_bytes=data,  # the log keeps the file only with LESIONFLOW_LOG_IMAGES=1
                 image_sha256=sha256,
                 image_nbytes=nbytes,
                 route=request_info.get("route"),

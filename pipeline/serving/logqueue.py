@@ -13,9 +13,10 @@ when the spool is full, ``failed`` when the disk refused it.
 
 The **image statistics** (about 3 ms of Python per image) are computed by a writer process
 (:mod:`pipeline.serving.logworker`) at the lowest CPU priority, off the service's interpreter lock:
-once its record is written, the answer's small statistics copy (longer side 200 px, with its
-request id and time only) is queued for the writer, which appends a **features record** with the
-same request id. While the service is busy the writer computes nothing
+once its record is written, the answer's statistics copy (its uploaded file when that is no
+larger than the 200 px copy of its pixels, else that copy; with its request id and time only:
+:func:`pipeline.serving.logworker.statistics_copy`) is queued for the writer, which appends a
+**features record** with the same request id. While the service is busy the writer computes nothing
 (:class:`pipeline.serving.logworker.Pacing`) and the copies wait: in memory up to
 ``max_queue_bytes``, then on local disk (:mod:`pipeline.serving.backlog`, bounded), until the load
 falls or the disk backlog is half full. Only when both are full, or the service stops before the
@@ -305,7 +306,7 @@ class BackgroundLog:
     def _queue_copy(self, answer: Answer) -> None:
         """Queue the statistics copy of an answer whose record was kept (on the appender)."""
         with self._queueing:  # one copy at a time: whether it fits in memory, then its place
-            self._queue_statistics(logworker.statistics_copy(answer, self.statistics_side))
+            self._queue_statistics(logworker.statistics_copy(answer, self.statistics_side, self.log.store_images))
 
     def _queue_statistics(self, item: Answer) -> None:
         """Queue one statistics copy (callers hold self._queueing): in memory, or as a

@@ -22,8 +22,10 @@ it catches up when the load falls. Once the backlog holds half its bound it comp
 load, so that a long peak costs throughput rather than statistics.
 
 A frame: 4-byte big-endian length of a JSON header (request id, time, the copy's shape and the
-image's size), the header, then the raw bytes it announces (the statistics copy, the uploaded file
-when images are logged); never the answer's prediction or metadata. No pickle: the header is JSON,
+image's size), the header, then the raw bytes it announces (the statistics copy's pixels, the
+uploaded file without its metadata): an upload no larger than its 200 px copy comes alone (0x0
+pixels), and this process decodes it as the service did (:func:`with_pixels`), so that the service
+spends nothing on pixels; never the answer's prediction or metadata. No pickle: the header is JSON,
 the array is rebuilt from its shape. A frame ``{"op": "flush"}`` asks for
 the open spool segment of an object-store log to be rolled (the service puts it). For each frame
 the process answers one byte on its standard output: ``W`` written, ``F`` failed (a warning on
@@ -53,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.core.images import working_copy
+from pipeline.core.images import strip_metadata, working_copy, working_shape
 from pipeline.core.priority import lowest_priority
 from pipeline.core.workers import one_thread_per_worker, resolve_workers
 from pipeline.monitoring.logrecord import Answer, as_utc
@@ -66,6 +68,9 @@ HEADER = struct.Struct(">I")
 WRITTEN, FAILED, FLUSHED = b"W", b"F", b"S"
 #: What a service's process group gets at shutdown; the writer ignores them.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: The pixels of a statistics copy that carries its uploaded file instead (:func:`statistics_copy`).
+NO_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
+NO_PIXELS.flags.writeable = False
 #: Seconds without a frame after which a due object-store segment is put.
 IDLE_TICK_S = 1.0
 #: Seconds over which the service worker's CPU use is measured, and waited while it is busy.
@@ -74,16 +79,50 @@ PACING_WINDOW_S = 0.1
 logger = logging.getLogger("lesionflow.inference_log")
 
 
-def statistics_copy(answer: Answer, side: int) -> Answer:
+def statistics_copy(answer: Answer, side: int, keep_file: bool = False) -> Answer:
     """What the writer needs of an answer for its features record (what :func:`encode` keeps): its
-    request id, time, image copy (longer side ``side``:
-    :func:`pipeline.features.imagestats.statistics_copy`, without importing SciPy into the service),
-    the image's size (and the uploaded file when the log keeps files). Without the prediction,
-    metadata and embedding, so that a copy waiting in memory holds no more than its pixels count."""
+    request id, time, the image's size and its pixels, as the cheaper of two forms:
+
+    * the **uploaded file**, without its embedded metadata, when it is no larger than the copy
+      below (a dermoscopic JPEG usually is: 4 KB for 200x150, about 25 KB for 600x450, against
+      90 KB of pixels). The service then spends nothing on the pixels; the writer decodes the file
+      with the service's own decoder (:func:`with_pixels`). ``rgb`` is left empty;
+    * else the **copy** the statistics read (longer side ``side``:
+      :func:`pipeline.features.imagestats.statistics_copy`, without importing SciPy into the service),
+      with the uploaded file only when the log keeps files (``keep_file``).
+
+    Never the prediction, metadata or embedding, so that a copy waiting in memory holds no more than
+    the bytes it is counted for."""
     rgb = np.asarray(answer.rgb)
-    small = working_copy(rgb, side) if rgb.ndim == 3 else rgb
     size = answer.size if answer.size is not None or rgb.ndim < 2 else (int(rgb.shape[1]), int(rgb.shape[0]))
-    return replace(answer, rgb=small, size=size, embedding=None, prediction={}, metadata=None)
+    slim = {"size": size, "embedding": None, "prediction": {}, "metadata": None}
+    upload = answer.image_bytes
+    if rgb.ndim == 3 and upload is not None:
+        h, w = working_shape(rgb.shape[0], rgb.shape[1], side)
+        if len(upload) <= h * w * rgb.shape[2]:
+            return replace(answer, rgb=NO_PIXELS, image_bytes=strip_metadata(upload), **slim)
+    small = working_copy(rgb, side) if rgb.ndim == 3 else rgb
+    return replace(answer, rgb=small, image_bytes=upload if keep_file else None, **slim)
+
+
+def with_pixels(answer: Answer) -> Answer:
+    """``answer`` with the pixels of its uploaded file when its frame carried the file instead of a
+    copy (:func:`statistics_copy`), decoded as the service decoded it
+    (:func:`pipeline.serving.requests.decode_image`); raises ValueError when the file does not decode
+    to the size the service saw."""
+    if np.asarray(answer.rgb).size or answer.image_bytes is None:
+        return answer
+    from pipeline.serving.requests import MAX_IMAGE_PIXELS, ApiError, decode_image
+
+    data = answer.image_bytes
+    try:  # the service checked the file's bytes already; its pixels are checked again
+        rgb = decode_image(data, "image", None, max_bytes=len(data), max_pixels=MAX_IMAGE_PIXELS)
+    except ApiError as exc:
+        raise ValueError(f"its uploaded file does not decode here: {exc}") from None
+    decoded = (int(rgb.shape[1]), int(rgb.shape[0]))
+    if answer.size is not None and decoded != tuple(answer.size):
+        raise ValueError(f"its uploaded file decodes to {decoded}, not to the {tuple(answer.size)} the service saw")
+    return replace(answer, rgb=rgb)
 
 
 def encode(answer: Answer) -> bytes:
@@ -252,7 +291,7 @@ def serve(log: InferenceLog, fd_in: int, out: Any, pacing: Pacing | None = None)
             answer = FLUSHED
         else:
             try:
-                answer = WRITTEN if log.log_features(decode(header, payload)) is not None else FAILED
+                answer = WRITTEN if log.log_features(with_pixels(decode(header, payload))) is not None else FAILED
             except Exception as exc:  # noqa: BLE001 - a bad frame must not end the log
                 logger.warning("inference log: could not decode a record: %s", exc)
                 answer = FAILED

@@ -4,6 +4,8 @@ writer catches up, and leave nothing on disk; what cannot be kept is counted."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import stat
@@ -11,19 +13,21 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.core.images import decode_rgb
+from pipeline.core.images import decode_rgb, strip_metadata
 from pipeline.features import imagestats
 from pipeline.monitoring import inferencelog
 from pipeline.monitoring.logrecord import Answer
 from pipeline.serving import appender, logworker
 from pipeline.serving.backlog import DiskBacklog, backlog_folder
 from pipeline.serving.logqueue import BackgroundLog
+from pipeline.serving.requests import decode_image
 from tests.conftest import IMAGES_DIR
 
 DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -229,3 +233,87 @@ def test_the_appender_takes_no_new_records_while_too_many_copies_wait_to_be_queu
     release.set()
     thread.join(timeout=10)
     assert returned == ["written"] * 8 and app.idle(timeout=10)
+
+
+def _upload(path: Path, fmt: str = "JPEG", size: tuple[int, int] | None = None) -> bytes:
+    """An uploaded file of the image at ``path``, with a patient's name in its EXIF description."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    if size is not None:
+        img = img.resize(size)
+    exif = Image.Exif()
+    exif[0x010E] = "Jane Roe, 1961-04-02"  # ImageDescription
+    buf = io.BytesIO()
+    img.save(buf, fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _frame_answer(frame: bytes) -> Answer:
+    (n,) = logworker.HEADER.unpack(frame[: logworker.HEADER.size])
+    header = json.loads(frame[logworker.HEADER.size : logworker.HEADER.size + n])
+    return logworker.decode(header, frame[logworker.HEADER.size + n :])
+
+
+def test_a_copy_is_the_uploaded_file_when_that_is_smaller_and_the_writer_decodes_it_as_the_service_did(
+    real_metadata,
+):
+    """The service spends nothing on the pixels of an upload no larger than their copy: the frame
+    carries the file (its metadata stripped) and the writer decodes it with the service's decoder,
+    to the very pixels the service saw. A larger upload is sent as the copy, without the file
+    unless the log keeps files."""
+    path = IMAGES_DIR / f"{real_metadata['image_id'].iloc[0]}.jpg"
+    data = _upload(path)
+    rgb = decode_image(data, "image")  # what the service decoded
+    answer = Answer(rgb, {"dx_probabilities": {}}, "m", metadata={"sex": "female"}, image_bytes=data)
+    copy = logworker.statistics_copy(answer, 200)
+    assert copy.rgb.size == 0 and copy.size == (rgb.shape[1], rgb.shape[0])
+    assert b"Jane Roe" in data and b"Jane Roe" not in copy.image_bytes, "the file's metadata is stripped"
+    frame = logworker.encode(copy)
+    assert b"Jane Roe" not in frame and len(frame) < 200 * 150 * 3 // 4
+    back = logworker.with_pixels(_frame_answer(frame))
+    assert np.array_equal(back.rgb, rgb), "the writer decodes the very pixels the service saw"
+
+    big = _upload(path, "PNG", (600, 450))  # larger than its 200x150 copy
+    rgb_big = decode_image(big, "image")
+    copy = logworker.statistics_copy(Answer(rgb_big, {}, "m", image_bytes=big), 200)
+    assert copy.rgb.shape == (150, 200, 3) and copy.image_bytes is None and copy.size == (600, 450)
+    assert np.array_equal(logworker.with_pixels(_frame_answer(logworker.encode(copy))).rgb, copy.rgb)
+    kept = logworker.statistics_copy(Answer(rgb_big, {}, "m", image_bytes=big), 200, keep_file=True)
+    assert kept.rgb.shape == (150, 200, 3) and kept.image_bytes == big
+
+    wrong = Answer(logworker.NO_PIXELS, {}, "m", image_bytes=strip_metadata(data), size=(600, 450))
+    with pytest.raises(ValueError, match="decodes to"):
+        logworker.with_pixels(wrong)
+
+
+def test_uploaded_files_wait_for_the_writer_without_their_metadata_and_give_the_statistics_of_the_decoded_image(
+    tmp_path, spool, real_metadata
+):
+    """The whole way: uploads waiting in memory and on the disk backlog while the writer is stopped
+    hold no patient's name, and the writer computes each one's statistics from the decoded file."""
+    paths = [IMAGES_DIR / f"{i}.jpg" for i in real_metadata["image_id"].iloc[:3]]
+    uploads = [_upload(p) for p in paths]
+    decoded = [decode_image(data, "image") for data in uploads]
+    bg = BackgroundLog(tmp_path / "model", str(tmp_path / "log"), len(uploads[0]) // 2, backlog_bytes=1 << 20)
+    rng = np.random.default_rng(5)
+    ids = [f"u{k:02d}" for k in range(60)]  # beyond what the pipe to the stopped writer holds (64 KB)
+    os.kill(bg.pid, signal.SIGSTOP)
+    try:
+        for k, rid in enumerate(ids):
+            answer = replace(_answer(decoded[k % 3], rng, rid), image_bytes=uploads[k % 3])
+            assert bg.submit(answer)
+        assert bg.handed_over(timeout=10)
+        on_disk = b"".join(p.read_bytes() for p in _chunks(bg))
+        assert b"u59" in on_disk and b"Jane Roe" not in on_disk
+    finally:
+        os.kill(bg.pid, signal.SIGCONT)
+    assert bg.flush(timeout=60)
+    df = inferencelog.read(tmp_path / "log")
+    assert df["request_id"].tolist() == ids and df["has_statistics"].all()
+    for k in range(60):
+        expected = imagestats.image_statistics(decoded[k % 3])
+        assert df["brightness"][k] == pytest.approx(expected["brightness"], rel=1e-9)
+        assert df["sharpness"][k] == pytest.approx(expected["sharpness"], rel=1e-9)
+    assert "image_b64" not in df.columns or df["image_b64"].isna().all(), "the log keeps no file unless asked"
+    assert bg.close()
