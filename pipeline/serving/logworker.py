@@ -60,6 +60,7 @@ from pipeline.core.priority import lowest_priority
 from pipeline.core.workers import one_thread_per_worker, resolve_workers
 from pipeline.monitoring.logrecord import Answer, as_utc
 from pipeline.serving.backlog import SUFFIX
+from pipeline.serving.requests import MAX_IMAGE_PIXELS, ApiError, decode_image
 
 if TYPE_CHECKING:  # imported by the writer process only (pandas, SciPy): the service imports this module
     from pipeline.monitoring.inferencelog import InferenceLog
@@ -112,8 +113,6 @@ def with_pixels(answer: Answer) -> Answer:
     to the size the service saw."""
     if np.asarray(answer.rgb).size or answer.image_bytes is None:
         return answer
-    from pipeline.serving.requests import MAX_IMAGE_PIXELS, ApiError, decode_image
-
     data = answer.image_bytes
     try:  # the service checked the file's bytes already; its pixels are checked again
         rgb = decode_image(data, "image", None, max_bytes=len(data), max_pixels=MAX_IMAGE_PIXELS)
