@@ -51,6 +51,13 @@ from pipeline.registry import bento as bentos  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/log_cost.json"
 KINDS = ("log-off", "log-on", "log-on-writer-stopped")
+#: The parts of the machine whose CPU per answer the summary gives.
+CPU_PARTS = ("server", "writer", "machine")
+
+
+def is_writer(proc) -> bool:
+    """Whether the psutil process ``proc`` is a log writer (psutil.Error when it ended)."""
+    return "pipeline.serving.logworker" in " ".join(proc.cmdline())
 
 
 def writers(pid: int) -> list:
@@ -61,7 +68,7 @@ def writers(pid: int) -> list:
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "pipeline.serving.logworker" in " ".join(child.cmdline()):
+            if is_writer(child):
                 found.append(child)
     return found
 
@@ -78,7 +85,7 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     for proc in (root, *root.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
             t = proc.cpu_times()
-            part = "writer" if "pipeline.serving.logworker" in " ".join(proc.cmdline()) else "server"
+            part = "writer" if is_writer(proc) else "server"
             used[part] += t.user + t.system
     m = psutil.cpu_times()
     return {**used, "machine": m.user + m.nice + m.system + m.irq + m.softirq, "steal": m.steal}
@@ -168,24 +175,25 @@ def paired(runs: list[dict]) -> dict:
     }
 
 
+def mean_of(runs: list[dict], kind: str, value, digits: int = 3) -> float:
+    """The mean of ``value(run)`` over the runs of ``kind``."""
+    return round(statistics.mean(value(r) for r in runs if r["kind"] == kind), digits)
+
+
 def cpu_summary(runs: list[dict]) -> dict:
     """Each kind's mean CPU per answer (server, writer, machine) and the machine's ratio to
-    ``log-off``: what an answer costs, which the servers' throughput noise does not move."""
+    ``log-off``. The server uses about the same cores whatever its throughput, so its CPU per
+    answer moves with the throughput's noise too: it says where the time goes, not a second,
+    quieter measure of the cost."""
     mean = {
-        kind: {
-            part: round(statistics.mean(r["cpu_ms_per_answer"][part] for r in runs if r["kind"] == kind), 3)
-            for part in ("server", "writer", "machine")
-        }
+        kind: {part: mean_of(runs, kind, lambda r, p=part: r["cpu_ms_per_answer"][p]) for part in CPU_PARTS}
         for kind in ran(runs)
     }
     off = mean["log-off"]["machine"]
     return {
         "mean_cpu_ms_per_answer": mean,
         "machine_cpu_per_answer_to_log_off": {kind: round(v["machine"] / off, 3) for kind, v in mean.items()},
-        "mean_stolen_cores": {
-            kind: round(statistics.mean(r["cores_used"]["steal"] for r in runs if r["kind"] == kind), 3)
-            for kind in ran(runs)
-        },
+        "mean_stolen_cores": {kind: mean_of(runs, kind, lambda r: r["cores_used"]["steal"]) for kind in ran(runs)},
     }
 
 
@@ -226,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run(kind, env, tmp, blobs, token, a, k) for k in range(a.rounds) for kind in rotated(kinds, k)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    mean = {
-        kind: round(statistics.mean(r["requests_per_s"] for r in runs if r["kind"] == kind), 2) for kind in ran(runs)
-    }
+    mean = {kind: mean_of(runs, kind, lambda r: r["requests_per_s"], 2) for kind in ran(runs)}
     off = mean["log-off"]
     out = {
         "benchmark": "log_cost",

@@ -207,10 +207,10 @@ def check_size(rgb: np.ndarray, limits: SizeLimits, source: str) -> None:
 
 def working_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
     """``(height, width)`` of the :func:`working_copy` of a ``height`` x ``width`` image."""
-    scale = max_side / max(height, width)
-    if scale >= 1.0:
+    if max(height, width) <= max_side:
         return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    w, h = _scaled((width, height), max_side)
+    return h, w
 
 
 def working_copy(rgb: np.ndarray, max_side: int) -> np.ndarray:

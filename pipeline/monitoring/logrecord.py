@@ -120,9 +120,11 @@ class Answer:
     ``p_malignant``, ``decision``, ``in_distribution``, ``ood_score``), with the probabilities even
     when they were withheld from the person; ``rgb`` the decoded image its statistics are computed
     from, or its :func:`pipeline.features.imagestats.statistics_copy` with ``size`` the decoded
-    image's ``(width, height)``; ``embedding`` the model's penultimate embedding (never logged raw:
-    projected); ``image_sha256`` and ``image_nbytes`` identify the uploaded file, ``image_bytes`` is
-    the file itself (a features record keeps it only when the log keeps files)."""
+    image's ``(width, height)`` (empty in a log frame that carries the uploaded file instead:
+    :func:`pipeline.serving.logworker.statistics_copy`); ``embedding`` the model's penultimate
+    embedding (never logged raw: projected); ``image_sha256`` and ``image_nbytes`` identify the
+    uploaded file, ``image_bytes`` is the file itself (a features record keeps it only when the log
+    keeps files)."""
 
     rgb: np.ndarray
     prediction: Mapping[str, Any]

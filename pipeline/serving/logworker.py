@@ -126,7 +126,8 @@ def with_pixels(answer: Answer) -> Answer:
 
 def encode(answer: Answer) -> bytes:
     """One log frame of ``answer``: what its features record needs (request id, time, the image's
-    pixels and size, the uploaded file when the log keeps files), which :func:`decode` gives back.
+    pixels and size, the uploaded file when :func:`statistics_copy` kept it), which :func:`decode`
+    gives back.
     The prediction, metadata and embedding are its answer record's: a frame never holds them, in
     the pipe or in the disk backlog."""
     img = np.ascontiguousarray(answer.rgb)
